@@ -1,0 +1,60 @@
+// 3-D convolutions on channels-last tensors: a naive reference and a fast oneDNN version with the same
+// contract.
+//
+// Layouts (all row-major, last index fastest):
+//   activations  x, y          (N, D, H, W, C)
+//   conv3d weight w            (Cout, k, k, k, Cin)      -- cuDNN's KRSC ("odhwi" in oneDNN terms)
+//   conv_transpose3d weight w  (Cin, 2, 2, 2, Cout)      -- the KRSC filter of the conv whose
+//                                                         backward-data the transposed conv is
+//   bias b                     (Cout)
+// Output size of conv3d: o = (i + 2*pad - k) / stride + 1. conv_transpose3d has k = stride = 2, pad 0:
+// o = 2 * i.
+//
+// Gradient rule: every backward ASSIGNS its outputs (dx, dw, db are overwritten, never accumulated).
+// Callers that need accumulation add the result themselves.
+#pragma once
+#include <cstdint>
+
+#include "core/tensor.hpp"
+
+namespace medseg::cpu {
+
+struct ConvGeometry {
+  int64_t n = 0, id = 0, ih = 0, iw = 0, cin = 0;  // input
+  int64_t od = 0, oh = 0, ow = 0, cout = 0;        // output
+  int k = 3, stride = 1, pad = 1;
+  bool transposed = false;
+
+  // Regular conv: k in {1, 3}, stride in {1, 2}; pad usually k/2.
+  static ConvGeometry conv(const Shape& in, int64_t cout, int k, int stride, int pad);
+  // Transposed conv with kernel 2, stride 2.
+  static ConvGeometry transpose2(const Shape& in, int64_t cout);
+  Shape in_shape() const { return Shape{n, id, ih, iw, cin}; }
+  Shape out_shape() const { return Shape{n, od, oh, ow, cout}; }
+  Shape weight_shape() const;
+  // Multiply-adds x2 of one forward pass (the same for each backward pass).
+  double flops() const;
+  bool operator==(const ConvGeometry& o) const = default;
+};
+
+// ---- naive reference (double accumulation), the ground truth for every other implementation ----
+void conv3d_forward_ref(const ConvGeometry& g, const float* x, const float* w, const float* b, float* y);
+void conv3d_backward_data_ref(const ConvGeometry& g, const float* dy, const float* w, float* dx);
+// db may be null.
+void conv3d_backward_weights_ref(const ConvGeometry& g, const float* dy, const float* x, float* dw,
+                                 float* db);
+
+// ---- fast: oneDNN primitives cached per geometry, channels-last activations ----
+// Valid for both g.transposed == false and true.
+void conv3d_forward(const ConvGeometry& g, const float* x, const float* w, const float* b, float* y);
+void conv3d_backward_data(const ConvGeometry& g, const float* dy, const float* w, float* dx);
+void conv3d_backward_weights(const ConvGeometry& g, const float* dy, const float* x, float* dw,
+                             float* db);
+
+// Drops every cached oneDNN primitive (tests; thread-count changes).
+void clear_conv_cache();
+// "avx512_core" etc.: the ISA oneDNN dispatches to on this CPU, and its version string.
+const char* onednn_isa();
+const char* onednn_version();
+
+}  // namespace medseg::cpu
