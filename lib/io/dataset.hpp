@@ -1,0 +1,76 @@
+// Dataset discovery (MSD, nnU-Net v2 and plain folders) and validation before training.
+#pragma once
+#include <array>
+#include <cstdint>
+#include <filesystem>
+#include <string>
+#include <vector>
+
+#include "io/volume.hpp"
+
+namespace medseg::io {
+
+namespace fs = std::filesystem;
+
+struct LabelInfo {
+  int value = 0;
+  std::string name;
+  std::array<uint8_t, 3> color{0, 0, 0};  // RGB 0-255; a default palette fills unnamed colours
+};
+
+struct CaseEntry {
+  std::string id;                 // case name without channel suffix or extension
+  std::vector<fs::path> images;   // one path per channel, absolute
+  fs::path label;                 // empty when unlabelled
+};
+
+struct Dataset {
+  fs::path root;
+  std::string layout;                      // "msd" | "nnunet" | "folder"
+  std::string name;
+  std::vector<std::string> channel_names;  // modality per channel, e.g. {"CT"} or {"MRI"}
+  std::vector<LabelInfo> labels;           // background (0) first, sorted by value
+  std::vector<CaseEntry> training;
+  std::vector<CaseEntry> test;             // imagesTs when present (unlabelled, or with labelsTs)
+  int num_channels() const { return static_cast<int>(channel_names.size()); }
+};
+
+// Throws ArgumentError (layout not recognised, malformed dataset.json, entries leaving the root...)
+// naming the file.
+Dataset discover_dataset(const fs::path& root);
+
+// Inputs for prediction: one file, or a folder of MSD images, nnU-Net _XXXX channel files, or plain
+// files. `channels` is the model's channel count (checked).
+std::vector<CaseEntry> discover_inputs(const fs::path& input, int channels);
+
+// Strips .nii.gz / .nii / .nrrd / .mha / .mhd and an nnU-Net _XXXX suffix when strip_channel is set.
+std::string case_id_from_path(const fs::path& p, bool strip_channel);
+
+// The default colour of label value v (a fixed, distinguishable palette).
+std::array<uint8_t, 3> default_label_color(int v);
+
+struct ValidationProblem {
+  std::string case_id;
+  fs::path file;         // the file concerned
+  std::string message;   // what is wrong, with the values found
+  bool fatal = true;     // fatal problems exclude the case (or stop the run)
+};
+
+struct ValidationOptions {
+  std::array<int64_t, 3> min_size{8, 8, 8};  // smallest image the network's bottleneck allows
+  bool check_voxels = true;                  // read voxels (NaN/Inf, label values), not just headers
+};
+
+struct ValidationReport {
+  std::vector<ValidationProblem> problems;
+  std::vector<std::string> bad_cases;  // ids with at least one fatal problem
+  bool ok() const { return bad_cases.empty(); }
+  std::string text() const;  // one report, a line per problem
+};
+
+// Checks each training case: files present and readable, image/label geometry equal (within
+// tolerance), channels' geometry equal, label values integral and in the declared set, no NaN/Inf,
+// image not smaller than min_size. Never throws for a bad case; records it.
+ValidationReport validate_dataset(const Dataset& ds, const ValidationOptions& opt);
+
+}  // namespace medseg::io

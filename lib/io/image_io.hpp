@@ -1,0 +1,39 @@
+// Reading and writing scans through ITK (the only unit that includes ITK headers).
+// Every error is an IoError whose message names the file and what is wrong.
+// Writes are atomic: the file is written under a temporary name in the same folder, then renamed.
+#pragma once
+#include <cstdint>
+#include <filesystem>
+#include <vector>
+
+#include "io/volume.hpp"
+
+namespace medseg::io {
+
+namespace fs = std::filesystem;
+
+// Any scalar pixel type (uint8, int16, int32, float32, float64, ...) of a 3-D NIfTI (.nii, .nii.gz),
+// NRRD or MHA file, converted to float; geometry in ITK's LPS convention.
+Volume read_image(const fs::path& path);
+// nnU-Net style multi-channel case: one file per channel, identical geometry required (else IoError
+// naming both files).
+Volume read_image_channels(const std::vector<fs::path>& paths);
+// Label files may be stored as any type, float32 included; every value must be a non-negative integer
+// below 65536 (else IoError naming the file and the first bad value).
+LabelVolume read_labels(const fs::path& path);
+// Reads only the header: geometry and number of components.
+Geometry read_geometry(const fs::path& path);
+
+// uint8 when max label <= 255, else uint16; NIfTI intent code 1002 (NIFTI_INTENT_LABEL) set.
+void write_labels(const fs::path& path, const LabelVolume& labels);
+// float32, one file per channel when channels > 1 is not supported: channels must be 1.
+void write_float_image(const fs::path& path, const Volume& image);
+// 8-bit RGB PNG through ITK's PNG IO; rgb has width*height*3 bytes, row-major, top row first.
+void write_png_rgb(const fs::path& path, int width, int height, const std::vector<uint8_t>& rgb);
+
+// Writes `content` to path atomically (temp + rename). For text outputs (json, csv, ...).
+void write_text_atomic(const fs::path& path, const std::string& content);
+// Same for arbitrary bytes.
+void write_bytes_atomic(const fs::path& path, const void* data, size_t size);
+
+}  // namespace medseg::io
