@@ -1,0 +1,159 @@
+#include "nn/norm_layer.hpp"
+
+#include <algorithm>
+#include <cmath>
+
+#include "core/error.hpp"
+
+namespace medseg::nn {
+
+namespace {
+// A fraction of the planned steps, or the absolute override when it is >= 0.
+int64_t resolve_step(double fraction, int64_t override_step, int64_t planned_steps, const char* name) {
+  if (override_step >= 0) return override_step;
+  MEDSEG_CHECK(fraction >= 0.0 && fraction <= 1.0, "renorm schedule: ", name,
+               " must be a fraction in [0, 1], got ", fraction);
+  MEDSEG_CHECK(planned_steps > 0, "renorm schedule: ", name,
+               " is a fraction of the planned steps, which must be > 0, got ", planned_steps);
+  return std::llround(fraction * static_cast<double>(planned_steps));
+}
+
+// Linear from `from` at step `begin` to `to` at step `end`, constant outside.
+float ramp(int64_t step, int64_t begin, int64_t end, float from, float to) {
+  if (step <= begin) return from;
+  if (step >= end) return to;
+  const double t = static_cast<double>(step - begin) / static_cast<double>(end - begin);
+  return static_cast<float>(from + t * (to - from));
+}
+}  // namespace
+
+std::pair<float, float> RenormSchedule::clips_at(int64_t step, int64_t planned_steps) const {
+  MEDSEG_CHECK(step >= 0, "renorm schedule: negative step ", step);
+  MEDSEG_CHECK(r_max_final >= 1.f && d_max_final >= 0.f,
+               "renorm schedule: needs r_max_final >= 1 and d_max_final >= 0, got ", r_max_final, ", ",
+               d_max_final);
+  const int64_t warmup = resolve_step(warmup_fraction, warmup_steps, planned_steps, "warm-up");
+  const int64_t r_end = resolve_step(r_ramp_end_fraction, r_ramp_end_step, planned_steps, "r ramp end");
+  const int64_t d_end = resolve_step(d_ramp_end_fraction, d_ramp_end_step, planned_steps, "d ramp end");
+  MEDSEG_CHECK(r_end >= warmup && d_end >= warmup, "renorm schedule: ramps must end after the warm-up (",
+               warmup, " steps), got r ramp end ", r_end, ", d ramp end ", d_end);
+  if (step < warmup) return {1.f, 0.f};
+  return {ramp(step, warmup, r_end, 1.f, r_max_final), ramp(step, warmup, d_end, 0.f, d_max_final)};
+}
+
+NormLayer::NormLayer(int64_t channels, cpu::NormConfig cfg) : channels_(channels), cfg_(cfg) {
+  MEDSEG_CHECK(channels > 0, "NormLayer needs at least one channel, got ", channels);
+  MEDSEG_CHECK(cfg.eps > 0.f && cfg.alpha >= 0.f && cfg.alpha <= 1.f && cfg.slope > 0.f,
+               "NormLayer: needs eps > 0, alpha in [0, 1], slope > 0; got eps ", cfg.eps, " alpha ",
+               cfg.alpha, " slope ", cfg.slope);
+  set_clips(cfg.r_max, cfg.d_max);
+  gamma = Tensor::vector(channels);
+  gamma.fill(1.f);
+  beta = Tensor::vector(channels);
+  running_mean = Tensor::vector(channels);
+  running_std = Tensor::vector(channels);
+  running_std.fill(1.f);
+  dgamma = Tensor::vector(channels);
+  dbeta = Tensor::vector(channels);
+}
+
+void NormLayer::set_clips(float r_max, float d_max) {
+  MEDSEG_CHECK(r_max >= 1.f && d_max >= 0.f, "NormLayer: clips need r_max >= 1 and d_max >= 0, got ",
+               r_max, ", ", d_max);
+  cfg_.r_max = r_max;
+  cfg_.d_max = d_max;
+}
+
+void NormLayer::check_input(const Tensor& x, const char* what) const {
+  MEDSEG_CHECK(x.device() == Device::CPU, "NormLayer: ", what, " must be on the CPU");
+  MEDSEG_CHECK(x.shape().c == channels_, "NormLayer: ", what, " has ", x.shape().c,
+               " channels, the layer ", channels_, " (shape ", x.shape(), ")");
+  MEDSEG_CHECK(x.numel() > 0, "NormLayer: ", what, " is empty ", x.shape());
+}
+
+cpu::NormCache NormLayer::cache() {
+  return cpu::NormCache{cache_mean_.data(), cache_inv_std_.data(), cache_r_.data(), cache_d_.data()};
+}
+
+void NormLayer::forward_train(const Tensor& x, Tensor& y) {
+  check_input(x, "input x");
+  check_same_shape(x.shape(), y.shape(), "NormLayer::forward_train (x, y)");
+  MEDSEG_CHECK(x.data() != y.data(), "NormLayer::forward_train: y may not alias x");
+  const size_t slots =
+      static_cast<size_t>(cfg_.kind == cpu::NormKind::InstanceNorm ? x.shape().n * channels_ : channels_);
+  cache_mean_.assign(slots, 0.f);
+  cache_inv_std_.assign(slots, 0.f);
+  cache_r_.assign(slots, 1.f);
+  cache_d_.assign(slots, 0.f);
+  cached_shape_ = x.shape();
+  const bool batch_kind = cfg_.kind != cpu::NormKind::InstanceNorm;
+  float* rm = batch_kind ? running_mean.data() : nullptr;
+  float* rs = batch_kind ? running_std.data() : nullptr;
+  last_info_ = use_reference
+                   ? cpu::norm_forward_train_ref(cfg_, x.shape(), x.data(), gamma.data(), beta.data(), rm,
+                                                 rs, y.data(), cache())
+                   : cpu::norm_forward_train(cfg_, x.shape(), x.data(), gamma.data(), beta.data(), rm, rs,
+                                             y.data(), cache());
+  if (last_info_.update_skipped) ++skipped_updates_;
+}
+
+void NormLayer::forward_infer(const Tensor& x, Tensor& y) const {
+  check_input(x, "input x");
+  check_same_shape(x.shape(), y.shape(), "NormLayer::forward_infer (x, y)");
+  auto fn = use_reference ? cpu::norm_forward_infer_ref : cpu::norm_forward_infer;
+  fn(cfg_, x.shape(), x.data(), gamma.data(), beta.data(), running_mean.data(), running_std.data(),
+     y.data());
+}
+
+void NormLayer::backward(const Tensor& dy, const Tensor& x, const Tensor& y, Tensor& dx) {
+  check_input(x, "input x");
+  MEDSEG_CHECK(!cache_mean_.empty() && cached_shape_ == x.shape(),
+               "NormLayer::backward: no training forward cached for shape ", x.shape(),
+               " (cached: ", cached_shape_, ")");
+  check_same_shape(x.shape(), dy.shape(), "NormLayer::backward (x, dy)");
+  check_same_shape(x.shape(), y.shape(), "NormLayer::backward (x, y)");
+  check_same_shape(x.shape(), dx.shape(), "NormLayer::backward (x, dx)");
+  auto fn = use_reference ? cpu::norm_backward_ref : cpu::norm_backward;
+  fn(cfg_, x.shape(), dy.data(), x.data(), y.data(), gamma.data(), cache(), dx.data(), dgamma.data(),
+     dbeta.data());
+}
+
+NormDiagnostics NormLayer::diagnostics() const {
+  NormDiagnostics diag;
+  diag.skipped_updates = skipped_updates_;
+  if (cfg_.kind == cpu::NormKind::InstanceNorm || cache_r_.empty()) return diag;
+  const double c = static_cast<double>(channels_);
+  diag.r_clipped_fraction = static_cast<double>(last_info_.r_clipped) / c;
+  diag.d_clipped_fraction = static_cast<double>(last_info_.d_clipped) / c;
+  double log_r = 0.0, abs_d = 0.0;
+  for (int64_t i = 0; i < channels_; ++i) {
+    log_r += std::abs(std::log(static_cast<double>(cache_r_[i])));
+    abs_d += std::abs(static_cast<double>(cache_d_[i]));
+  }
+  diag.mean_abs_log_r = log_r / c;
+  diag.mean_abs_d = abs_d / c;
+  return diag;
+}
+
+void fold_norm_into_conv(const NormLayer& norm, Tensor& weight, Tensor& bias) {
+  const cpu::NormConfig& cfg = norm.config();
+  MEDSEG_CHECK(cfg.kind != cpu::NormKind::InstanceNorm,
+               "fold_norm_into_conv: instance norm uses per-sample statistics and cannot be folded");
+  const int64_t cout = weight.shape().n;
+  MEDSEG_CHECK(cout == norm.channels(), "fold_norm_into_conv: weight ", weight.shape(), " has ", cout,
+               " output channels, the norm ", norm.channels());
+  MEDSEG_CHECK(bias.numel() == cout, "fold_norm_into_conv: bias has ", bias.numel(), " values, needs ",
+               cout);
+  const int64_t per_out = weight.numel() / cout;
+  const double sigma_floor = std::sqrt(static_cast<double>(cfg.eps));
+  for (int64_t o = 0; o < cout; ++o) {
+    const double sigma = std::max(static_cast<double>(norm.running_std.data()[o]), sigma_floor);
+    const double scale = norm.gamma.data()[o] / sigma;
+    float* w = weight.data() + o * per_out;
+    for (int64_t i = 0; i < per_out; ++i) w[i] = static_cast<float>(w[i] * scale);
+    bias.data()[o] = static_cast<float>((bias.data()[o] - norm.running_mean.data()[o]) * scale +
+                                        norm.beta.data()[o]);
+  }
+}
+
+}  // namespace medseg::nn
