@@ -14,6 +14,7 @@
 // Callers that need accumulation add the result themselves.
 #pragma once
 #include <cstdint>
+#include <string>
 
 #include "core/tensor.hpp"
 
@@ -35,7 +36,16 @@ struct ConvGeometry {
   // Multiply-adds x2 of one forward pass (the same for each backward pass).
   double flops() const;
   bool operator==(const ConvGeometry& o) const = default;
+  // "conv k3 s1 p1 (2, 64, 64, 64, 16) -> (2, 64, 64, 64, 16)", for messages and benchmark tables.
+  std::string str() const;
 };
+
+// Throws ArgumentError naming the input and output shapes when g is not what conv() / transpose2()
+// would build (sizes, k, stride, pad). Every kernel below calls it before touching memory.
+void validate(const ConvGeometry& g);
+// For callers holding Tensors: validate(g), then check that x, w and y have g's input, weight and
+// output shapes; throws ArgumentError naming the expected and the found shape.
+void check_conv_shapes(const ConvGeometry& g, const Shape& x, const Shape& w, const Shape& y);
 
 // ---- naive reference (double accumulation), the ground truth for every other implementation ----
 void conv3d_forward_ref(const ConvGeometry& g, const float* x, const float* w, const float* b, float* y);

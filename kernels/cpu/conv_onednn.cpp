@@ -1,0 +1,392 @@
+// Fast 3-D convolutions through oneDNN 2.6 (v2 API: op descriptors), same contract as the references
+// in conv_ref.cpp.
+//
+// Why it looks like this:
+//  - Activations stay in our channels-last layout (format_tag::ndhwc); oneDNN's JIT kernels read and
+//    write it directly, so no activation is ever reordered or copied.
+//  - Weights are small (at most Cout*27*Cin floats), so oneDNN picks its preferred blocked weight format
+//    (format_tag::any) and we reorder our KRSC weights into it (forward, backward-data) or out of it
+//    (backward-weights). When the chosen format is already ours, the reorder is skipped.
+//  - Building a primitive descriptor and JIT-compiling a primitive costs milliseconds, a U-Net step calls
+//    ~40 convolutions, so primitives, reordered-weight buffers and scratchpads are cached per
+//    (geometry, pass, bias, thread count). The thread count is part of the key because oneDNN splits the
+//    work for the OpenMP thread count it sees at creation and expects the same count at execution.
+//  - Scratchpads are owned by the cache entries (scratchpad_mode::user) and arguments are passed through
+//    the C API from cached arrays, so a call allocates nothing: it sets data handles and executes.
+//  - One engine and one stream for the process. A CPU stream with the OpenMP runtime executes in the
+//    calling thread; each cache entry has its own mutex because its memory objects carry the caller's
+//    pointers during a call.
+#include <dnnl.hpp>
+
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "core/error.hpp"
+#include "core/threads.hpp"
+#include "kernels/cpu/conv.hpp"
+
+namespace medseg::cpu {
+
+namespace {
+
+using dnnl::memory;
+using tag = dnnl::memory::format_tag;
+using dt = dnnl::memory::data_type;
+
+dnnl::engine& engine() {
+  static dnnl::engine e(dnnl::engine::kind::cpu, 0);
+  return e;
+}
+
+dnnl::stream& stream() {
+  static dnnl::stream s(engine());
+  return s;
+}
+
+enum class Pass : int { Forward = 0, BackwardData = 1, BackwardWeights = 2 };
+
+const char* pass_name(Pass p) {
+  switch (p) {
+    case Pass::Forward:
+      return "forward";
+    case Pass::BackwardData:
+      return "backward-data";
+    case Pass::BackwardWeights:
+      return "backward-weights";
+  }
+  return "?";
+}
+
+struct Key {
+  ConvGeometry g;
+  Pass pass = Pass::Forward;
+  bool bias = false;
+  int threads = 1;
+  bool operator==(const Key& o) const = default;
+};
+
+struct KeyHash {
+  size_t operator()(const Key& k) const {
+    uint64_t h = 1469598103934665603ull;  // FNV-1a over the fields
+    auto mix = [&h](int64_t v) {
+      h ^= static_cast<uint64_t>(v);
+      h *= 1099511628211ull;
+    };
+    const ConvGeometry& g = k.g;
+    for (int64_t v : {g.n, g.id, g.ih, g.iw, g.cin, g.od, g.oh, g.ow, g.cout}) mix(v);
+    mix(g.k);
+    mix(g.stride);
+    mix(g.pad);
+    mix(g.transposed);
+    mix(static_cast<int>(k.pass));
+    mix(k.bias);
+    mix(k.threads);
+    return static_cast<size_t>(h);
+  }
+};
+
+// A runnable primitive with the memory objects its arguments point to. "User" memories have no buffer
+// of their own: each call points them at the caller's arrays.
+struct Entry {
+  std::mutex mu;
+  dnnl::primitive prim;
+  std::vector<dnnl_exec_arg_t> args;
+  // Activations (caller's arrays): for forward src = x, dst = y; backward-data dst = dy, src = dx;
+  // backward-weights src = x, dst = dy.
+  memory src, dst;
+  memory weights_user;  // caller's w or dw, KRSC
+  memory weights_prim;  // the primitive's weight format (== weights_user when no reorder is needed)
+  memory bias;          // caller's b or db
+  memory scratch;
+  bool reorder_weights = false;
+  dnnl::primitive weights_reorder;  // user -> prim (forward, backward-data), prim -> user (weights)
+  std::vector<dnnl_exec_arg_t> reorder_args;
+};
+
+memory::desc activation_md(int64_t n, int64_t c, int64_t d, int64_t h, int64_t w) {
+  return memory::desc({n, c, d, h, w}, dt::f32, tag::ndhwc);
+}
+
+// Our weights as oneDNN sees them: logical dims (O, I, D, H, W) with O the output channels of the
+// (de)convolution. Conv: (Cout, k, k, k, Cin) in memory = odhwi. Transposed: (Cin, 2, 2, 2, Cout) in
+// memory = idhwo.
+memory::desc user_weights_md(const ConvGeometry& g) {
+  return memory::desc({g.cout, g.cin, g.k, g.k, g.k}, dt::f32, g.transposed ? tag::idhwo : tag::odhwi);
+}
+
+memory::desc any_weights_md(const ConvGeometry& g) {
+  return memory::desc({g.cout, g.cin, g.k, g.k, g.k}, dt::f32, tag::any);
+}
+
+memory::desc bias_md(const ConvGeometry& g) { return memory::desc({g.cout}, dt::f32, tag::a); }
+
+memory unbound(const memory::desc& md) { return memory(md, engine(), DNNL_MEMORY_NONE); }
+
+struct Descs {
+  memory::desc src, dst, weights_any, bias;
+  memory::dims strides, pad_l, pad_r;
+};
+
+Descs descs(const ConvGeometry& g) {
+  Descs d;
+  d.src = activation_md(g.n, g.cin, g.id, g.ih, g.iw);
+  d.dst = activation_md(g.n, g.cout, g.od, g.oh, g.ow);
+  d.weights_any = any_weights_md(g);
+  d.bias = bias_md(g);
+  d.strides = {g.stride, g.stride, g.stride};
+  d.pad_l = {g.pad, g.pad, g.pad};
+  // oneDNN checks (i - k + pad_l + pad_r) / stride + 1 == o with integer division, which is our own
+  // formula for pad_r = pad.
+  d.pad_r = {g.pad, g.pad, g.pad};
+  return d;
+}
+
+// Convolution and deconvolution share every descriptor signature; only the types and the algorithm
+// differ.
+struct ConvOps {
+  using Fwd = dnnl::convolution_forward;
+  using BwdData = dnnl::convolution_backward_data;
+  using BwdWeights = dnnl::convolution_backward_weights;
+  static constexpr dnnl::algorithm algo = dnnl::algorithm::convolution_direct;
+};
+struct DeconvOps {
+  using Fwd = dnnl::deconvolution_forward;
+  using BwdData = dnnl::deconvolution_backward_data;
+  using BwdWeights = dnnl::deconvolution_backward_weights;
+  static constexpr dnnl::algorithm algo = dnnl::algorithm::deconvolution_direct;
+};
+
+template <class Ops>
+typename Ops::Fwd::primitive_desc forward_pd(const Descs& d, bool bias,
+                                             const dnnl::primitive_attr& attr) {
+  using Fwd = typename Ops::Fwd;
+  auto desc = bias ? typename Fwd::desc(dnnl::prop_kind::forward_training, Ops::algo, d.src,
+                                        d.weights_any, d.bias, d.dst, d.strides, d.pad_l, d.pad_r)
+                   : typename Fwd::desc(dnnl::prop_kind::forward_training, Ops::algo, d.src,
+                                        d.weights_any, d.dst, d.strides, d.pad_l, d.pad_r);
+  return typename Fwd::primitive_desc(desc, attr, engine());
+}
+
+void push_arg(std::vector<dnnl_exec_arg_t>& args, int name, const memory& m) {
+  args.push_back(dnnl_exec_arg_t{name, m.get()});
+}
+
+// Binds the weight memories of `e`: weights_prim in the primitive's format `prim_md`, and a reorder
+// between it and the caller's KRSC array when the formats differ.
+void bind_weights(Entry& e, const ConvGeometry& g, const memory::desc& prim_md, bool to_prim) {
+  const memory::desc user_md = user_weights_md(g);
+  e.weights_user = unbound(user_md);
+  e.reorder_weights = prim_md != user_md;
+  if (!e.reorder_weights) {
+    e.weights_prim = e.weights_user;
+    return;
+  }
+  e.weights_prim = memory(prim_md, engine());  // owned buffer, reused by every call
+  const memory& from = to_prim ? e.weights_user : e.weights_prim;
+  const memory& to = to_prim ? e.weights_prim : e.weights_user;
+  e.weights_reorder = dnnl::reorder(from, to);
+  push_arg(e.reorder_args, DNNL_ARG_FROM, from);
+  push_arg(e.reorder_args, DNNL_ARG_TO, to);
+}
+
+template <class Ops>
+std::shared_ptr<Entry> build(const Key& key) {
+  const ConvGeometry& g = key.g;
+  const Descs d = descs(g);
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  auto e = std::make_shared<Entry>();
+  memory::desc scratch_md;
+
+  if (key.pass == Pass::Forward) {
+    auto pd = forward_pd<Ops>(d, key.bias, attr);
+    e->prim = typename Ops::Fwd(pd);
+    e->src = unbound(pd.src_desc());
+    e->dst = unbound(pd.dst_desc());
+    bind_weights(*e, g, pd.weights_desc(), /*to_prim=*/true);
+    if (key.bias) e->bias = unbound(pd.bias_desc());
+    scratch_md = pd.scratchpad_desc();
+    push_arg(e->args, DNNL_ARG_SRC, e->src);
+    push_arg(e->args, DNNL_ARG_WEIGHTS, e->weights_prim);
+    if (key.bias) push_arg(e->args, DNNL_ARG_BIAS, e->bias);
+    push_arg(e->args, DNNL_ARG_DST, e->dst);
+  } else if (key.pass == Pass::BackwardData) {
+    // The hint is only used to pick a compatible implementation; it is not kept.
+    auto hint = forward_pd<Ops>(d, false, dnnl::primitive_attr());
+    typename Ops::BwdData::desc desc(Ops::algo, d.src, d.weights_any, d.dst, d.strides, d.pad_l,
+                                     d.pad_r);
+    typename Ops::BwdData::primitive_desc pd(desc, attr, engine(), hint);
+    e->prim = typename Ops::BwdData(pd);
+    e->src = unbound(pd.diff_src_desc());
+    e->dst = unbound(pd.diff_dst_desc());
+    bind_weights(*e, g, pd.weights_desc(), /*to_prim=*/true);
+    scratch_md = pd.scratchpad_desc();
+    push_arg(e->args, DNNL_ARG_DIFF_DST, e->dst);
+    push_arg(e->args, DNNL_ARG_WEIGHTS, e->weights_prim);
+    push_arg(e->args, DNNL_ARG_DIFF_SRC, e->src);
+  } else {
+    auto hint = forward_pd<Ops>(d, key.bias, dnnl::primitive_attr());
+    using BwdW = typename Ops::BwdWeights;
+    auto desc = key.bias ? typename BwdW::desc(Ops::algo, d.src, d.weights_any, d.bias, d.dst,
+                                               d.strides, d.pad_l, d.pad_r)
+                         : typename BwdW::desc(Ops::algo, d.src, d.weights_any, d.dst, d.strides,
+                                               d.pad_l, d.pad_r);
+    typename BwdW::primitive_desc pd(desc, attr, engine(), hint);
+    e->prim = BwdW(pd);
+    e->src = unbound(pd.src_desc());
+    e->dst = unbound(pd.diff_dst_desc());
+    bind_weights(*e, g, pd.diff_weights_desc(), /*to_prim=*/false);
+    if (key.bias) e->bias = unbound(pd.diff_bias_desc());
+    scratch_md = pd.scratchpad_desc();
+    push_arg(e->args, DNNL_ARG_SRC, e->src);
+    push_arg(e->args, DNNL_ARG_DIFF_DST, e->dst);
+    push_arg(e->args, DNNL_ARG_DIFF_WEIGHTS, e->weights_prim);
+    if (key.bias) push_arg(e->args, DNNL_ARG_DIFF_BIAS, e->bias);
+  }
+  // The activation descriptors must be exactly ours: a primitive that wanted another activation layout
+  // would silently read our arrays wrongly.
+  MEDSEG_CHECK_T(Error, e->src.get_desc() == d.src && e->dst.get_desc() == d.dst,
+                 "oneDNN chose a non-channels-last activation layout for ", g.str());
+  e->scratch = memory(scratch_md, engine());
+  push_arg(e->args, DNNL_ARG_SCRATCHPAD, e->scratch);
+  return e;
+}
+
+// Geometries of one training run and its sliding-window inference number in the tens; the cap only
+// guards a caller that streams ever-new shapes through the cache.
+constexpr size_t kMaxCacheEntries = 512;
+
+struct Cache {
+  std::mutex mu;
+  std::unordered_map<Key, std::shared_ptr<Entry>, KeyHash> map;
+};
+
+Cache& cache() {
+  static Cache c;
+  return c;
+}
+
+std::shared_ptr<Entry> lookup(const ConvGeometry& g, Pass pass, bool bias) {
+  const Key key{g, pass, bias, num_threads()};
+  Cache& c = cache();
+  std::lock_guard<std::mutex> lock(c.mu);
+  auto it = c.map.find(key);
+  if (it != c.map.end()) return it->second;
+  std::shared_ptr<Entry> e;
+  try {
+    e = g.transposed ? build<DeconvOps>(key) : build<ConvOps>(key);
+  } catch (const dnnl::error& err) {
+    throw Error(std::string("oneDNN could not create the ") + pass_name(pass) + " primitive for " +
+                g.str() + ": " + err.what());
+  }
+  if (c.map.size() >= kMaxCacheEntries) c.map.clear();  // entries in use stay alive (shared_ptr)
+  c.map.emplace(key, e);
+  return e;
+}
+
+void execute(const ConvGeometry& g, const dnnl::primitive& prim,
+             const std::vector<dnnl_exec_arg_t>& args, const char* what) {
+  const dnnl_status_t st = dnnl_primitive_execute(prim.get(), stream().get(),
+                                                  static_cast<int>(args.size()), args.data());
+  if (st != dnnl_success)
+    throw Error(std::string("oneDNN ") + what + " failed for " + g.str() + " (status " +
+                std::to_string(static_cast<int>(st)) + ")");
+}
+
+void set(const memory& m, const float* p) { m.set_data_handle(const_cast<float*>(p)); }
+
+}  // namespace
+
+void conv3d_forward(const ConvGeometry& g, const float* x, const float* w, const float* b,
+                    float* y) {
+  validate(g);
+  MEDSEG_CHECK(x && w && y, "conv3d_forward: null x, w or y for ", g.str());
+  auto e = lookup(g, Pass::Forward, b != nullptr);
+  std::lock_guard<std::mutex> lock(e->mu);
+  set(e->src, x);
+  set(e->dst, y);
+  set(e->weights_user, w);
+  if (b) set(e->bias, b);
+  if (e->reorder_weights) execute(g, e->weights_reorder, e->reorder_args, "weight reorder");
+  execute(g, e->prim, e->args, "forward convolution");
+  stream().wait();
+}
+
+void conv3d_backward_data(const ConvGeometry& g, const float* dy, const float* w, float* dx) {
+  validate(g);
+  MEDSEG_CHECK(dy && w && dx, "conv3d_backward_data: null dy, w or dx for ", g.str());
+  auto e = lookup(g, Pass::BackwardData, false);
+  std::lock_guard<std::mutex> lock(e->mu);
+  set(e->dst, dy);
+  set(e->src, dx);
+  set(e->weights_user, w);
+  if (e->reorder_weights) execute(g, e->weights_reorder, e->reorder_args, "weight reorder");
+  execute(g, e->prim, e->args, "backward-data convolution");
+  stream().wait();
+}
+
+void conv3d_backward_weights(const ConvGeometry& g, const float* dy, const float* x, float* dw,
+                             float* db) {
+  validate(g);
+  MEDSEG_CHECK(dy && x && dw, "conv3d_backward_weights: null dy, x or dw for ", g.str());
+  auto e = lookup(g, Pass::BackwardWeights, db != nullptr);
+  std::lock_guard<std::mutex> lock(e->mu);
+  set(e->src, x);
+  set(e->dst, dy);
+  set(e->weights_user, dw);
+  if (db) set(e->bias, db);
+  execute(g, e->prim, e->args, "backward-weights convolution");
+  if (e->reorder_weights) execute(g, e->weights_reorder, e->reorder_args, "weight reorder");
+  stream().wait();
+}
+
+void clear_conv_cache() {
+  Cache& c = cache();
+  std::lock_guard<std::mutex> lock(c.mu);
+  c.map.clear();
+}
+
+const char* onednn_isa() {
+  switch (dnnl::get_effective_cpu_isa()) {
+    case dnnl::cpu_isa::all:
+      return "all";
+    case dnnl::cpu_isa::sse41:
+      return "sse41";
+    case dnnl::cpu_isa::avx:
+      return "avx";
+    case dnnl::cpu_isa::avx2:
+      return "avx2";
+    case dnnl::cpu_isa::avx512_mic:
+      return "avx512_mic";
+    case dnnl::cpu_isa::avx512_mic_4ops:
+      return "avx512_mic_4ops";
+    case dnnl::cpu_isa::avx512_core:
+      return "avx512_core";
+    case dnnl::cpu_isa::avx512_core_vnni:
+      return "avx512_core_vnni";
+    case dnnl::cpu_isa::avx512_core_bf16:
+      return "avx512_core_bf16";
+    case dnnl::cpu_isa::avx512_core_amx:
+      return "avx512_core_amx";
+    case dnnl::cpu_isa::avx2_vnni:
+      return "avx2_vnni";
+  }
+  return "unknown";
+}
+
+const char* onednn_version() {
+  static const std::string text = [] {
+    const dnnl_version_t* v = dnnl_version();
+    std::string s = std::to_string(v->major) + "." + std::to_string(v->minor) + "." +
+                    std::to_string(v->patch);
+    if (v->hash && std::strcmp(v->hash, "N/A") != 0) s += " (" + std::string(v->hash) + ")";
+    return s;
+  }();
+  return text.c_str();
+}
+
+}  // namespace medseg::cpu
