@@ -256,7 +256,8 @@ void norm_backward(const NormConfig& cfg, const Shape& s, const float* dy, const
   }
   const std::vector<double> sum_dz = part.total(threads, 0), sum_dzx = part.total(threads, 1);
 
-  // ---- per-slot coefficients: dx = k dz - k mean(dz) - k inv_std mean(dz x_bn) (x - mu_B) ----
+  // ---- per-slot coefficients: dx = k (dz - mean(dz)) - k inv_std mean(dz x_bn) (x - mu_B) ----
+  // dz - mean(dz) is formed before scaling so that it cancels exactly where it should (m = 1).
   const double m = static_cast<double>(l.rows_per_group);
   std::vector<float> ka(slots), kb(slots), kc(slots);
   std::vector<double> dgamma_acc(C, 0.0), dbeta_acc(C, 0.0);
@@ -266,7 +267,7 @@ void norm_backward(const NormConfig& cfg, const Shape& s, const float* dy, const
     const double sum_dz_xbn = sum_dzx[i] * inv_std;
     const double k = static_cast<double>(gamma[c]) * r * inv_std;
     ka[i] = static_cast<float>(k);
-    kb[i] = static_cast<float>(k * sum_dz[i] / m);
+    kb[i] = static_cast<float>(sum_dz[i] / m);
     kc[i] = static_cast<float>(k * inv_std * sum_dz_xbn / m);
     dbeta_acc[c] += sum_dz[i];
     dgamma_acc[c] += r * sum_dz_xbn + d * sum_dz[i];
@@ -291,10 +292,10 @@ void norm_backward(const NormConfig& cfg, const Shape& s, const float* dy, const
         const float* __restrict yr = y + row * C;
         for (int64_t c = 0; c < C; ++c) {
           const float dz = yr[c] > 0.f ? dyr[c] : slope * dyr[c];
-          dxr[c] = a[c] * dz - b[c] - e[c] * (xr[c] - mu[c]);
+          dxr[c] = a[c] * (dz - b[c]) - e[c] * (xr[c] - mu[c]);
         }
       } else {
-        for (int64_t c = 0; c < C; ++c) dxr[c] = a[c] * dyr[c] - b[c] - e[c] * (xr[c] - mu[c]);
+        for (int64_t c = 0; c < C; ++c) dxr[c] = a[c] * (dyr[c] - b[c]) - e[c] * (xr[c] - mu[c]);
       }
     }
   });
