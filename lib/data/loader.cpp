@@ -157,4 +157,9 @@ uint64_t BatchLoader::next_batch_index() const {
   return next_out_;
 }
 
+size_t BatchLoader::buffered() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return ready_.size();
+}
+
 }  // namespace medseg::data

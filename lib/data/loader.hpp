@@ -65,6 +65,10 @@ class BatchLoader {
   // as first_batch_index).
   uint64_t next_batch_index() const;
 
+  // Built batches waiting to be taken (at most queue_capacity): 0 most of the time means the trainer
+  // is waiting on the loader.
+  size_t buffered() const;
+
  private:
   struct Slot {
     Batch batch;
