@@ -1,0 +1,57 @@
+#include "nn/conv_layer.hpp"
+
+#include <cmath>
+
+#include "core/error.hpp"
+
+namespace medseg::nn {
+
+ConvLayer::ConvLayer(int64_t cin, int64_t cout, int k, int stride, bool transposed)
+    : cin_(cin), cout_(cout), k_(k), stride_(stride), transposed_(transposed) {
+  MEDSEG_CHECK(cin > 0 && cout > 0, "conv channels ", cin, " -> ", cout);
+  MEDSEG_CHECK(!transposed || (k == 2 && stride == 2), "transposed conv must be k 2 stride 2, got k ",
+               k, " stride ", stride);
+  Shape ws = transposed ? Shape{cin, 2, 2, 2, cout} : Shape{cout, k, k, k, cin};
+  weight = Tensor::zeros(ws);
+  dweight = Tensor::zeros(ws);
+  bias = Tensor::vector(cout);
+  dbias = Tensor::vector(cout);
+}
+
+cpu::ConvGeometry ConvLayer::geometry(const Shape& in) const {
+  MEDSEG_CHECK(in.c == cin_, "conv expects ", cin_, " input channels, input shape ", in);
+  return transposed_ ? cpu::ConvGeometry::transpose2(in, cout_)
+                     : cpu::ConvGeometry::conv(in, cout_, k_, stride_, k_ / 2);
+}
+
+void ConvLayer::init_he(Rng& rng) {
+  const double fan_in = transposed_ ? static_cast<double>(cin_) : static_cast<double>(cin_) * k_ * k_ * k_;
+  const double std = std::sqrt(2.0 / fan_in);
+  float* w = weight.data();
+  for (int64_t i = 0; i < weight.numel(); ++i) w[i] = static_cast<float>(rng.normal() * std);
+  bias.zero();
+}
+
+void ConvLayer::forward(const Tensor& x, Tensor& y) const {
+  const auto g = geometry(x.shape());
+  check_same_shape(y.shape(), g.out_shape(), "conv output");
+  if (use_reference)
+    cpu::conv3d_forward_ref(g, x.data(), weight.data(), bias.data(), y.data());
+  else
+    cpu::conv3d_forward(g, x.data(), weight.data(), bias.data(), y.data());
+}
+
+void ConvLayer::backward(const Tensor& dy, const Tensor& x, Tensor* dx) {
+  const auto g = geometry(x.shape());
+  check_same_shape(dy.shape(), g.out_shape(), "conv output gradient");
+  if (dx) check_same_shape(dx->shape(), x.shape(), "conv input gradient");
+  if (use_reference) {
+    cpu::conv3d_backward_weights_ref(g, dy.data(), x.data(), dweight.data(), dbias.data());
+    if (dx) cpu::conv3d_backward_data_ref(g, dy.data(), weight.data(), dx->data());
+  } else {
+    cpu::conv3d_backward_weights(g, dy.data(), x.data(), dweight.data(), dbias.data());
+    if (dx) cpu::conv3d_backward_data(g, dy.data(), weight.data(), dx->data());
+  }
+}
+
+}  // namespace medseg::nn

@@ -1,0 +1,41 @@
+// A convolution layer (regular or transposed) owning its parameters and gradients, over the kernels of
+// kernels/cpu/conv.hpp. Backward assigns dweight and dbias, and dx when asked for.
+#pragma once
+#include <cstdint>
+
+#include "core/rng.hpp"
+#include "core/tensor.hpp"
+#include "kernels/cpu/conv.hpp"
+
+namespace medseg::nn {
+
+class ConvLayer {
+ public:
+  // k in {1, 3} (regular, pad k/2) or transposed (k = stride = 2).
+  ConvLayer(int64_t cin, int64_t cout, int k, int stride, bool transposed);
+
+  Tensor weight, bias, dweight, dbias;
+
+  int64_t cin() const { return cin_; }
+  int64_t cout() const { return cout_; }
+  int kernel() const { return k_; }
+  int stride() const { return stride_; }
+  bool transposed() const { return transposed_; }
+  Shape out_shape(const Shape& in) const { return geometry(in).out_shape(); }
+  cpu::ConvGeometry geometry(const Shape& in) const;
+
+  // He (Kaiming) normal initialisation for LeakyReLU networks: std = sqrt(2 / fan_in), bias 0.
+  void init_he(Rng& rng);
+  void forward(const Tensor& x, Tensor& y) const;
+  // dx may be null (first layer: no input gradient needed).
+  void backward(const Tensor& dy, const Tensor& x, Tensor* dx);
+
+  bool use_reference = false;  // naive kernels (tests)
+
+ private:
+  int64_t cin_, cout_;
+  int k_, stride_;
+  bool transposed_;
+};
+
+}  // namespace medseg::nn

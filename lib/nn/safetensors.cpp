@@ -1,0 +1,80 @@
+#include "nn/safetensors.hpp"
+
+#include <cstring>
+#include <nlohmann/json.hpp>
+
+#include "core/atomic_file.hpp"
+#include "core/error.hpp"
+
+namespace medseg::nn {
+
+namespace {
+std::vector<int64_t> dims_of(const Tensor& t) {
+  const Shape& s = t.shape();
+  if (s.n == 1 && s.d == 1 && s.h == 1 && s.w == 1) return {s.c};
+  return {s.n, s.d, s.h, s.w, s.c};
+}
+}  // namespace
+
+void save_safetensors(const std::filesystem::path& path, const std::vector<NamedTensor>& tensors,
+                      const std::map<std::string, std::string>& metadata) {
+  nlohmann::ordered_json header;
+  if (!metadata.empty()) header["__metadata__"] = metadata;
+  size_t offset = 0;
+  for (const auto& t : tensors) {
+    const size_t bytes = t.value->bytes();
+    header[t.name] = {{"dtype", "F32"}, {"shape", dims_of(*t.value)}, {"data_offsets", {offset, offset + bytes}}};
+    offset += bytes;
+  }
+  std::string h = header.dump();
+  while ((h.size() + 8) % 8 != 0) h.push_back(' ');  // align the data to 8 bytes (spec allows padding)
+  std::string buf(8 + h.size() + offset, '\0');
+  const uint64_t n = h.size();
+  for (int i = 0; i < 8; ++i) buf[i] = static_cast<char>((n >> (8 * i)) & 0xff);
+  std::memcpy(buf.data() + 8, h.data(), h.size());
+  size_t pos = 8 + h.size();
+  for (const auto& t : tensors) {
+    MEDSEG_CHECK(t.value->device() == Device::CPU, "save_safetensors needs host tensors: ", t.name);
+    std::memcpy(buf.data() + pos, t.value->data(), t.value->bytes());
+    pos += t.value->bytes();
+  }
+  write_file_atomic(path, buf.data(), buf.size());
+}
+
+std::map<std::string, std::string> load_safetensors(const std::filesystem::path& path,
+                                                    const std::vector<NamedTensor>& tensors) {
+  const std::string buf = read_file(path);
+  const std::string where = path.string();
+  if (buf.size() < 8) throw IoError(where + ": not a safetensors file (shorter than 8 bytes)");
+  uint64_t n = 0;
+  for (int i = 0; i < 8; ++i) n |= static_cast<uint64_t>(static_cast<unsigned char>(buf[i])) << (8 * i);
+  if (n > buf.size() - 8) throw IoError(where + ": header length " + std::to_string(n) + " exceeds the file size");
+  nlohmann::json header;
+  try {
+    header = nlohmann::json::parse(buf.substr(8, n));
+  } catch (const std::exception& e) {
+    throw IoError(where + ": malformed safetensors header: " + e.what());
+  }
+  const size_t data0 = 8 + n;
+  for (const auto& t : tensors) {
+    if (!header.contains(t.name)) throw IoError(where + ": tensor '" + t.name + "' is missing");
+    const auto& e = header[t.name];
+    if (e.value("dtype", "") != "F32") throw IoError(where + ": tensor '" + t.name + "' is not F32");
+    int64_t count = 1;
+    for (auto d : e.at("shape")) count *= d.get<int64_t>();
+    if (count != t.value->numel())
+      throw IoError(where + ": tensor '" + t.name + "' has " + std::to_string(count) +
+                    " values, the model expects " + std::to_string(t.value->numel()) +
+                    " (shape " + t.value->shape().str() + ")");
+    const size_t a = e.at("data_offsets")[0].get<size_t>(), b = e.at("data_offsets")[1].get<size_t>();
+    if (b < a || b - a != t.value->bytes() || data0 + b > buf.size())
+      throw IoError(where + ": tensor '" + t.name + "' has bad data offsets (file truncated?)");
+    std::memcpy(t.value->data(), buf.data() + data0 + a, t.value->bytes());
+  }
+  std::map<std::string, std::string> meta;
+  if (header.contains("__metadata__"))
+    for (auto& [k, v] : header["__metadata__"].items()) meta[k] = v.get<std::string>();
+  return meta;
+}
+
+}  // namespace medseg::nn

@@ -1,0 +1,348 @@
+#include "nn/unet.hpp"
+
+#include <algorithm>
+
+#include "core/error.hpp"
+#include "kernels/cpu/ops.hpp"
+
+namespace medseg::nn {
+
+int64_t UNetConfig::filters(int level) const {
+  return std::min<int64_t>(int64_t{base_filters} << level, max_filters);
+}
+
+const char* norm_kind_name(cpu::NormKind k) {
+  switch (k) {
+    case cpu::NormKind::BatchRenorm: return "batchrenorm";
+    case cpu::NormKind::BatchNorm: return "batchnorm";
+    case cpu::NormKind::InstanceNorm: return "instancenorm";
+  }
+  return "?";
+}
+
+cpu::NormKind parse_norm_kind(const std::string& s) {
+  if (s == "batchrenorm" || s == "brn") return cpu::NormKind::BatchRenorm;
+  if (s == "batchnorm" || s == "bn") return cpu::NormKind::BatchNorm;
+  if (s == "instancenorm" || s == "in") return cpu::NormKind::InstanceNorm;
+  throw ArgumentError("unknown norm '" + s + "' (expected batchrenorm, batchnorm or instancenorm)");
+}
+
+namespace {
+void ensure(Tensor& t, const Shape& s) {
+  if (!t.defined() || !(t.shape() == s)) t = Tensor(s);
+}
+void add_inplace(Tensor& a, const Tensor& b) {
+  check_same_shape(a.shape(), b.shape(), "gradient sum");
+  float* pa = a.data();
+  const float* pb = b.data();
+  const int64_t n = a.numel();
+#pragma omp parallel for simd schedule(static)
+  for (int64_t i = 0; i < n; ++i) pa[i] += pb[i];
+}
+}  // namespace
+
+UNet::UNet(const UNetConfig& cfg, uint64_t seed)
+    : cfg_(cfg), head_(cfg.filters(0), cfg.num_classes, 1, 1, false) {
+  MEDSEG_CHECK(cfg.levels >= 1 && cfg.levels <= 7, "levels must be 1..7, got ", cfg.levels);
+  MEDSEG_CHECK(cfg.convs_per_stage >= 1, "convs_per_stage ", cfg.convs_per_stage);
+  MEDSEG_CHECK(cfg.in_channels >= 1 && cfg.num_classes >= 2, "in_channels ", cfg.in_channels,
+               " num_classes ", cfg.num_classes);
+  cfg_.norm.leaky = true;
+  Rng rng(seed);
+  auto make_stage = [&](int64_t cin, int64_t cout, int first_stride) {
+    Stage st;
+    for (int j = 0; j < cfg_.convs_per_stage; ++j) {
+      Block b{ConvLayer(j == 0 ? cin : cout, cout, 3, j == 0 ? first_stride : 1, false),
+              NormLayer(cout, cfg_.norm), Tensor(), Tensor(), Tensor(), Tensor(), nullptr};
+      b.conv.init_he(rng);
+      st.blocks.push_back(std::move(b));
+    }
+    return st;
+  };
+  for (int l = 0; l < cfg_.levels; ++l)
+    enc_.push_back(make_stage(l == 0 ? cfg_.in_channels : cfg_.filters(l - 1), cfg_.filters(l),
+                              l == 0 ? 1 : 2));
+  for (int l = 0; l + 1 < cfg_.levels; ++l) {
+    up_.emplace_back(cfg_.filters(l + 1), cfg_.filters(l), 2, 2, true);
+    up_.back().init_he(rng);
+    dec_.push_back(make_stage(2 * cfg_.filters(l), cfg_.filters(l), 1));
+  }
+  head_.init_he(rng);
+}
+
+void UNet::allocate(const Shape& in) {
+  if (in == in_shape_) return;
+  const int64_t div = cfg_.size_divisor();
+  MEDSEG_CHECK(in.d % div == 0 && in.h % div == 0 && in.w % div == 0,
+               "input spatial size must be divisible by ", div, " for ", cfg_.levels,
+               " levels, got ", in);
+  MEDSEG_CHECK(in.c == cfg_.in_channels, "network expects ", cfg_.in_channels,
+               " input channels, got ", in);
+  in_shape_ = in;
+  Shape s = in;
+  for (int l = 0; l < cfg_.levels; ++l) {
+    for (auto& b : enc_[l].blocks) {
+      s = b.conv.out_shape(s);
+      ensure(b.z, s);
+      ensure(b.y, s);
+    }
+  }
+  const int L = cfg_.levels;
+  up_out_.resize(L > 1 ? L - 1 : 0);
+  cat_.resize(up_out_.size());
+  dcat_.resize(up_out_.size());
+  dup_.resize(up_out_.size());
+  dskip_.resize(up_out_.size());
+  for (int l = L - 2; l >= 0; --l) {
+    const Shape skip = enc_[l].blocks.back().y.shape();
+    ensure(up_out_[l], skip);
+    Shape cs = skip;
+    cs.c = 2 * skip.c;
+    ensure(cat_[l], cs);
+    s = cs;
+    for (auto& b : dec_[l].blocks) {
+      s = b.conv.out_shape(s);
+      ensure(b.z, s);
+      ensure(b.y, s);
+    }
+  }
+  Shape ls = in;
+  ls.c = cfg_.num_classes;
+  ensure(logits_, ls);
+}
+
+void UNet::stage_forward(Stage& st, const Tensor& x, bool train) {
+  const Tensor* in = &x;
+  for (auto& b : st.blocks) {
+    if (!train && folded_ && b.folded) {
+      b.folded->forward(*in, b.z);
+      cpu::leaky_relu_forward(b.z.numel(), b.z.data(), cfg_.norm.slope, b.y.data());
+    } else {
+      b.conv.forward(*in, b.z);
+      if (train)
+        b.norm.forward_train(b.z, b.y);
+      else
+        b.norm.forward_infer(b.z, b.y);
+    }
+    in = &b.y;
+  }
+}
+
+void UNet::stage_backward(Stage& st, const Tensor& x, Tensor* dx) {
+  for (int j = static_cast<int>(st.blocks.size()) - 1; j >= 0; --j) {
+    Block& b = st.blocks[j];
+    ensure(b.dz, b.z.shape());
+    b.norm.backward(b.dy, b.z, b.y, b.dz);
+    const Tensor& in = j == 0 ? x : st.blocks[j - 1].y;
+    Tensor* din = nullptr;
+    if (j > 0) {
+      ensure(st.blocks[j - 1].dy, st.blocks[j - 1].y.shape());
+      din = &st.blocks[j - 1].dy;
+    } else {
+      din = dx;
+    }
+    b.conv.backward(b.dz, in, din);
+  }
+}
+
+const Tensor& UNet::forward_train(const Tensor& x) {
+  folded_ = false;
+  allocate(x.shape());
+  input_ = &x;
+  const int L = cfg_.levels;
+  const Tensor* in = &x;
+  for (int l = 0; l < L; ++l) {
+    stage_forward(enc_[l], *in, true);
+    in = &enc_[l].blocks.back().y;
+  }
+  for (int l = L - 2; l >= 0; --l) {
+    up_[l].forward(*in, up_out_[l]);
+    const Tensor& skip = enc_[l].blocks.back().y;
+    cpu::concat_channels_forward(skip.shape().per_channel(), up_out_[l].data(), skip.shape().c,
+                                 skip.data(), skip.shape().c, cat_[l].data());
+    stage_forward(dec_[l], cat_[l], true);
+    in = &dec_[l].blocks.back().y;
+  }
+  head_.forward(*in, logits_);
+  return logits_;
+}
+
+void UNet::backward(const Tensor& dlogits) {
+  check_same_shape(dlogits.shape(), logits_.shape(), "logits gradient");
+  MEDSEG_CHECK(input_ != nullptr, "UNet::backward without a training forward");
+  const int L = cfg_.levels;
+  // Head: gradient w.r.t. the last decoder stage's output (or the single encoder stage's).
+  Stage& top = L > 1 ? dec_[0] : enc_[0];
+  Block& top_last = top.blocks.back();
+  ensure(top_last.dy, top_last.y.shape());
+  head_.backward(dlogits, top_last.y, &top_last.dy);
+  for (int l = 0; l + 1 < L; ++l) {
+    ensure(dcat_[l], cat_[l].shape());
+    stage_backward(dec_[l], cat_[l], &dcat_[l]);
+    const int64_t c = enc_[l].blocks.back().y.shape().c;
+    ensure(dup_[l], up_out_[l].shape());
+    ensure(dskip_[l], enc_[l].blocks.back().y.shape());
+    cpu::concat_channels_backward(cat_[l].shape().per_channel(), dcat_[l].data(), c, c,
+                                  dup_[l].data(), dskip_[l].data());
+    // The up-conv's input: the next decoder stage's output, or the bottleneck.
+    Block& below = l + 2 < L ? dec_[l + 1].blocks.back() : enc_[L - 1].blocks.back();
+    ensure(below.dy, below.y.shape());
+    up_[l].backward(dup_[l], below.y, &below.dy);
+  }
+  for (int l = L - 1; l >= 0; --l) {
+    Block& last = enc_[l].blocks.back();
+    if (l < L - 1) add_inplace(last.dy, dskip_[l]);  // skip connection: gradients of both uses add
+    if (l == 0) {
+      stage_backward(enc_[0], *input_, nullptr);
+    } else {
+      Block& prev = enc_[l - 1].blocks.back();
+      ensure(prev.dy, prev.y.shape());
+      stage_backward(enc_[l], prev.y, &prev.dy);
+    }
+  }
+}
+
+void UNet::forward_infer(const Tensor& x, Tensor& logits) {
+  allocate(x.shape());
+  const int L = cfg_.levels;
+  const Tensor* in = &x;
+  for (int l = 0; l < L; ++l) {
+    stage_forward(enc_[l], *in, false);
+    in = &enc_[l].blocks.back().y;
+  }
+  for (int l = L - 2; l >= 0; --l) {
+    up_[l].forward(*in, up_out_[l]);
+    const Tensor& skip = enc_[l].blocks.back().y;
+    cpu::concat_channels_forward(skip.shape().per_channel(), up_out_[l].data(), skip.shape().c,
+                                 skip.data(), skip.shape().c, cat_[l].data());
+    stage_forward(dec_[l], cat_[l], false);
+    in = &dec_[l].blocks.back().y;
+  }
+  ensure(logits, logits_.shape());
+  head_.forward(*in, logits);
+}
+
+void UNet::fold_norms() {
+  if (cfg_.norm.kind == cpu::NormKind::InstanceNorm) {
+    folded_ = false;
+    return;
+  }
+  auto fold_stage = [&](Stage& st) {
+    for (auto& b : st.blocks) {
+      auto f = std::make_unique<ConvLayer>(b.conv.cin(), b.conv.cout(), b.conv.kernel(),
+                                           b.conv.stride(), false);
+      f->weight.copy_from(b.conv.weight);
+      f->bias.copy_from(b.conv.bias);
+      f->use_reference = b.conv.use_reference;
+      fold_norm_into_conv(b.norm, f->weight, f->bias);
+      b.folded = std::move(f);
+    }
+  };
+  for (auto& st : enc_) fold_stage(st);
+  for (auto& st : dec_) fold_stage(st);
+  folded_ = true;
+}
+
+std::vector<NamedTensor> UNet::parameters() {
+  std::vector<NamedTensor> out;
+  auto add_stage = [&](const std::string& prefix, Stage& st) {
+    for (size_t j = 0; j < st.blocks.size(); ++j) {
+      auto& b = st.blocks[j];
+      const std::string c = prefix + ".conv." + std::to_string(j);
+      const std::string n = prefix + ".norm." + std::to_string(j);
+      out.push_back({c + ".weight", &b.conv.weight, &b.conv.dweight, true});
+      out.push_back({c + ".bias", &b.conv.bias, &b.conv.dbias, false});
+      out.push_back({n + ".gamma", &b.norm.gamma, &b.norm.dgamma, false});
+      out.push_back({n + ".beta", &b.norm.beta, &b.norm.dbeta, false});
+    }
+  };
+  for (size_t l = 0; l < enc_.size(); ++l) add_stage("enc." + std::to_string(l), enc_[l]);
+  for (size_t l = 0; l < dec_.size(); ++l) {
+    const std::string p = "dec." + std::to_string(l);
+    out.push_back({p + ".up.weight", &up_[l].weight, &up_[l].dweight, true});
+    out.push_back({p + ".up.bias", &up_[l].bias, &up_[l].dbias, false});
+    add_stage(p, dec_[l]);
+  }
+  out.push_back({"head.weight", &head_.weight, &head_.dweight, true});
+  out.push_back({"head.bias", &head_.bias, &head_.dbias, false});
+  return out;
+}
+
+std::vector<NamedTensor> UNet::buffers() {
+  std::vector<NamedTensor> out;
+  auto add_stage = [&](const std::string& prefix, Stage& st) {
+    for (size_t j = 0; j < st.blocks.size(); ++j) {
+      const std::string n = prefix + ".norm." + std::to_string(j);
+      out.push_back({n + ".running_mean", &st.blocks[j].norm.running_mean, nullptr, false});
+      out.push_back({n + ".running_std", &st.blocks[j].norm.running_std, nullptr, false});
+    }
+  };
+  for (size_t l = 0; l < enc_.size(); ++l) add_stage("enc." + std::to_string(l), enc_[l]);
+  for (size_t l = 0; l < dec_.size(); ++l) add_stage("dec." + std::to_string(l), dec_[l]);
+  return out;
+}
+
+int64_t UNet::parameter_count() {
+  int64_t n = 0;
+  for (auto& p : parameters()) n += p.value->numel();
+  return n;
+}
+
+void UNet::set_renorm_clips(float r_max, float d_max) {
+  for (auto* stages : {&enc_, &dec_})
+    for (auto& st : *stages)
+      for (auto& b : st.blocks) b.norm.set_clips(r_max, d_max);
+}
+
+NormDiagnostics UNet::diagnostics() const {
+  NormDiagnostics out;
+  int n = 0;
+  for (const auto* stages : {&enc_, &dec_})
+    for (const auto& st : *stages)
+      for (const auto& b : st.blocks) {
+        const auto d = b.norm.diagnostics();
+        out.r_clipped_fraction += d.r_clipped_fraction;
+        out.d_clipped_fraction += d.d_clipped_fraction;
+        out.mean_abs_log_r += d.mean_abs_log_r;
+        out.mean_abs_d += d.mean_abs_d;
+        out.skipped_updates += d.skipped_updates;
+        ++n;
+      }
+  if (n > 0) {
+    out.r_clipped_fraction /= n;
+    out.d_clipped_fraction /= n;
+    out.mean_abs_log_r /= n;
+    out.mean_abs_d /= n;
+  }
+  return out;
+}
+
+void UNet::set_use_reference(bool on) {
+  for (auto* stages : {&enc_, &dec_})
+    for (auto& st : *stages)
+      for (auto& b : st.blocks) {
+        b.conv.use_reference = on;
+        b.norm.use_reference = on;
+      }
+  for (auto& u : up_) u.use_reference = on;
+  head_.use_reference = on;
+}
+
+size_t UNet::activation_bytes() const {
+  size_t total = 0;
+  auto add = [&](const Tensor& t) { total += t.defined() ? t.bytes() : 0; };
+  for (const auto* stages : {&enc_, &dec_})
+    for (const auto& st : *stages)
+      for (const auto& b : st.blocks) {
+        add(b.z);
+        add(b.y);
+        add(b.dz);
+        add(b.dy);
+      }
+  for (const auto* v : {&up_out_, &cat_, &dcat_, &dup_, &dskip_})
+    for (const auto& t : *v) add(t);
+  add(logits_);
+  return total;
+}
+
+}  // namespace medseg::nn

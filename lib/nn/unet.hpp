@@ -1,0 +1,100 @@
+// The 3-D U-Net: levels of two conv3x3x3 -> norm -> LeakyReLU blocks, stride-2 conv down, transposed
+// conv up, skip concatenation (upsampled first, skip second), a 1x1x1 head. Explicit forward/backward
+// through the whole network; every intermediate lives in a buffer owned by the network (the "tape"),
+// allocated once per input shape. Parameters have stable names (enc.0.conv.1.weight, ...).
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/rng.hpp"
+#include "core/tensor.hpp"
+#include "kernels/cpu/norm.hpp"
+#include "nn/conv_layer.hpp"
+#include "nn/norm_layer.hpp"
+
+namespace medseg::nn {
+
+struct UNetConfig {
+  int in_channels = 1;
+  int num_classes = 3;
+  int levels = 4;            // resolutions; the bottleneck is at level levels-1
+  int base_filters = 16;     // level i has min(base * 2^i, max_filters)
+  int max_filters = 320;
+  int convs_per_stage = 2;
+  cpu::NormConfig norm;      // kind, eps, alpha, LeakyReLU slope (leaky is forced on)
+  int64_t filters(int level) const;
+  // Every spatial size must be divisible by this.
+  int64_t size_divisor() const { return int64_t{1} << (levels - 1); }
+};
+
+const char* norm_kind_name(cpu::NormKind k);
+cpu::NormKind parse_norm_kind(const std::string& s);  // ArgumentError on unknown names
+
+// A named tensor of the model: parameters (with gradient) and buffers (running statistics).
+struct NamedTensor {
+  std::string name;
+  Tensor* value = nullptr;
+  Tensor* grad = nullptr;  // null for buffers
+  bool weight_decay = true;
+};
+
+class UNet {
+ public:
+  explicit UNet(const UNetConfig& cfg, uint64_t seed = 0);
+  const UNetConfig& config() const { return cfg_; }
+
+  // Training forward (batch statistics, running-statistics update). Returns the logits
+  // (N, D, H, W, num_classes), valid until the next call. x must stay alive until backward().
+  const Tensor& forward_train(const Tensor& x);
+  // Backward from d(loss)/d(logits); assigns every parameter gradient.
+  void backward(const Tensor& dlogits);
+  // Inference forward (running statistics). When folding is on (fold_norms()), batch(re)norm layers are
+  // folded into their convolutions.
+  void forward_infer(const Tensor& x, Tensor& logits);
+  // Folds every batch(re)norm layer into its convolution for inference (no-op for instance norm).
+  // Must be called again after the weights change.
+  void fold_norms();
+  bool folded() const { return folded_; }
+
+  std::vector<NamedTensor> parameters();   // trainable, with gradients
+  std::vector<NamedTensor> buffers();      // running statistics
+  int64_t parameter_count();
+  void set_renorm_clips(float r_max, float d_max);
+  NormDiagnostics diagnostics() const;     // mean over layers; skipped updates summed
+  void set_use_reference(bool on);         // naive kernels everywhere (tests)
+  // Bytes held by the tape for the current input shape.
+  size_t activation_bytes() const;
+
+ private:
+  struct Block {
+    ConvLayer conv;
+    NormLayer norm;
+    Tensor z, y, dz, dy;  // conv output, norm output, their gradients
+    // Folded inference copy of the conv (weight * gamma / sigma ...).
+    std::unique_ptr<ConvLayer> folded;
+  };
+  struct Stage {
+    std::vector<Block> blocks;
+  };
+  void allocate(const Shape& in);
+  void stage_forward(Stage& st, const Tensor& x, bool train);
+  // Returns the gradient w.r.t. the stage input in `dx` (may be null).
+  void stage_backward(Stage& st, const Tensor& x, Tensor* dx);
+
+  UNetConfig cfg_;
+  std::vector<Stage> enc_;  // enc_[l], l = 0..levels-1
+  std::vector<ConvLayer> up_;   // up_[l]: filters(l+1) -> filters(l), l = 0..levels-2
+  std::vector<Stage> dec_;  // dec_[l], l = 0..levels-2
+  ConvLayer head_;
+  bool folded_ = false;
+
+  Shape in_shape_{};
+  const Tensor* input_ = nullptr;  // the input of the last forward_train
+  std::vector<Tensor> up_out_, cat_, dcat_, dup_, dskip_;
+  Tensor logits_;
+  Tensor infer_tmp_;
+};
+
+}  // namespace medseg::nn

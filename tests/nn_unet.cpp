@@ -1,0 +1,198 @@
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <filesystem>
+#include <limits>
+#include <set>
+
+#include "core/error.hpp"
+#include "core/rng.hpp"
+#include "kernels/cpu/ops.hpp"
+#include "nn/optimizer.hpp"
+#include "nn/safetensors.hpp"
+#include "nn/unet.hpp"
+
+using namespace medseg;
+using namespace medseg::nn;
+
+namespace {
+UNetConfig tiny(cpu::NormKind kind) {
+  UNetConfig c;
+  c.in_channels = 2;
+  c.num_classes = 3;
+  c.levels = 2;
+  c.base_filters = 2;
+  c.norm.kind = kind;
+  c.norm.r_max = 1.5f;
+  c.norm.d_max = 0.5f;
+  return c;
+}
+Tensor random_tensor(Shape s, uint64_t seed) {
+  Tensor t(s);
+  Rng r(seed);
+  for (int64_t i = 0; i < t.numel(); ++i) t.data()[i] = static_cast<float>(r.normal());
+  return t;
+}
+std::vector<uint16_t> random_labels(int64_t n, int k, uint64_t seed) {
+  Rng r(seed);
+  std::vector<uint16_t> v(n);
+  for (auto& x : v) x = static_cast<uint16_t>(r.below(k));
+  return v;
+}
+double loss_of(UNet& net, const Tensor& x, const std::vector<uint16_t>& labels, Tensor* dlogits) {
+  const Tensor& logits = net.forward_train(x);
+  auto res = cpu::dice_ce_loss_ref(logits.shape(), logits.data(), labels.data(), {}, 1.f,
+                                   dlogits ? dlogits->data() : nullptr);
+  return res.loss;
+}
+}  // namespace
+
+TEST(UNet, ParameterNamesAreStableAndUnique) {
+  UNet net(tiny(cpu::NormKind::BatchRenorm));
+  auto ps = net.parameters();
+  std::set<std::string> names;
+  for (auto& p : ps) EXPECT_TRUE(names.insert(p.name).second) << p.name;
+  EXPECT_TRUE(names.count("enc.0.conv.1.weight"));
+  EXPECT_TRUE(names.count("dec.0.up.weight"));
+  EXPECT_TRUE(names.count("head.bias"));
+  EXPECT_TRUE(names.count("enc.1.norm.0.gamma"));
+}
+
+TEST(UNet, RejectsSpatialSizesNotDivisibleByTheDownsampling) {
+  UNet net(tiny(cpu::NormKind::BatchRenorm));
+  Tensor x = Tensor::zeros(Shape{1, 5, 4, 4, 2});
+  EXPECT_THROW(net.forward_train(x), ArgumentError);
+}
+
+// Whole-network finite differences with the naive kernels. Batch renorm's backward treats r and d as
+// constants (stop-gradient), so a finite difference matches it only where r and d do not move with the
+// parameters: the renorm case freezes the running statistics (alpha = 0) at values far from the batch
+// statistics, so that both clips bind (r = 1/r_max, d = -d_max) in every evaluation, exercising the
+// r, d != 1, 0 paths of the backward.
+TEST(UNet, WholeNetworkGradientMatchesFiniteDifferences) {
+  for (auto kind : {cpu::NormKind::BatchNorm, cpu::NormKind::InstanceNorm, cpu::NormKind::BatchRenorm}) {
+    UNetConfig cfg = tiny(kind);
+    if (kind == cpu::NormKind::BatchRenorm) {
+      cfg.norm.alpha = 0.f;
+      cfg.norm.r_max = 1.5f;
+      cfg.norm.d_max = 0.25f;
+    }
+    UNet net(cfg, 11);
+    if (kind == cpu::NormKind::BatchRenorm)
+      for (auto& b : net.buffers()) b.value->fill(b.name.ends_with("running_std") ? 100.f : 50.f);
+    net.set_use_reference(true);
+    Tensor x = random_tensor(Shape{2, 4, 4, 4, 2}, 5);
+    auto labels = random_labels(2 * 64, 3, 6);
+    Tensor dlogits(Shape{2, 4, 4, 4, 3});
+    loss_of(net, x, labels, &dlogits);
+    net.backward(dlogits);
+    for (auto& p : net.parameters()) {
+      // Probe a few entries of every parameter tensor.
+      for (int64_t i = 0; i < p.value->numel(); i += std::max<int64_t>(1, p.value->numel() / 3)) {
+        const float orig = p.value->data()[i];
+        const float analytic = p.grad->data()[i];
+        // h = 3e-4: small enough that few LeakyReLU kinks are crossed (at 1e-2 some pre-activations
+        // change sign and the quotient is off by 20%), large enough that the float forward's ~1e-7
+        // relative rounding gives a quotient error of ~1e-4 on a loss of order 1.
+        const float h = 3e-4f;
+        p.value->data()[i] = orig + h;
+        const double fp = loss_of(net, x, labels, nullptr);
+        p.value->data()[i] = orig - h;
+        const double fm = loss_of(net, x, labels, nullptr);
+        p.value->data()[i] = orig;
+        const double num = (fp - fm) / (2 * h);
+        EXPECT_NEAR(analytic, num, 5e-4 + 2e-2 * std::abs(num))
+            << norm_kind_name(kind) << " " << p.name << "[" << i << "]";
+      }
+    }
+  }
+}
+
+TEST(UNet, FastKernelsMatchReferenceKernels) {
+  UNetConfig cfg = tiny(cpu::NormKind::BatchRenorm);
+  cfg.levels = 3;
+  cfg.base_filters = 4;
+  UNet a(cfg, 3), b(cfg, 3);
+  b.set_use_reference(true);
+  Tensor x = random_tensor(Shape{2, 8, 8, 12, 2}, 1);
+  const Tensor& la = a.forward_train(x);
+  const Tensor& lb = b.forward_train(x);
+  double maxdiff = 0, maxabs = 0;
+  for (int64_t i = 0; i < la.numel(); ++i) {
+    maxdiff = std::max(maxdiff, static_cast<double>(std::abs(la.data()[i] - lb.data()[i])));
+    maxabs = std::max(maxabs, static_cast<double>(std::abs(lb.data()[i])));
+  }
+  // float vs double accumulation through 7 conv layers: relative 1e-4 of the output range.
+  EXPECT_LE(maxdiff, 1e-4 * std::max(1.0, maxabs));
+}
+
+TEST(UNet, TrainingDecreasesTheLossOnATinyProblem) {
+  UNetConfig cfg = tiny(cpu::NormKind::BatchRenorm);
+  cfg.in_channels = 1;
+  cfg.base_filters = 4;
+  UNet net(cfg, 2);
+  // Label = 1 where the image is bright, 2 where it is dark, 0 elsewhere.
+  Tensor x(Shape{2, 8, 8, 8, 1});
+  std::vector<uint16_t> labels(x.numel());
+  Rng r(3);
+  for (int64_t i = 0; i < x.numel(); ++i) {
+    double v = r.normal();
+    x.data()[i] = static_cast<float>(v);
+    labels[i] = v > 0.7 ? 1 : (v < -0.7 ? 2 : 0);
+  }
+  OptimizerConfig oc;
+  Optimizer opt(oc, net.parameters());
+  Tensor dlogits(Shape{2, 8, 8, 8, 3});
+  double first = 0, last = 0;
+  for (int it = 0; it < 100; ++it) {
+    double l = loss_of(net, x, labels, &dlogits);
+    net.backward(dlogits);
+    opt.step(poly_lr(oc.lr, it, 100, 0.9));
+    if (it == 0) first = l;
+    last = l;
+  }
+  EXPECT_LT(last, first - 0.3) << "first " << first << " last " << last;
+}
+
+TEST(UNet, FoldedInferenceEqualsUnfoldedInference) {
+  UNetConfig cfg = tiny(cpu::NormKind::BatchRenorm);
+  cfg.levels = 3;
+  cfg.base_filters = 4;
+  UNet net(cfg, 9);
+  Tensor x = random_tensor(Shape{2, 8, 8, 8, 2}, 4);
+  for (int i = 0; i < 3; ++i) net.forward_train(x);  // move the running statistics off their init
+  Tensor a, b;
+  net.forward_infer(x, a);
+  net.fold_norms();
+  net.forward_infer(x, b);
+  ASSERT_TRUE(net.folded());
+  double maxdiff = 0;
+  for (int64_t i = 0; i < a.numel(); ++i)
+    maxdiff = std::max(maxdiff, static_cast<double>(std::abs(a.data()[i] - b.data()[i])));
+  EXPECT_LT(maxdiff, 1e-4);  // float reassociation of the folded products
+}
+
+TEST(Safetensors, RoundTripRestoresEveryTensorAndMetadata) {
+  UNetConfig cfg = tiny(cpu::NormKind::BatchRenorm);
+  UNet a(cfg, 1), b(cfg, 2);
+  auto dir = std::filesystem::temp_directory_path() / "medseg_st_test";
+  std::filesystem::create_directories(dir);
+  auto path = dir / "w.safetensors";
+  auto pa = a.parameters();
+  save_safetensors(path, pa, {{"format", "medseg"}});
+  auto pb = b.parameters();
+  auto meta = load_safetensors(path, pb);
+  EXPECT_EQ(meta["format"], "medseg");
+  for (size_t k = 0; k < pa.size(); ++k)
+    for (int64_t i = 0; i < pa[k].value->numel(); ++i)
+      ASSERT_EQ(pa[k].value->data()[i], pb[k].value->data()[i]) << pa[k].name;
+  // A truncated file is an IoError naming the file.
+  std::filesystem::resize_file(path, std::filesystem::file_size(path) - 10);
+  try {
+    load_safetensors(path, pb);
+    FAIL();
+  } catch (const IoError& e) {
+    EXPECT_NE(std::string(e.what()).find(path.string()), std::string::npos);
+  }
+  std::filesystem::remove_all(dir);
+}
