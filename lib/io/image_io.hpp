@@ -4,6 +4,7 @@
 #pragma once
 #include <cstdint>
 #include <filesystem>
+#include <string>
 #include <vector>
 
 #include "io/volume.hpp"
@@ -12,17 +13,44 @@ namespace medseg::io {
 
 namespace fs = std::filesystem;
 
-// Any scalar pixel type (uint8, int16, int32, float32, float64, ...) of a 3-D NIfTI (.nii, .nii.gz),
-// NRRD or MHA file, converted to float; geometry in ITK's LPS convention.
+// Any scalar pixel type (uint8, int16, int32, float32, float64, ...) of a 3-D NIfTI (.nii,
+// .nii.gz), NRRD or MHA file, converted to float; geometry in ITK's LPS convention.
 Volume read_image(const fs::path& path);
 // nnU-Net style multi-channel case: one file per channel, identical geometry required (else IoError
 // naming both files).
 Volume read_image_channels(const std::vector<fs::path>& paths);
-// Label files may be stored as any type, float32 included; every value must be a non-negative integer
-// below 65536 (else IoError naming the file and the first bad value).
+// Label files may be stored as any type, float32 included; every value must be a non-negative
+// integer below 65536 (else IoError naming the file and the first bad value).
 LabelVolume read_labels(const fs::path& path);
 // Reads only the header: geometry and number of components.
 Geometry read_geometry(const fs::path& path);
+
+// Header facts beyond the geometry (read_header applies the same checks as read_image: one scalar
+// component, 3-D or 4-D with a single volume; else IoError).
+struct ImageHeader {
+  Geometry geo;
+  int components = 1;
+  std::string component_type;  // ITK's name of the stored type: "unsigned_char", "float", ...
+};
+ImageHeader read_header(const fs::path& path);
+
+// NaN/Inf voxels of an image file as stored. ITK's NIfTI reader replaces them by 0 on reading
+// (niftilib does), so read_image never returns them; for float NIfTI files this scans the stored
+// bytes (one extra decompression), other formats are read through ITK. Integer files: count 0.
+// read_labels runs the same scan on float NIfTI label files and rejects non-finite values.
+struct NonFiniteVoxels {
+  int64_t count = 0;
+  int64_t first_index = -1;  // linear voxel index, x fastest
+  double first_value = 0;
+};
+NonFiniteVoxels count_nonfinite_voxels(const fs::path& path);
+
+// "(x, y, z)" of a linear voxel index, for messages.
+std::string voxel_string(const Geometry& g, int64_t index);
+
+// What differs between two geometries under Geometry::same_grid's tolerances, for messages:
+// e.g. "size 36x52x38 vs 36x52x37; origin (0, 0, 0) vs (1, 0, 0)"; "none" when the grids match.
+std::string geometry_difference(const Geometry& a, const Geometry& b);
 
 // uint8 when max label <= 255, else uint16; NIfTI intent code 1002 (NIFTI_INTENT_LABEL) set.
 void write_labels(const fs::path& path, const LabelVolume& labels);

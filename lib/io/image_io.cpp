@@ -1,0 +1,669 @@
+// Scan IO through ITK: the only translation unit of medseg that includes ITK headers.
+// Reading goes through ImageIOBase first (header only), so that vector images, 2-D files and 4-D
+// files with more than one volume are rejected with a clear message before any voxel is read.
+// Writing goes to a temporary file in the destination folder, then rename(): a reader never sees a
+// half-written scan, and a failed write leaves nothing behind.
+#include "io/image_io.hpp"
+
+#include <unistd.h>
+#include <zlib.h>
+
+#include <atomic>
+#include <cctype>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <limits>
+#include <optional>
+#include <sstream>
+#include <string>
+
+#include "core/error.hpp"
+#include "itkImage.h"
+#include "itkImageFileReader.h"
+#include "itkImageFileWriter.h"
+#include "itkImageIOFactory.h"
+#include "itkRGBPixel.h"
+
+namespace medseg::io {
+
+namespace {
+
+// ITK's exception text is a multi-line dump (location, class, description, sometimes a list of
+// every IO it tried). Users need one line: the description, whitespace collapsed, bounded length.
+std::string condense(const std::string& text) {
+  std::string out;
+  bool space = false;
+  for (char ch : text) {
+    if (ch == '\n' || ch == '\r' || ch == '\t' || ch == ' ') {
+      space = !out.empty();
+      continue;
+    }
+    if (space) out += ' ';
+    space = false;
+    out += ch;
+  }
+  constexpr size_t kMax = 300;  // long enough for a path plus the reason; the rest is ITK's list
+  if (out.size() > kMax) out = out.substr(0, kMax) + "...";
+  return out;
+}
+
+std::string itk_reason(const itk::ExceptionObject& e) {
+  const char* d = e.GetDescription();
+  return condense(d && *d ? d : e.what());
+}
+
+[[noreturn]] void fail(const fs::path& path, const std::string& what) {
+  throw IoError(path.string() + ": " + what);
+}
+
+// Header of a file: checked to be one scalar component in 3-D (or 4-D with a single volume).
+struct OpenedIo {
+  itk::ImageIOBase::Pointer io;
+  Geometry geo;
+};
+
+OpenedIo open_header(const fs::path& path) {
+  std::error_code ec;
+  if (!fs::exists(path, ec)) fail(path, "file not found");
+  if (fs::is_directory(path, ec)) fail(path, "is a folder, expected an image file");
+  OpenedIo out;
+  out.io = itk::ImageIOFactory::CreateImageIO(path.c_str(), itk::ImageIOFactory::ReadMode);
+  if (!out.io)
+    fail(path,
+         "not a readable image (no ITK reader accepts it; expected NIfTI .nii/.nii.gz, NRRD "
+         "or MetaImage .mha/.mhd)");
+  out.io->SetFileName(path.string());
+  try {
+    out.io->ReadImageInformation();
+  } catch (const itk::ExceptionObject& e) {
+    fail(path, "cannot read the header: " + itk_reason(e));
+  }
+  const itk::ImageIOBase& io = *out.io;
+  if (io.GetNumberOfComponents() != 1)
+    fail(path, "has " + std::to_string(io.GetNumberOfComponents()) +
+                   " components per voxel (pixel type " +
+                   itk::ImageIOBase::GetPixelTypeAsString(io.GetPixelType()) +
+                   "); expected a scalar image (one file per channel)");
+  const unsigned dims = io.GetNumberOfDimensions();
+  if (dims < 3 || dims > 4 || (dims == 4 && io.GetDimensions(3) != 1)) {
+    std::ostringstream os;
+    os << "is " << dims << "-D with size ";
+    for (unsigned i = 0; i < dims; ++i) os << (i ? "x" : "") << io.GetDimensions(i);
+    os << "; expected a 3-D image (a 4-D file is accepted only with one volume)";
+    fail(path, os.str());
+  }
+  Geometry& g = out.geo;
+  for (unsigned i = 0; i < 3; ++i) {
+    g.size[i] = static_cast<int64_t>(io.GetDimensions(i));
+    // ImageFileReader replaces a zero spacing by 1; mirror it so that read_geometry and
+    // read_image agree on every file.
+    g.spacing[i] = io.GetSpacing(i) == 0.0 ? 1.0 : io.GetSpacing(i);
+    g.origin[i] = io.GetOrigin(i);
+    const std::vector<double> axis = io.GetDirection(i);
+    for (unsigned r = 0; r < 3; ++r) g.direction[r * 3 + i] = axis[r];
+  }
+  const auto& d = g.direction;
+  const double det = d[0] * (d[4] * d[8] - d[5] * d[7]) - d[1] * (d[3] * d[8] - d[5] * d[6]) +
+                     d[2] * (d[3] * d[7] - d[4] * d[6]);
+  // ImageFileReader also falls back to identity for a degenerate direction; mirror it.
+  if (det == 0.0) g.direction = {1, 0, 0, 0, 1, 0, 0, 0, 1};
+  return out;
+}
+
+enum class Format { Nifti, NiftiGz, Other };
+
+bool ends_with(const std::string& s, const std::string& suffix) {
+  if (s.size() < suffix.size()) return false;
+  for (size_t i = 0; i < suffix.size(); ++i)
+    if (std::tolower(static_cast<unsigned char>(s[s.size() - suffix.size() + i])) != suffix[i])
+      return false;
+  return true;
+}
+
+Format format_of(const fs::path& p) {
+  const std::string name = p.filename().string();
+  if (ends_with(name, ".nii.gz")) return Format::NiftiGz;
+  if (ends_with(name, ".nii")) return Format::Nifti;
+  return Format::Other;
+}
+
+constexpr int16_t kNiftiIntentLabel = 1002;
+constexpr std::streamoff kNiftiIntentOffset = 68;  // int16 intent_code in the NIfTI-1 header
+
+// Patches intent_code of an uncompressed NIfTI-1 file written by ITK (native byte order).
+void set_nifti_intent(const fs::path& nii, int16_t intent) {
+  std::fstream f(nii, std::ios::in | std::ios::out | std::ios::binary);
+  int32_t sizeof_hdr = 0;
+  f.read(reinterpret_cast<char*>(&sizeof_hdr), sizeof sizeof_hdr);
+  if (!f || sizeof_hdr != 348)
+    throw std::runtime_error("ITK wrote " + nii.string() + " without a NIfTI-1 header");
+  f.seekp(kNiftiIntentOffset);
+  f.write(reinterpret_cast<const char*>(&intent), sizeof intent);
+  f.close();
+  if (!f) throw std::runtime_error("cannot set the NIfTI intent code in " + nii.string());
+}
+
+// Streams `from` into a gzip file `to`.
+void gzip_file(const fs::path& from, const fs::path& to) {
+  std::ifstream in(from, std::ios::binary);
+  if (!in) throw std::runtime_error("cannot reopen " + from.string());
+  // Level 6: zlib's default, the same trade-off ITK's own NIfTI writer makes.
+  gzFile out = gzopen(to.c_str(), "wb6");
+  if (!out) throw std::runtime_error("cannot open " + to.string() + " for writing");
+  std::vector<char> buf(1 << 20);
+  bool ok = true;
+  while (ok && in) {
+    in.read(buf.data(), static_cast<std::streamsize>(buf.size()));
+    const auto n = static_cast<unsigned>(in.gcount());
+    if (n > 0 && gzwrite(out, buf.data(), n) != static_cast<int>(n)) ok = false;
+  }
+  if (gzclose(out) != Z_OK) ok = false;
+  if (!ok || in.bad()) throw std::runtime_error("compressing into " + to.string() + " failed");
+}
+
+// Where the voxels of a single-file NIfTI-1 start, and whether its byte order is swapped relative
+// to this machine. nullopt for other formats (and NIfTI-2, whose checks are left to ITK).
+struct NiftiLayout {
+  uint64_t vox_offset = 352;
+  bool swapped = false;
+};
+
+void swap_bytes(void* p, size_t n) {
+  auto* b = static_cast<unsigned char*>(p);
+  for (size_t i = 0; i < n / 2; ++i) std::swap(b[i], b[n - 1 - i]);
+}
+
+std::optional<NiftiLayout> nifti_layout(const fs::path& path) {
+  if (format_of(path) == Format::Other) return std::nullopt;
+  gzFile f = gzopen(path.c_str(), "rb");  // also reads uncompressed files
+  if (!f) fail(path, "cannot open");
+  unsigned char hdr[112];
+  const int got = gzread(f, hdr, sizeof hdr);
+  gzclose(f);
+  if (got != static_cast<int>(sizeof hdr)) fail(path, "NIfTI header is truncated");
+  int32_t sizeof_hdr;
+  float vox_offset;
+  std::memcpy(&sizeof_hdr, hdr, 4);
+  std::memcpy(&vox_offset, hdr + 108, 4);
+  NiftiLayout out;
+  if (sizeof_hdr != 348) {
+    swap_bytes(&sizeof_hdr, 4);
+    swap_bytes(&vox_offset, 4);
+    if (sizeof_hdr != 348) return std::nullopt;
+    out.swapped = true;
+  }
+  out.vox_offset = static_cast<uint64_t>(std::max(352.0f, vox_offset));
+  return out;
+}
+
+// ITK 5.2 reads a .nii or .nii.gz that was cut short without complaint (the missing voxels come
+// back as zeros), so the file length is checked here: the header's vox_offset plus the voxel bytes
+// ITK expects. For .nii.gz the gzip trailer holds the length mod 2^32; when it disagrees (a cut
+// file, or a file of several gzip members) the stream is decompressed to count exactly.
+void check_nifti_complete(const fs::path& path, const itk::ImageIOBase& io) {
+  const auto layout = nifti_layout(path);
+  if (!layout) return;
+  const uint64_t expected = layout->vox_offset + io.GetImageSizeInBytes();
+  uint64_t actual = 0;
+  std::error_code ec;
+  const uint64_t file_size = fs::file_size(path, ec);
+  if (ec) fail(path, "cannot get the file size: " + ec.message());
+  if (format_of(path) == Format::Nifti) {
+    actual = file_size;
+  } else {
+    std::ifstream in(path, std::ios::binary);
+    unsigned char trailer[4] = {0, 0, 0, 0};
+    if (file_size >= 4) {
+      in.seekg(static_cast<std::streamoff>(file_size - 4));
+      in.read(reinterpret_cast<char*>(trailer), 4);
+    }
+    const uint32_t isize = trailer[0] | (trailer[1] << 8) | (trailer[2] << 16) |
+                           (static_cast<uint32_t>(trailer[3]) << 24);
+    if (isize == static_cast<uint32_t>(expected)) return;
+    gzFile z = gzopen(path.c_str(), "rb");
+    if (!z) fail(path, "cannot open");
+    std::vector<char> buf(1 << 20);
+    int n;
+    while ((n = gzread(z, buf.data(), static_cast<unsigned>(buf.size()))) > 0) actual += n;
+    int err = Z_OK;
+    const char* msg = gzerror(z, &err);
+    std::string zmsg = msg ? msg : "";
+    if (zmsg.rfind(path.string() + ": ", 0) == 0) zmsg = zmsg.substr(path.string().size() + 2);
+    gzclose(z);
+    if (n < 0 || (err != Z_OK && err != Z_STREAM_END))
+      fail(path, "compressed data is corrupt or truncated after " + std::to_string(actual) +
+                     " bytes (zlib: " + zmsg + ")");
+  }
+  if (actual < expected)
+    fail(path, "file is truncated: " + std::to_string(actual) +
+                   " bytes (uncompressed), the header "
+                   "needs " +
+                   std::to_string(expected));
+}
+
+// ITK's NIfTI reader (niftilib) silently replaces NaN and Inf in float32/float64 data by 0, so
+// they are counted here in the stored bytes. Returns nullopt when this does not apply (other
+// formats, integer types), where ITK's own reading shows non-finite values as they are.
+std::optional<NonFiniteVoxels> scan_nifti_nonfinite(const fs::path& path,
+                                                    const itk::ImageIOBase& io) {
+  const auto comp = io.GetComponentType();
+  if (comp != itk::IOComponentEnum::FLOAT && comp != itk::IOComponentEnum::DOUBLE)
+    return std::nullopt;
+  const auto layout = nifti_layout(path);
+  if (!layout) return std::nullopt;
+  check_nifti_complete(path, io);
+  const size_t width = comp == itk::IOComponentEnum::FLOAT ? 4 : 8;
+  const uint64_t count = io.GetImageSizeInBytes() / width;
+  gzFile z = gzopen(path.c_str(), "rb");
+  if (!z) fail(path, "cannot open");
+  gzbuffer(z, 1 << 17);
+  if (gzseek(z, static_cast<z_off_t>(layout->vox_offset), SEEK_SET) < 0) {
+    gzclose(z);
+    fail(path, "cannot seek to the voxel data");
+  }
+  NonFiniteVoxels out;
+  std::vector<unsigned char> buf(width << 16);
+  uint64_t done = 0;
+  while (done < count) {
+    const uint64_t want = std::min<uint64_t>(count - done, buf.size() / width);
+    const int got = gzread(z, buf.data(), static_cast<unsigned>(want * width));
+    if (got != static_cast<int>(want * width)) {
+      gzclose(z);
+      fail(path, "voxel data ends early");
+    }
+    for (uint64_t i = 0; i < want; ++i) {
+      unsigned char* p = &buf[i * width];
+      if (layout->swapped) swap_bytes(p, width);
+      double v;
+      if (width == 4) {
+        float f;
+        std::memcpy(&f, p, 4);
+        v = f;
+      } else {
+        std::memcpy(&v, p, 8);
+      }
+      if (!std::isfinite(v)) {
+        if (out.count == 0) {
+          out.first_index = static_cast<int64_t>(done + i);
+          out.first_value = v;
+        }
+        ++out.count;
+      }
+    }
+    done += want;
+  }
+  gzclose(z);
+  return out;
+}
+
+template <typename ImageT>
+Geometry geometry_of(const ImageT& image) {
+  Geometry g;
+  const auto size = image.GetLargestPossibleRegion().GetSize();
+  for (unsigned i = 0; i < 3; ++i) {
+    g.size[i] = static_cast<int64_t>(size[i]);
+    g.spacing[i] = image.GetSpacing()[i];
+    g.origin[i] = image.GetOrigin()[i];
+    for (unsigned r = 0; r < 3; ++r) g.direction[r * 3 + i] = image.GetDirection()[r][i];
+  }
+  return g;
+}
+
+template <typename ImageT>
+void set_geometry(ImageT& image, const Geometry& g) {
+  typename ImageT::RegionType region;
+  typename ImageT::SizeType size;
+  typename ImageT::SpacingType spacing;
+  typename ImageT::PointType origin;
+  typename ImageT::DirectionType direction;
+  for (unsigned i = 0; i < 3; ++i) {
+    size[i] = static_cast<itk::SizeValueType>(g.size[i]);
+    spacing[i] = g.spacing[i];
+    origin[i] = g.origin[i];
+    for (unsigned r = 0; r < 3; ++r) direction[r][i] = g.direction[r * 3 + i];
+  }
+  region.SetSize(size);
+  image.SetRegions(region);
+  image.SetSpacing(spacing);
+  image.SetOrigin(origin);
+  image.SetDirection(direction);
+}
+
+// Reads the voxels of an already checked file as PixelT (ITK converts from the stored type).
+template <typename PixelT>
+typename itk::Image<PixelT, 3>::Pointer read_pixels(const fs::path& path, OpenedIo& opened) {
+  using ImageT = itk::Image<PixelT, 3>;
+  auto reader = itk::ImageFileReader<ImageT>::New();
+  reader->SetFileName(path.string());
+  reader->SetImageIO(opened.io);
+  check_nifti_complete(path, *opened.io);
+  try {
+    reader->Update();
+  } catch (const itk::ExceptionObject& e) {
+    fail(path, "cannot read the voxels: " + itk_reason(e));
+  }
+  typename ImageT::Pointer image = reader->GetOutput();
+  const Geometry g = geometry_of(*image);
+  if (g.size != opened.geo.size)
+    fail(path, "voxel data size " + std::to_string(g.size[0]) + "x" + std::to_string(g.size[1]) +
+                   "x" + std::to_string(g.size[2]) + " differs from the header");
+  opened.geo = g;
+  return image;
+}
+
+std::atomic<uint64_t> g_temp_counter{0};
+
+// A temporary name in the destination folder that keeps the real extension, so that ITK picks the
+// same IO for it as for the destination (".tmp-<pid>-<n>-name.nii.gz").
+fs::path temp_path_for(const fs::path& dest) {
+  const fs::path folder = dest.has_parent_path() ? dest.parent_path() : fs::path(".");
+  return folder / (".tmp-" + std::to_string(::getpid()) + "-" + std::to_string(g_temp_counter++) +
+                   "-" + dest.filename().string());
+}
+
+void check_destination(const fs::path& dest) {
+  if (dest.filename().empty()) fail(dest, "cannot write: the destination has no file name");
+  const fs::path folder = dest.has_parent_path() ? dest.parent_path() : fs::path(".");
+  std::error_code ec;
+  if (!fs::is_directory(folder, ec))
+    fail(dest, "cannot write: folder " + folder.string() + " does not exist");
+}
+
+// Runs write_to(temp), then renames temp onto dest; removes temp on any failure.
+template <typename WriteFn>
+void write_atomic(const fs::path& dest, WriteFn&& write_to) {
+  check_destination(dest);
+  const fs::path tmp = temp_path_for(dest);
+  auto cleanup = [&] {
+    std::error_code ec;
+    fs::remove(tmp, ec);
+  };
+  try {
+    write_to(tmp);
+  } catch (const itk::ExceptionObject& e) {
+    cleanup();
+    fail(dest, "cannot write: " + itk_reason(e));
+  } catch (const std::exception& e) {
+    cleanup();
+    fail(dest, std::string("cannot write: ") + e.what());
+  }
+  std::error_code ec;
+  fs::rename(tmp, dest, ec);
+  if (ec) {
+    cleanup();
+    fail(dest, "cannot write: renaming the temporary file failed: " + ec.message());
+  }
+}
+
+template <typename ImageT>
+void write_itk(const fs::path& tmp, const ImageT* image) {
+  auto writer = itk::ImageFileWriter<ImageT>::New();
+  writer->SetFileName(tmp.string());
+  writer->SetInput(image);
+  // MetaImage and NRRD compress their voxels when asked. NIfTI must not be asked: ITK 5.2 then
+  // gzips even a plain .nii; the .gz extension alone selects compression there.
+  writer->SetUseCompression(format_of(tmp) == Format::Other);
+  writer->Update();
+}
+
+void check_geometry_arg(const Geometry& g, size_t values, size_t expected, const char* what) {
+  MEDSEG_CHECK(g.size[0] > 0 && g.size[1] > 0 && g.size[2] > 0, what, ": empty size ", g.size[0],
+               "x", g.size[1], "x", g.size[2]);
+  MEDSEG_CHECK(values == expected, what, ": ", values, " values for ", expected, " voxels");
+}
+
+}  // namespace
+
+NonFiniteVoxels count_nonfinite_voxels(const fs::path& path) {
+  OpenedIo opened = open_header(path);
+  if (auto raw = scan_nifti_nonfinite(path, *opened.io)) return *raw;
+  NonFiniteVoxels out;
+  const auto comp = opened.io->GetComponentType();
+  if (comp != itk::IOComponentEnum::FLOAT && comp != itk::IOComponentEnum::DOUBLE) {
+    check_nifti_complete(path, *opened.io);
+    return out;  // integer storage holds no NaN/Inf
+  }
+  auto image = read_pixels<double>(path, opened);
+  const double* p = image->GetBufferPointer();
+  for (int64_t i = 0; i < opened.geo.voxels(); ++i) {
+    if (std::isfinite(p[i])) continue;
+    if (out.count++ == 0) {
+      out.first_index = i;
+      out.first_value = p[i];
+    }
+  }
+  return out;
+}
+
+std::string voxel_string(const Geometry& g, int64_t index) {
+  const int64_t nx = g.size[0], ny = g.size[1];
+  // A stream, not string operator+: g++ 12 gives a false -Wrestrict on the concatenation.
+  std::ostringstream os;
+  os << "(" << index % nx << ", " << (index / nx) % ny << ", " << index / (nx * ny) << ")";
+  return os.str();
+}
+
+ImageHeader read_header(const fs::path& path) {
+  OpenedIo opened = open_header(path);
+  ImageHeader h;
+  h.geo = opened.geo;
+  h.components = static_cast<int>(opened.io->GetNumberOfComponents());
+  h.component_type = itk::ImageIOBase::GetComponentTypeAsString(opened.io->GetComponentType());
+  return h;
+}
+
+Geometry read_geometry(const fs::path& path) {
+  return open_header(path).geo;
+}
+
+Volume read_image(const fs::path& path) {
+  OpenedIo opened = open_header(path);
+  auto image = read_pixels<float>(path, opened);
+  Volume v;
+  v.geo = opened.geo;
+  v.channels = 1;
+  const float* p = image->GetBufferPointer();
+  v.data.assign(p, p + v.geo.voxels());
+  return v;
+}
+
+Volume read_image_channels(const std::vector<fs::path>& paths) {
+  MEDSEG_CHECK(!paths.empty(), "read_image_channels needs at least one file");
+  if (paths.size() == 1) return read_image(paths[0]);
+  Volume out;
+  out.channels = static_cast<int>(paths.size());
+  for (size_t c = 0; c < paths.size(); ++c) {
+    Volume one = read_image(paths[c]);
+    if (c == 0) {
+      out.geo = one.geo;
+      out.data.resize(static_cast<size_t>(one.geo.voxels()) * paths.size());
+    } else if (!one.geo.same_grid(out.geo)) {
+      throw IoError(paths[c].string() + ": channel " + std::to_string(c) +
+                    " geometry differs from channel 0 (" + paths[0].string() +
+                    "): " + geometry_difference(one.geo, out.geo));
+    }
+    const size_t n = one.data.size();
+    for (size_t i = 0; i < n; ++i) out.data[i * paths.size() + c] = one.data[i];
+  }
+  return out;
+}
+
+LabelVolume read_labels(const fs::path& path) {
+  OpenedIo opened = open_header(path);
+  // double holds every stored type exactly (int32 and float32 included), so that 1.5 or 70000
+  // is seen as it is, not rounded or wrapped by a cast to an integer type.
+  if (const auto nonfinite = scan_nifti_nonfinite(path, *opened.io); nonfinite && nonfinite->count)
+    fail(path, "label value " + std::to_string(nonfinite->first_value) + " at voxel " +
+                   voxel_string(opened.geo, nonfinite->first_index) +
+                   " is not an integer in [0, 65535] (" + std::to_string(nonfinite->count) +
+                   " non-finite values)");
+  auto image = read_pixels<double>(path, opened);
+  LabelVolume out;
+  out.geo = opened.geo;
+  const int64_t n = out.geo.voxels();
+  out.data.resize(static_cast<size_t>(n));
+  const double* p = image->GetBufferPointer();
+  for (int64_t i = 0; i < n; ++i) {
+    const double v = p[i];
+    if (!(v >= 0.0 && v < 65536.0 && v == std::floor(v))) {
+      std::ostringstream os;
+      os.precision(17);
+      os << "label value " << v << " at voxel " << voxel_string(out.geo, i)
+         << " is not an integer in [0, 65535]";
+      fail(path, os.str());
+    }
+    out.data[static_cast<size_t>(i)] = static_cast<uint16_t>(v);
+  }
+  return out;
+}
+
+namespace {
+template <typename PixelT>
+void write_label_image(const fs::path& dest, const LabelVolume& labels) {
+  using ImageT = itk::Image<PixelT, 3>;
+  auto image = ImageT::New();
+  set_geometry(*image, labels.geo);
+  image->Allocate();
+  PixelT* p = image->GetBufferPointer();
+  for (size_t i = 0; i < labels.data.size(); ++i) p[i] = static_cast<PixelT>(labels.data[i]);
+  const Format format = format_of(dest);
+  if (format == Format::Other) {
+    write_atomic(dest, [&](const fs::path& tmp) { write_itk<ImageT>(tmp, image.GetPointer()); });
+    return;
+  }
+  // NIfTI: mark the file as a label volume (intent 1002, NIFTI_INTENT_LABEL), which viewers use to
+  // show it as a segmentation. ITK 5.2's NIfTI writer ignores an "intent_code" dictionary entry, so
+  // ITK writes an uncompressed .nii, the header is patched in place, and .nii.gz is compressed
+  // here.
+  write_atomic(dest, [&](const fs::path& tmp) {
+    fs::path plain = tmp;
+    if (format == Format::NiftiGz) {  // ".tmp-...-name.nii.gz" -> ".tmp-...-name.nii"
+      const std::string name = tmp.filename().string();
+      plain.replace_filename(name.substr(0, name.size() - 3));
+    }
+    try {
+      write_itk<ImageT>(plain, image.GetPointer());
+      set_nifti_intent(plain, kNiftiIntentLabel);
+      if (format == Format::NiftiGz) gzip_file(plain, tmp);
+    } catch (...) {
+      std::error_code ec;
+      if (plain != tmp) fs::remove(plain, ec);
+      throw;
+    }
+    std::error_code ec;
+    if (plain != tmp) fs::remove(plain, ec);
+  });
+}
+}  // namespace
+
+void write_labels(const fs::path& path, const LabelVolume& labels) {
+  check_geometry_arg(labels.geo, labels.data.size(), static_cast<size_t>(labels.geo.voxels()),
+                     "write_labels");
+  uint16_t max_label = 0;
+  for (uint16_t v : labels.data) max_label = std::max(max_label, v);
+  if (max_label <= 255)
+    write_label_image<uint8_t>(path, labels);
+  else
+    write_label_image<uint16_t>(path, labels);
+}
+
+void write_float_image(const fs::path& path, const Volume& image) {
+  MEDSEG_CHECK(image.channels == 1, "write_float_image writes one channel; got ", image.channels,
+               " for ", path.string());
+  check_geometry_arg(image.geo, image.data.size(), static_cast<size_t>(image.geo.voxels()),
+                     "write_float_image");
+  using ImageT = itk::Image<float, 3>;
+  auto img = ImageT::New();
+  set_geometry(*img, image.geo);
+  img->Allocate();
+  std::copy(image.data.begin(), image.data.end(), img->GetBufferPointer());
+  write_atomic(path, [&](const fs::path& tmp) { write_itk<ImageT>(tmp, img.GetPointer()); });
+}
+
+void write_png_rgb(const fs::path& path, int width, int height, const std::vector<uint8_t>& rgb) {
+  MEDSEG_CHECK(width > 0 && height > 0, "write_png_rgb: size ", width, "x", height);
+  MEDSEG_CHECK(rgb.size() == static_cast<size_t>(width) * height * 3, "write_png_rgb: ", rgb.size(),
+               " bytes for ", width, "x", height, " RGB");
+  using PixelT = itk::RGBPixel<unsigned char>;
+  using ImageT = itk::Image<PixelT, 2>;
+  auto img = ImageT::New();
+  ImageT::RegionType region;
+  region.SetSize(
+      {{static_cast<itk::SizeValueType>(width), static_cast<itk::SizeValueType>(height)}});
+  img->SetRegions(region);
+  img->Allocate();
+  PixelT* p = img->GetBufferPointer();  // x fastest, row y = 0 first: PNG's top row
+  for (size_t i = 0; i < static_cast<size_t>(width) * height; ++i) {
+    p[i][0] = rgb[3 * i];
+    p[i][1] = rgb[3 * i + 1];
+    p[i][2] = rgb[3 * i + 2];
+  }
+  write_atomic(path, [&](const fs::path& tmp) {
+    auto writer = itk::ImageFileWriter<ImageT>::New();
+    writer->SetFileName(tmp.string());
+    writer->SetInput(img);
+    writer->Update();
+  });
+}
+
+void write_bytes_atomic(const fs::path& path, const void* data, size_t size) {
+  write_atomic(path, [&](const fs::path& tmp) {
+    std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
+    if (!f) throw std::runtime_error("cannot open " + tmp.string() + " for writing");
+    f.write(static_cast<const char*>(data), static_cast<std::streamsize>(size));
+    f.close();
+    if (!f) throw std::runtime_error("writing " + std::to_string(size) + " bytes failed");
+  });
+}
+
+void write_text_atomic(const fs::path& path, const std::string& content) {
+  write_bytes_atomic(path, content.data(), content.size());
+}
+
+std::string geometry_difference(const Geometry& a, const Geometry& b) {
+  std::ostringstream os;
+  os.precision(6);
+  auto sep = [&] {
+    if (os.tellp() > 0) os << "; ";
+  };
+  if (a.size != b.size)
+    os << "size " << a.size[0] << "x" << a.size[1] << "x" << a.size[2] << " vs " << b.size[0] << "x"
+       << b.size[1] << "x" << b.size[2];
+  auto triple = [&](const char* name, const std::array<double, 3>& x,
+                    const std::array<double, 3>& y) {
+    sep();
+    os << name << " (" << x[0] << ", " << x[1] << ", " << x[2] << ") vs (" << y[0] << ", " << y[1]
+       << ", " << y[2] << ")";
+  };
+  // Same tolerances as Geometry::same_grid, field by field, so the message names what failed.
+  Geometry sa = a, sb = b;
+  sa.size = sb.size = {1, 1, 1};
+  sa.origin = sb.origin = {0, 0, 0};
+  sa.direction = sb.direction = {1, 0, 0, 0, 1, 0, 0, 0, 1};
+  if (!sa.same_grid(sb)) triple("spacing", a.spacing, b.spacing);
+  sa = a;
+  sb = b;
+  sa.size = sb.size = {1, 1, 1};
+  sa.spacing = sb.spacing = {1, 1, 1};
+  sa.direction = sb.direction = {1, 0, 0, 0, 1, 0, 0, 0, 1};
+  if (!sa.same_grid(sb)) triple("origin", a.origin, b.origin);
+  sa = a;
+  sb = b;
+  sa.size = sb.size = {1, 1, 1};
+  sa.spacing = sb.spacing = {1, 1, 1};
+  sa.origin = sb.origin = {0, 0, 0};
+  if (!sa.same_grid(sb)) {
+    sep();
+    os << "direction [";
+    for (int i = 0; i < 9; ++i) os << (i ? " " : "") << a.direction[i];
+    os << "] vs [";
+    for (int i = 0; i < 9; ++i) os << (i ? " " : "") << b.direction[i];
+    os << "]";
+  }
+  if (os.tellp() == 0) os << "none";
+  return os.str();
+}
+
+}  // namespace medseg::io

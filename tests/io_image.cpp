@@ -1,0 +1,521 @@
+// Scan IO: synthetic round trips with non-trivial geometry in every supported format, label writing
+// (type and NIfTI intent), real files checked against an independent NIfTI parse, error messages,
+// and atomic writes that leave nothing behind when they fail.
+#include <gtest/gtest.h>
+#include <unistd.h>
+#include <zlib.h>
+
+#include <cmath>
+#include <fstream>
+#include <string>
+
+#include "core/error.hpp"
+#include "io/image_io.hpp"
+#include "support/nifti_header.hpp"
+#include "support/shared_data.hpp"
+
+namespace medseg::io {
+namespace {
+
+class TempDir {
+ public:
+  TempDir() {
+    const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
+    path_ = fs::temp_directory_path() / ("medseg_io_image_" + std::to_string(::getpid()) + "_" +
+                                         info->test_suite_name() + "_" + info->name());
+    fs::remove_all(path_);
+    fs::create_directories(path_);
+  }
+  ~TempDir() {
+    std::error_code ec;
+    fs::permissions(path_, fs::perms::owner_all, fs::perm_options::add, ec);
+    fs::remove_all(path_, ec);
+  }
+  const fs::path& path() const { return path_; }
+  fs::path operator/(const std::string& name) const { return path_ / name; }
+  // Every entry of the folder, hidden temporaries included.
+  std::vector<std::string> entries() const {
+    std::vector<std::string> out;
+    for (const auto& e : fs::directory_iterator(path_)) out.push_back(e.path().filename().string());
+    std::sort(out.begin(), out.end());
+    return out;
+  }
+
+ private:
+  fs::path path_;
+};
+
+// Rotation by `angle` about the unit vector along `axis` (Rodrigues), row-major.
+std::array<double, 9> rotation(std::array<double, 3> axis, double angle) {
+  const double n = std::sqrt(axis[0] * axis[0] + axis[1] * axis[1] + axis[2] * axis[2]);
+  const double x = axis[0] / n, y = axis[1] / n, z = axis[2] / n;
+  const double c = std::cos(angle), s = std::sin(angle), t = 1 - c;
+  return {t * x * x + c,     t * x * y - s * z, t * x * z + s * y, t * x * y + s * z, t * y * y + c,
+          t * y * z - s * x, t * x * z - s * y, t * y * z + s * x, t * z * z + c};
+}
+
+Geometry synthetic_geometry(const std::array<double, 9>& direction) {
+  Geometry g;
+  g.size = {7, 5, 4};
+  g.spacing = {0.8, 0.8, 2.5};
+  // Binary fractions: NIfTI stores the origin as float32, so these survive exactly and the 1e-6
+  // comparison below measures the IO, not float32 rounding of the test's numbers.
+  g.origin = {-12.5, 30.25, 7.75};
+  g.direction = direction;
+  return g;
+}
+
+Volume synthetic_image(const Geometry& g) {
+  Volume v;
+  v.geo = g;
+  v.data.resize(static_cast<size_t>(g.voxels()));
+  for (size_t i = 0; i < v.data.size(); ++i)
+    v.data[i] = static_cast<float>(std::sin(0.37 * static_cast<double>(i)) * 1000.0 + 0.125 * i);
+  return v;
+}
+
+// Tolerance 1e-6: NIfTI keeps spacing, origin and the quaternion/sform as float32 (relative
+// precision 6e-8), so a rotation rebuilt from them is off by a few 1e-8 at most.
+void expect_geometry_near(const Geometry& got, const Geometry& want, double tol,
+                          const std::string& what) {
+  EXPECT_EQ(got.size, want.size) << what;
+  for (int i = 0; i < 3; ++i) {
+    EXPECT_NEAR(got.spacing[i], want.spacing[i], tol) << what << " spacing[" << i << "]";
+    EXPECT_NEAR(got.origin[i], want.origin[i], tol) << what << " origin[" << i << "]";
+  }
+  for (int i = 0; i < 9; ++i)
+    EXPECT_NEAR(got.direction[i], want.direction[i], tol) << what << " direction[" << i << "]";
+}
+
+bool is_gzip(const fs::path& p) {
+  std::ifstream f(p, std::ios::binary);
+  unsigned char magic[2] = {0, 0};
+  f.read(reinterpret_cast<char*>(magic), 2);
+  return magic[0] == 0x1f && magic[1] == 0x8b;
+}
+
+const std::array<double, 9> kIdentity{1, 0, 0, 0, 1, 0, 0, 0, 1};
+const std::array<double, 9> kFlipX{-1, 0, 0, 0, 1, 0, 0, 0, 1};  // determinant -1 (NIfTI qfac)
+const std::array<double, 9> kFlipXY{-1, 0, 0, 0, -1, 0, 0, 0, 1};
+
+TEST(ImageIo, FloatRoundTripKeepsGeometryAndVoxelsInEveryFormat) {
+  TempDir dir;
+  const std::vector<std::pair<std::string, std::array<double, 9>>> directions = {
+      {"identity", kIdentity},
+      {"flipx", kFlipX},
+      {"flipxy", kFlipXY},
+      {"oblique", rotation({1, 2, 3}, 0.3)}};
+  for (const auto& [dname, dir_matrix] : directions) {
+    const Volume v = synthetic_image(synthetic_geometry(dir_matrix));
+    for (const std::string ext : {".nii.gz", ".nii", ".nrrd", ".mha"}) {
+      const fs::path p = dir / ("img_" + dname + ext);
+      write_float_image(p, v);
+      const Volume r = read_image(p);
+      const std::string what = p.filename().string();
+      expect_geometry_near(r.geo, v.geo, 1e-6, what);
+      expect_geometry_near(read_geometry(p), v.geo, 1e-6, what + " (header only)");
+      ASSERT_EQ(r.data.size(), v.data.size()) << what;
+      ASSERT_EQ(r.channels, 1);
+      for (size_t i = 0; i < v.data.size(); ++i)
+        ASSERT_EQ(r.data[i], v.data[i]) << what << " voxel " << i;
+      if (ext.rfind(".nii", 0) == 0) {
+        // The file on disk, read without ITK, holds the same geometry (in RAS, converted back).
+        const auto h = test::parse_nifti(p);
+        expect_geometry_near(h.sform_geometry(), v.geo, 1e-6, what + " sform (own parser)");
+        expect_geometry_near(h.qform_geometry(), v.geo, 1e-6, what + " qform (own parser)");
+        EXPECT_EQ(h.datatype, 16) << what << ": float32 expected";
+        EXPECT_EQ(is_gzip(p), ext == ".nii.gz") << what << ": compression must follow the name";
+      }
+    }
+  }
+  // Only the written files remain: no temporaries.
+  for (const auto& name : dir.entries()) EXPECT_NE(name[0], '.') << name;
+}
+
+TEST(ImageIo, LabelsPickUint8OrUint16AndSetIntentLabel) {
+  TempDir dir;
+  LabelVolume small;
+  small.geo = synthetic_geometry(rotation({0, 1, 1}, -0.4));
+  small.data.resize(static_cast<size_t>(small.geo.voxels()));
+  for (size_t i = 0; i < small.data.size(); ++i) small.data[i] = static_cast<uint16_t>(i % 256);
+  LabelVolume big = small;
+  big.data[3] = 1000;
+  big.data[4] = 65535;
+
+  struct Case {
+    const LabelVolume* labels;
+    const char* name;
+    int16_t datatype;  // NIfTI: 2 = uint8, 512 = uint16
+  };
+  for (const Case& c : {Case{&small, "small", 2}, Case{&big, "big", 512}}) {
+    for (const std::string ext : {".nii.gz", ".nii", ".nrrd", ".mha"}) {
+      const fs::path p = dir / (std::string(c.name) + ext);
+      write_labels(p, *c.labels);
+      const LabelVolume r = read_labels(p);
+      expect_geometry_near(r.geo, c.labels->geo, 1e-6, p.filename().string());
+      ASSERT_EQ(r.data, c.labels->data) << p.filename();
+      EXPECT_EQ(read_header(p).component_type, c.datatype == 2 ? "unsigned_char" : "unsigned_short")
+          << p.filename();
+      if (ext.rfind(".nii", 0) == 0) {
+        const auto h = test::parse_nifti(p);
+        EXPECT_EQ(h.datatype, c.datatype) << p.filename();
+        EXPECT_EQ(is_gzip(p), ext == ".nii.gz") << p.filename();
+        EXPECT_EQ(h.intent_code, 1002) << p.filename() << ": NIFTI_INTENT_LABEL expected";
+        const auto raw = h.voxels();
+        for (size_t i = 0; i < raw.size(); ++i)
+          ASSERT_EQ(raw[i], c.labels->data[i]) << p.filename() << " voxel " << i;
+      }
+    }
+  }
+}
+
+TEST(ImageIo, ReadLabelsRejectsNonIntegerNegativeAndTooLargeValues) {
+  TempDir dir;
+  Geometry g = synthetic_geometry(kIdentity);
+  for (const float bad : {1.5f, -1.0f, 70000.0f, NAN}) {
+    Volume v;
+    v.geo = g;
+    v.data.assign(static_cast<size_t>(g.voxels()), 1.0f);
+    v.data[9] = bad;  // voxel (2, 1, 0) with nx = 7
+    const fs::path p = dir / "bad_label.nii.gz";
+    write_float_image(p, v);
+    try {
+      read_labels(p);
+      ADD_FAILURE() << "value " << bad << " accepted";
+    } catch (const IoError& e) {
+      const std::string msg = e.what();
+      EXPECT_NE(msg.find(p.string()), std::string::npos) << msg;
+      EXPECT_NE(msg.find("(2, 1, 0)"), std::string::npos) << msg;
+    }
+  }
+  // Integral float labels are fine (the hippocampus set stores two label files as float32).
+  Volume v;
+  v.geo = g;
+  v.data.assign(static_cast<size_t>(g.voxels()), 2.0f);
+  write_float_image(dir / "float_label.nii.gz", v);
+  const LabelVolume l = read_labels(dir / "float_label.nii.gz");
+  for (uint16_t x : l.data) ASSERT_EQ(x, 2);
+}
+
+TEST(ImageIo, NonFiniteVoxelsAreCountedAsStored) {
+  TempDir dir;
+  Volume v = synthetic_image(synthetic_geometry(kFlipXY));
+  v.data[11] = NAN;
+  v.data[20] = INFINITY;
+  v.data[21] = -INFINITY;
+  for (const std::string ext : {".nii.gz", ".nii", ".nrrd", ".mha"}) {
+    const fs::path p = dir / ("nan" + ext);
+    write_float_image(p, v);
+    const NonFiniteVoxels n = count_nonfinite_voxels(p);
+    EXPECT_EQ(n.count, 3) << p.filename();
+    EXPECT_EQ(n.first_index, 11) << p.filename();
+    EXPECT_TRUE(std::isnan(n.first_value)) << p.filename() << ": " << n.first_value;
+    EXPECT_THROW(read_labels(p), IoError) << p.filename();
+  }
+  LabelVolume l;
+  l.geo = v.geo;
+  l.data.assign(v.data.size(), 3);
+  write_labels(dir / "int.nii.gz", l);
+  EXPECT_EQ(count_nonfinite_voxels(dir / "int.nii.gz").count, 0);
+  v.data[11] = v.data[20] = v.data[21] = 0.0f;
+  write_float_image(dir / "finite.nii.gz", v);
+  EXPECT_EQ(count_nonfinite_voxels(dir / "finite.nii.gz").count, 0);
+}
+
+TEST(ImageIo, ChannelsInterleaveAndMustShareGeometry) {
+  TempDir dir;
+  const Volume a = synthetic_image(synthetic_geometry(kFlipX));
+  Volume b = a;
+  for (float& x : b.data) x = -x;
+  write_float_image(dir / "c_0000.nii.gz", a);
+  write_float_image(dir / "c_0001.nii.gz", b);
+  const Volume both = read_image_channels({dir / "c_0000.nii.gz", dir / "c_0001.nii.gz"});
+  ASSERT_EQ(both.channels, 2);
+  ASSERT_EQ(both.data.size(), a.data.size() * 2);
+  EXPECT_EQ(both.at(3, 2, 1, 0), a.at(3, 2, 1));
+  EXPECT_EQ(both.at(3, 2, 1, 1), b.at(3, 2, 1));
+
+  Volume shifted = b;
+  shifted.geo.origin[2] += 5.0;
+  write_float_image(dir / "c_0001.nii.gz", shifted);
+  try {
+    read_image_channels({dir / "c_0000.nii.gz", dir / "c_0001.nii.gz"});
+    ADD_FAILURE() << "channels with different origins accepted";
+  } catch (const IoError& e) {
+    const std::string msg = e.what();
+    EXPECT_NE(msg.find("c_0000.nii.gz"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("c_0001.nii.gz"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("origin"), std::string::npos) << msg;
+  }
+}
+
+// Rewrites dims in an uncompressed NIfTI header, to build 4-D files without a 4-D writer.
+void patch_dims(const fs::path& p, const std::vector<int16_t>& dims) {
+  std::fstream f(p, std::ios::in | std::ios::out | std::ios::binary);
+  f.seekp(40);
+  f.write(reinterpret_cast<const char*>(dims.data()),
+          static_cast<std::streamsize>(dims.size() * 2));
+  ASSERT_TRUE(f.good()) << p;
+}
+
+TEST(ImageIo, AcceptsFourDWithOneVolumeRejectsMore) {
+  TempDir dir;
+  const Volume v = synthetic_image(synthetic_geometry(kIdentity));  // 7x5x4
+  const fs::path one = dir / "one_volume.nii";
+  write_float_image(one, v);
+  patch_dims(one, {4, 7, 5, 4, 1});
+  const Volume r = read_image(one);
+  EXPECT_EQ(r.geo.size, v.geo.size);
+  ASSERT_EQ(r.data, v.data);
+
+  const fs::path two = dir / "two_volumes.nii";
+  write_float_image(two, v);
+  patch_dims(two, {4, 7, 5, 2, 2});  // same voxel count, two volumes
+  for (int k = 0; k < 2; ++k) {
+    try {
+      if (k == 0)
+        read_image(two);
+      else
+        read_geometry(two);
+      ADD_FAILURE() << "4-D file with 2 volumes accepted";
+    } catch (const IoError& e) {
+      const std::string msg = e.what();
+      EXPECT_NE(msg.find(two.string()), std::string::npos) << msg;
+      EXPECT_NE(msg.find("7x5x2x2"), std::string::npos) << msg;
+    }
+  }
+}
+
+void expect_io_error_naming(const fs::path& p, const std::string& reason_part) {
+  for (int k = 0; k < 3; ++k) {
+    try {
+      if (k == 0) read_image(p);
+      if (k == 1) read_labels(p);
+      if (k == 2) read_geometry(p);
+      ADD_FAILURE() << p << " read without error (call " << k << ")";
+    } catch (const IoError& e) {
+      const std::string msg = e.what();
+      EXPECT_EQ(msg.rfind(p.string() + ": ", 0), 0u) << msg;
+      EXPECT_EQ(msg.find('\n'), std::string::npos) << "multi-line message: " << msg;
+      EXPECT_NE(msg.find(reason_part), std::string::npos) << msg;
+    }
+  }
+}
+
+TEST(ImageIo, MissingTruncatedAndNonImageFilesGiveOneLineIoErrors) {
+  TempDir dir;
+  expect_io_error_naming(dir / "absent.nii.gz", "not found");
+
+  std::ofstream(dir / "notes.nii.gz") << "this is a text file, not an image\n";
+  expect_io_error_naming(dir / "notes.nii.gz", "");
+
+  // A real compressed scan cut in half: the header reads, the voxels do not.
+  Volume v = synthetic_image(synthetic_geometry(kIdentity));
+  v.geo.size = {40, 30, 20};
+  v.data.resize(static_cast<size_t>(v.geo.voxels()));
+  for (size_t i = 0; i < v.data.size(); ++i) v.data[i] = static_cast<float>((i * 7919) % 1000);
+  const fs::path full = dir / "full.nii.gz";
+  write_float_image(full, v);
+  const auto size = fs::file_size(full);
+  const fs::path cut = dir / "cut.nii.gz";
+  fs::copy_file(full, cut);
+  fs::resize_file(cut, size / 2);
+  for (int k = 0; k < 2; ++k) {
+    try {
+      if (k == 0)
+        read_image(cut);
+      else
+        read_labels(cut);
+      ADD_FAILURE() << "truncated file read without error";
+    } catch (const IoError& e) {
+      const std::string msg = e.what();
+      EXPECT_EQ(msg.rfind(cut.string() + ": ", 0), 0u) << msg;
+      EXPECT_EQ(msg.find('\n'), std::string::npos) << msg;
+      EXPECT_NE(msg.find("truncated"), std::string::npos) << msg;
+    }
+  }
+}
+
+TEST(ImageIo, FailedWritesLeaveNoFileBehind) {
+  TempDir dir;
+  const Volume v = synthetic_image(synthetic_geometry(kIdentity));
+  auto expect_failure = [&](const fs::path& dest, auto&& write) {
+    try {
+      write(dest);
+      ADD_FAILURE() << "write to " << dest << " succeeded";
+    } catch (const IoError& e) {
+      EXPECT_NE(std::string(e.what()).find(dest.string()), std::string::npos) << e.what();
+    }
+  };
+  auto write_image = [&](const fs::path& p) { write_float_image(p, v); };
+  // Folder missing.
+  expect_failure(dir / "no_such_folder" / "x.nii.gz", write_image);
+  expect_failure(dir / "no_such_folder" / "x.txt",
+                 [](const fs::path& p) { write_text_atomic(p, "abc"); });
+  EXPECT_FALSE(fs::exists(dir / "no_such_folder"));
+  // Destination is a non-empty folder: the temporary file is written, the rename fails.
+  fs::create_directories(dir / "occupied.nii.gz" / "inside");
+  expect_failure(dir / "occupied.nii.gz", write_image);
+  expect_failure(dir / "occupied.nii.gz", [](const fs::path& p) { write_text_atomic(p, "abc"); });
+  // A format that cannot hold the data: ITK fails while writing the temporary file.
+  expect_failure(dir / "volume.png", write_image);
+  EXPECT_EQ(dir.entries(), std::vector<std::string>{"occupied.nii.gz"});
+
+  // An earlier good file survives a failed overwrite untouched.
+  write_text_atomic(dir / "keep.txt", "first");
+  fs::create_directories(dir / "sub");
+  write_float_image(dir / "sub" / "good.nii.gz", v);
+  EXPECT_EQ(dir.entries(), (std::vector<std::string>{"keep.txt", "occupied.nii.gz", "sub"}));
+}
+
+TEST(ImageIo, FailedWriteIntoReadOnlyFolderLeavesNothing) {
+  if (::geteuid() == 0) GTEST_SKIP() << "running as root: permissions do not block writes";
+  TempDir dir;
+  fs::create_directories(dir / "ro");
+  fs::permissions(dir / "ro", fs::perms::owner_read | fs::perms::owner_exec);
+  const Volume v = synthetic_image(synthetic_geometry(kIdentity));
+  EXPECT_THROW(write_float_image(dir / "ro" / "x.nii.gz", v), IoError);
+  EXPECT_THROW(write_text_atomic(dir / "ro" / "x.json", "{}"), IoError);
+  fs::permissions(dir / "ro", fs::perms::owner_all);
+  EXPECT_TRUE(fs::is_empty(dir / "ro"));
+}
+
+TEST(ImageIo, TextAndBytesAreWrittenWhole) {
+  TempDir dir;
+  write_text_atomic(dir / "a.json", "{\"x\": 1}\n");
+  write_text_atomic(dir / "a.json", "{\"x\": 2}\n");  // replaces
+  std::ifstream f(dir / "a.json");
+  std::string s((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  EXPECT_EQ(s, "{\"x\": 2}\n");
+  const uint8_t bytes[5] = {0, 255, 10, 13, 0};
+  write_bytes_atomic(dir / "b.bin", bytes, 5);
+  EXPECT_EQ(test::read_file_bytes(dir / "b.bin"), std::vector<uint8_t>(bytes, bytes + 5));
+  EXPECT_EQ(dir.entries(), (std::vector<std::string>{"a.json", "b.bin"}));
+}
+
+// Minimal PNG decoder for 8-bit RGB (colour type 2, no interlace): chunks, inflate, unfilter.
+std::vector<uint8_t> decode_png_rgb(const fs::path& p, int& width, int& height) {
+  const auto bytes = test::read_file_bytes(p);
+  auto be32 = [&](size_t o) {
+    return (uint32_t(bytes[o]) << 24) | (uint32_t(bytes[o + 1]) << 16) |
+           (uint32_t(bytes[o + 2]) << 8) | bytes[o + 3];
+  };
+  static const uint8_t sig[8] = {137, 80, 78, 71, 13, 10, 26, 10};
+  if (bytes.size() < 8 || !std::equal(sig, sig + 8, bytes.begin())) throw std::runtime_error("sig");
+  std::vector<uint8_t> idat;
+  for (size_t o = 8; o + 8 <= bytes.size();) {
+    const uint32_t len = be32(o);
+    const std::string type(bytes.begin() + o + 4, bytes.begin() + o + 8);
+    if (type == "IHDR") {
+      width = static_cast<int>(be32(o + 8));
+      height = static_cast<int>(be32(o + 12));
+      if (bytes[o + 16] != 8 || bytes[o + 17] != 2 || bytes[o + 20] != 0)
+        throw std::runtime_error("not 8-bit RGB non-interlaced");
+    } else if (type == "IDAT") {
+      idat.insert(idat.end(), bytes.begin() + o + 8, bytes.begin() + o + 8 + len);
+    }
+    o += 12 + len;
+  }
+  const size_t stride = static_cast<size_t>(width) * 3;
+  std::vector<uint8_t> raw((stride + 1) * height);
+  uLongf raw_len = raw.size();
+  if (uncompress(raw.data(), &raw_len, idat.data(), idat.size()) != Z_OK || raw_len != raw.size())
+    throw std::runtime_error("inflate");
+  std::vector<uint8_t> out(stride * height);
+  for (int y = 0; y < height; ++y) {
+    const uint8_t filter = raw[y * (stride + 1)];
+    const uint8_t* in = &raw[y * (stride + 1) + 1];
+    uint8_t* row = &out[y * stride];
+    const uint8_t* up = y ? &out[(y - 1) * stride] : nullptr;
+    for (size_t i = 0; i < stride; ++i) {
+      const int a = i >= 3 ? row[i - 3] : 0, b = up ? up[i] : 0, c = (up && i >= 3) ? up[i - 3] : 0;
+      int pred = 0;
+      if (filter == 1) pred = a;
+      if (filter == 2) pred = b;
+      if (filter == 3) pred = (a + b) / 2;
+      if (filter == 4) {
+        const int pa = std::abs(b - c), pb = std::abs(a - c), pc = std::abs(a + b - 2 * c);
+        pred = (pa <= pb && pa <= pc) ? a : (pb <= pc ? b : c);
+      }
+      row[i] = static_cast<uint8_t>(in[i] + pred);
+    }
+  }
+  return out;
+}
+
+TEST(ImageIo, PngKeepsRowOrderAndColours) {
+  TempDir dir;
+  const int w = 5, h = 3;
+  std::vector<uint8_t> rgb(static_cast<size_t>(w) * h * 3);
+  for (size_t i = 0; i < rgb.size(); ++i) rgb[i] = static_cast<uint8_t>(i * 37 + 11);
+  write_png_rgb(dir / "x.png", w, h, rgb);
+  int gw = 0, gh = 0;
+  EXPECT_EQ(decode_png_rgb(dir / "x.png", gw, gh), rgb);
+  EXPECT_EQ(gw, w);
+  EXPECT_EQ(gh, h);
+  EXPECT_THROW(write_png_rgb(dir / "y.png", w, h, std::vector<uint8_t>(10)), ArgumentError);
+}
+
+// Real files: ITK's geometry and voxels against the independent NIfTI parse.
+void check_against_own_parse(const fs::path& p, bool is_label) {
+  SCOPED_TRACE(p.string());
+  const auto h = test::parse_nifti(p);
+  const Geometry want = h.geometry();
+  // Both transforms, when present, describe the same grid in these files; 1e-5 because the
+  // sform is stored as float32 products spacing x direction (relative error ~1e-7 x spacing 3).
+  if (h.qform_code > 0 && h.sform_code > 0)
+    expect_geometry_near(h.qform_geometry(), h.sform_geometry(), 1e-5, "qform vs sform");
+  const auto raw = h.voxels();
+  if (is_label) {
+    const LabelVolume l = read_labels(p);
+    expect_geometry_near(l.geo, want, 1e-6, "read_labels");
+    ASSERT_EQ(l.data.size(), raw.size());
+    for (size_t i = 0; i < raw.size(); ++i) ASSERT_EQ(l.data[i], raw[i]) << "voxel " << i;
+  } else {
+    const Volume v = read_image(p);
+    expect_geometry_near(v.geo, want, 1e-6, "read_image");
+    ASSERT_EQ(v.data.size(), raw.size());
+    for (size_t i = 0; i < raw.size(); ++i)
+      ASSERT_EQ(v.data[i], static_cast<float>(raw[i])) << "voxel " << i;
+  }
+  expect_geometry_near(read_geometry(p), want, 1e-6, "read_geometry");
+}
+
+TEST(ImageIoRealData, TotalSegmentatorSformOnlyFlippedScans) {
+  MEDSEG_REQUIRE_SHARED("data/TotalSegmentator_examples");
+  const fs::path root = test::shared_dir() / "data/TotalSegmentator_examples";
+  for (const char* name : {"totalseg_ct_sm.nii.gz", "totalseg_mr_sm.nii.gz"}) {
+    const auto h = test::parse_nifti(root / "imagesTr" / name);
+    ASSERT_EQ(h.qform_code, 0) << name << ": the test expects sform-only files";
+    ASSERT_GT(h.sform_code, 0) << name;
+    check_against_own_parse(root / "imagesTr" / name, false);
+    check_against_own_parse(root / "labelsTr" / name, true);
+  }
+  // The MR scan's x and y axes are flipped in RAS, i.e. they point along +L, +P in LPS.
+  const Geometry mr = read_geometry(root / "imagesTr/totalseg_mr_sm.nii.gz");
+  EXPECT_GT(mr.direction[0], 0.9);
+  EXPECT_GT(mr.direction[4], 0.9);
+}
+
+TEST(ImageIoRealData, HippocampusUint8AndFloatCases) {
+  MEDSEG_REQUIRE_SHARED("data/Task04_Hippocampus");
+  const fs::path root = test::shared_dir() / "data/Task04_Hippocampus";
+  // 003: float32 image and float32 label; 004 and 007: a mix; the test finds a uint8 image below.
+  for (const char* name : {"hippocampus_003.nii.gz", "hippocampus_004.nii.gz"}) {
+    check_against_own_parse(root / "imagesTr" / name, false);
+    check_against_own_parse(root / "labelsTr" / name, true);
+  }
+  EXPECT_EQ(test::parse_nifti(root / "labelsTr/hippocampus_003.nii.gz").datatype, 16)
+      << "hippocampus_003's label is expected to be stored as float32";
+  int uint8_images = 0;
+  for (const auto& e : fs::directory_iterator(root / "imagesTr")) {
+    if (test::parse_nifti(e.path()).datatype != 2) continue;
+    check_against_own_parse(e.path(), false);
+    check_against_own_parse(root / "labelsTr" / e.path().filename(), true);
+    if (++uint8_images == 2) break;
+  }
+  EXPECT_EQ(uint8_images, 2) << "no uint8 image found in " << root;
+}
+
+}  // namespace
+}  // namespace medseg::io
