@@ -1,0 +1,229 @@
+#include "infer/sliding_window.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "core/error.hpp"
+
+namespace medseg::infer {
+
+std::vector<float> gaussian_importance_map(std::array<int64_t, 3> patch, double sigma_scale) {
+  MEDSEG_CHECK(patch[0] >= 1 && patch[1] >= 1 && patch[2] >= 1, "patch (z,y,x) = ", patch[0], ",",
+               patch[1], ",", patch[2]);
+  MEDSEG_CHECK(sigma_scale > 0 && std::isfinite(sigma_scale), "sigma_scale = ", sigma_scale);
+  // Separable: the 3-D Gaussian is the product of one 1-D profile per axis, each with its maximum
+  // at the centre, so the product's maximum is the product of the 1-D maxima.
+  std::array<std::vector<double>, 3> profile;
+  std::array<double, 3> peak{};
+  for (int a = 0; a < 3; ++a) {
+    const double centre = (static_cast<double>(patch[a]) - 1.0) / 2.0;
+    const double sigma = sigma_scale * static_cast<double>(patch[a]);
+    profile[a].resize(static_cast<size_t>(patch[a]));
+    for (int64_t i = 0; i < patch[a]; ++i) {
+      const double d = (static_cast<double>(i) - centre) / sigma;
+      profile[a][static_cast<size_t>(i)] = std::exp(-0.5 * d * d);
+    }
+    peak[a] = *std::max_element(profile[a].begin(), profile[a].end());
+  }
+  const double norm = peak[0] * peak[1] * peak[2];
+  std::vector<float> map(static_cast<size_t>(patch[0] * patch[1] * patch[2]));
+  float smallest_nonzero = std::numeric_limits<float>::max();
+  size_t i = 0;
+  for (int64_t z = 0; z < patch[0]; ++z)
+    for (int64_t y = 0; y < patch[1]; ++y)
+      for (int64_t x = 0; x < patch[2]; ++x, ++i) {
+        const double v = profile[0][static_cast<size_t>(z)] * profile[1][static_cast<size_t>(y)] *
+                         profile[2][static_cast<size_t>(x)] / norm;
+        map[i] = static_cast<float>(v);
+        if (map[i] > 0.0f) smallest_nonzero = std::min(smallest_nonzero, map[i]);
+      }
+  // The centre value is exactly 1, so smallest_nonzero is always set.
+  for (float& v : map)
+    if (v == 0.0f) v = smallest_nonzero;
+  return map;
+}
+
+std::vector<int64_t> tile_starts(int64_t size, int64_t patch, double step) {
+  MEDSEG_CHECK(patch >= 1 && size >= patch, "size ", size, " patch ", patch);
+  MEDSEG_CHECK(step > 0 && step <= 1, "step = ", step, " (must be in (0, 1])");
+  if (size == patch) return {0};
+  const double span = static_cast<double>(size - patch);
+  const int64_t n = static_cast<int64_t>(std::ceil(span / (step * static_cast<double>(patch)))) + 1;
+  std::vector<int64_t> starts(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i)
+    starts[static_cast<size_t>(i)] =
+        static_cast<int64_t>(std::llround(static_cast<double>(i) * span / static_cast<double>(n - 1)));
+  return starts;
+}
+
+namespace {
+
+struct WorkItem {
+  int64_t tile;  // index into the tile list
+  int mirror;    // bit 0: flip x, bit 1: flip y, bit 2: flip z
+};
+
+}  // namespace
+
+std::vector<float> sliding_window_probabilities(const float* image, std::array<int64_t, 3> shape,
+                                                int channels, int num_classes,
+                                                const PatchForward& forward,
+                                                const SlidingWindowOptions& options) {
+  MEDSEG_CHECK(image != nullptr, "image is null");
+  MEDSEG_CHECK(shape[0] >= 1 && shape[1] >= 1 && shape[2] >= 1, "shape (z,y,x) = ", shape[0], ",",
+               shape[1], ",", shape[2]);
+  MEDSEG_CHECK(channels >= 1 && num_classes >= 1, "channels ", channels, " classes ", num_classes);
+  MEDSEG_CHECK(options.max_batch >= 1, "max_batch = ", options.max_batch);
+  MEDSEG_CHECK(static_cast<bool>(forward), "no forward function");
+  const auto& patch = options.patch;
+  MEDSEG_CHECK(patch[0] >= 1 && patch[1] >= 1 && patch[2] >= 1, "patch (z,y,x) = ", patch[0], ",",
+               patch[1], ",", patch[2]);
+
+  std::array<int64_t, 3> padded{}, pad_before{};
+  for (int a = 0; a < 3; ++a) {
+    padded[a] = std::max(shape[a], patch[a]);
+    pad_before[a] = (padded[a] - shape[a]) / 2;
+  }
+  std::array<std::vector<int64_t>, 3> starts;
+  for (int a = 0; a < 3; ++a) starts[a] = tile_starts(padded[a], patch[a], options.step);
+  std::vector<std::array<int64_t, 3>> tiles;
+  for (int64_t sz : starts[0])
+    for (int64_t sy : starts[1])
+      for (int64_t sx : starts[2]) tiles.push_back({sz, sy, sx});
+  const int64_t num_tiles = static_cast<int64_t>(tiles.size());
+  const int num_mirrors = options.tta ? 8 : 1;
+
+  const std::vector<float> importance = gaussian_importance_map(patch);
+  const int64_t K = num_classes;
+  const int64_t C = channels;
+  const int64_t patch_voxels = patch[0] * patch[1] * patch[2];
+  const int64_t padded_voxels = padded[0] * padded[1] * padded[2];
+  std::vector<float> acc(static_cast<size_t>(padded_voxels * K), 0.0f);
+  std::vector<float> weight(static_cast<size_t>(padded_voxels), 0.0f);
+  std::vector<float> tile_prob(static_cast<size_t>(patch_voxels * K), 0.0f);
+  std::vector<float> expv(static_cast<size_t>(K));
+
+  // Threads only pay off on real patches; on tiny ones the fork/join costs more than the loop.
+  const bool par = patch_voxels >= (int64_t{1} << 15);
+  std::vector<WorkItem> items;
+  items.reserve(static_cast<size_t>(num_tiles * num_mirrors));
+  for (int64_t t = 0; t < num_tiles; ++t)
+    for (int m = 0; m < num_mirrors; ++m) items.push_back({t, m});
+
+  // Position inside the (possibly mirrored) patch of tile voxel (z, y, x): mirroring is its own inverse,
+  // so the same map takes the input into the mirrored frame and the output back out of it.
+  auto mirrored = [&](int m, int64_t z, int64_t y, int64_t x) {
+    if (m & 4) z = patch[0] - 1 - z;
+    if (m & 2) y = patch[1] - 1 - y;
+    if (m & 1) x = patch[2] - 1 - x;
+    return (z * patch[1] + y) * patch[2] + x;
+  };
+
+  int64_t current_tile = -1;
+  auto flush_tile = [&](int64_t t) {
+    const auto& s = tiles[static_cast<size_t>(t)];
+    const float inv = 1.0f / static_cast<float>(num_mirrors);
+#pragma omp parallel for if (par)
+    for (int64_t z = 0; z < patch[0]; ++z)
+      for (int64_t y = 0; y < patch[1]; ++y)
+        for (int64_t x = 0; x < patch[2]; ++x) {
+          const int64_t p = (z * patch[1] + y) * patch[2] + x;
+          const int64_t g = ((s[0] + z) * padded[1] + (s[1] + y)) * padded[2] + (s[2] + x);
+          const float w = importance[static_cast<size_t>(p)];
+          weight[static_cast<size_t>(g)] += w;
+          for (int64_t k = 0; k < K; ++k)
+            acc[static_cast<size_t>(g * K + k)] += w * tile_prob[static_cast<size_t>(p * K + k)] * inv;
+        }
+    std::fill(tile_prob.begin(), tile_prob.end(), 0.0f);
+    if (options.progress) options.progress(t + 1, num_tiles);
+  };
+
+  Tensor batch, logits;
+  for (size_t first = 0; first < items.size(); first += static_cast<size_t>(options.max_batch)) {
+    const size_t count = std::min(items.size() - first, static_cast<size_t>(options.max_batch));
+    const Shape in_shape{static_cast<int64_t>(count), patch[0], patch[1], patch[2], C};
+    const Shape out_shape{static_cast<int64_t>(count), patch[0], patch[1], patch[2], K};
+    if (!batch.defined() || batch.shape() != in_shape) batch = Tensor(in_shape);
+    if (!logits.defined() || logits.shape() != out_shape || logits.device() != Device::CPU)
+      logits = Tensor(out_shape);
+    // Gather each item's tile from the image, mirrored, zero outside the data (the padding).
+    for (size_t b = 0; b < count; ++b) {
+      const WorkItem& it = items[first + b];
+      const auto& s = tiles[static_cast<size_t>(it.tile)];
+      float* dst = batch.data() + static_cast<int64_t>(b) * patch_voxels * C;
+#pragma omp parallel for if (par)
+      for (int64_t z = 0; z < patch[0]; ++z)
+        for (int64_t y = 0; y < patch[1]; ++y)
+          for (int64_t x = 0; x < patch[2]; ++x) {
+            const int64_t iz = s[0] + z - pad_before[0], iy = s[1] + y - pad_before[1],
+                          ix = s[2] + x - pad_before[2];
+            float* d = dst + mirrored(it.mirror, z, y, x) * C;
+            if (iz < 0 || iz >= shape[0] || iy < 0 || iy >= shape[1] || ix < 0 || ix >= shape[2]) {
+              for (int64_t c = 0; c < C; ++c) d[c] = 0.0f;
+            } else {
+              const float* src = image + ((iz * shape[1] + iy) * shape[2] + ix) * C;
+              for (int64_t c = 0; c < C; ++c) d[c] = src[c];
+            }
+          }
+    }
+    forward(batch, logits);
+    if (!logits.defined() || logits.shape() != out_shape || logits.device() != Device::CPU) {
+      throw ArgumentError("sliding window: the model's forward returned logits of shape " +
+                          logits.shape().str() + " on " + device_name(logits.device()) +
+                          ", expected " + out_shape.str() + " on cpu");
+    }
+    for (size_t b = 0; b < count; ++b) {
+      const WorkItem& it = items[first + b];
+      if (it.tile != current_tile) {
+        if (current_tile >= 0) flush_tile(current_tile);
+        current_tile = it.tile;
+      }
+      const float* src = logits.data() + static_cast<int64_t>(b) * patch_voxels * K;
+      int64_t bad = -1;
+      for (int64_t z = 0; z < patch[0]; ++z)
+        for (int64_t y = 0; y < patch[1]; ++y)
+          for (int64_t x = 0; x < patch[2]; ++x) {
+            const float* l = src + mirrored(it.mirror, z, y, x) * K;
+            float* p = tile_prob.data() + ((z * patch[1] + y) * patch[2] + x) * K;
+            float mx = l[0];
+            for (int64_t k = 1; k < K; ++k) mx = std::max(mx, l[k]);
+            float sum = 0.0f;
+            for (int64_t k = 0; k < K; ++k) {
+              expv[static_cast<size_t>(k)] = std::exp(l[k] - mx);
+              sum += expv[static_cast<size_t>(k)];
+            }
+            if (!std::isfinite(sum) || !std::isfinite(mx)) {
+              if (bad < 0) bad = (z * patch[1] + y) * patch[2] + x;
+              continue;
+            }
+            for (int64_t k = 0; k < K; ++k) p[k] += expv[static_cast<size_t>(k)] / sum;
+          }
+      if (bad >= 0) {
+        const auto& s = tiles[static_cast<size_t>(it.tile)];
+        throw NumericError("sliding window: non-finite logits in tile starting at (z,y,x) = (" +
+                           std::to_string(s[0]) + "," + std::to_string(s[1]) + "," +
+                           std::to_string(s[2]) + "), mirror " + std::to_string(it.mirror) +
+                           ", patch voxel " + std::to_string(bad));
+      }
+    }
+  }
+  if (current_tile >= 0) flush_tile(current_tile);
+
+  // Normalise and crop the padding away. Every voxel is covered by at least one tile and the map has
+  // no zeros, so weight > 0 everywhere.
+  std::vector<float> out(static_cast<size_t>(shape[0] * shape[1] * shape[2] * K));
+#pragma omp parallel for if (shape[0] * shape[1] * shape[2] >= (int64_t{1} << 15))
+  for (int64_t z = 0; z < shape[0]; ++z)
+    for (int64_t y = 0; y < shape[1]; ++y)
+      for (int64_t x = 0; x < shape[2]; ++x) {
+        const int64_t g =
+            ((z + pad_before[0]) * padded[1] + (y + pad_before[1])) * padded[2] + (x + pad_before[2]);
+        const float inv = 1.0f / weight[static_cast<size_t>(g)];
+        float* o = out.data() + ((z * shape[1] + y) * shape[2] + x) * K;
+        for (int64_t k = 0; k < K; ++k) o[k] = acc[static_cast<size_t>(g * K + k)] * inv;
+      }
+  return out;
+}
+
+}  // namespace medseg::infer
