@@ -13,6 +13,11 @@
 //    work for the OpenMP thread count it sees at creation and expects the same count at execution.
 //  - Scratchpads are owned by the cache entries (scratchpad_mode::user) and arguments are passed through
 //    the C API from cached arrays, so a call allocates nothing: it sets data handles and executes.
+//  - oneDNN 2.6 has no JIT backward-weights kernel for AVX2 when the DEPTH axis is padded (it falls
+//    back to im2col + GEMM, ~8x slower on the 64^3 U-Net shapes; padding in H and W is fine). When that
+//    happens and the unpadded-depth problem does get a JIT kernel, backward-weights runs on a copy of x
+//    with explicit zero planes in depth (one contiguous memcpy per sample into a per-thread workspace,
+//    ~5% of the pass). On ISAs whose JIT kernels handle depth padding nothing is copied.
 //  - One engine and one stream for the process. A CPU stream with the OpenMP runtime executes in the
 //    calling thread; each cache entry has its own mutex because its memory objects carry the caller's
 //    pointers during a call.
@@ -102,6 +107,7 @@ struct Entry {
   memory weights_prim;  // the primitive's weight format (== weights_user when no reorder is needed)
   memory bias;          // caller's b or db
   memory scratch;
+  int64_t depth_pad = 0;  // backward-weights on a depth-padded copy of x (see the header comment)
   bool reorder_weights = false;
   dnnl::primitive weights_reorder;  // user -> prim (forward, backward-data), prim -> user (weights)
   std::vector<dnnl_exec_arg_t> reorder_args;
@@ -193,10 +199,17 @@ void bind_weights(Entry& e, const ConvGeometry& g, const memory::desc& prim_md, 
   push_arg(e.reorder_args, DNNL_ARG_TO, to);
 }
 
+// Whether oneDNN picked one of its direct JIT kernels ("jit:avx2", "brg:avx512_core", ...) rather than
+// im2col + GEMM ("x64:gemm:jit") or the reference ("ref:any").
+bool is_jit(const dnnl::primitive_desc_base& pd) {
+  const std::string impl = pd.impl_info_str();
+  return (impl.rfind("jit:", 0) == 0 || impl.rfind("brg", 0) == 0);
+}
+
 template <class Ops>
 std::shared_ptr<Entry> build(const Key& key) {
   const ConvGeometry& g = key.g;
-  const Descs d = descs(g);
+  Descs d = descs(g);
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
   auto e = std::make_shared<Entry>();
@@ -229,13 +242,27 @@ std::shared_ptr<Entry> build(const Key& key) {
     push_arg(e->args, DNNL_ARG_WEIGHTS, e->weights_prim);
     push_arg(e->args, DNNL_ARG_DIFF_SRC, e->src);
   } else {
-    auto hint = forward_pd<Ops>(d, key.bias, dnnl::primitive_attr());
     using BwdW = typename Ops::BwdWeights;
-    auto desc = key.bias ? typename BwdW::desc(Ops::algo, d.src, d.weights_any, d.bias, d.dst,
-                                               d.strides, d.pad_l, d.pad_r)
-                         : typename BwdW::desc(Ops::algo, d.src, d.weights_any, d.dst, d.strides,
-                                               d.pad_l, d.pad_r);
-    typename BwdW::primitive_desc pd(desc, attr, engine(), hint);
+    auto make_pd = [&](const Descs& dd) {
+      auto hint = forward_pd<Ops>(dd, key.bias, dnnl::primitive_attr());
+      auto desc = key.bias ? typename BwdW::desc(Ops::algo, dd.src, dd.weights_any, dd.bias, dd.dst,
+                                                 dd.strides, dd.pad_l, dd.pad_r)
+                           : typename BwdW::desc(Ops::algo, dd.src, dd.weights_any, dd.dst,
+                                                 dd.strides, dd.pad_l, dd.pad_r);
+      return typename BwdW::primitive_desc(desc, attr, engine(), hint);
+    };
+    auto pd = make_pd(d);
+    if (!g.transposed && g.pad > 0 && !is_jit(pd)) {
+      Descs padded = d;
+      padded.src = activation_md(g.n, g.cin, g.id + 2 * g.pad, g.ih, g.iw);
+      padded.pad_l[0] = padded.pad_r[0] = 0;
+      auto alt = make_pd(padded);
+      if (is_jit(alt)) {
+        pd = alt;
+        d = padded;
+        e->depth_pad = g.pad;
+      }
+    }
     e->prim = BwdW(pd);
     e->src = unbound(pd.src_desc());
     e->dst = unbound(pd.diff_dst_desc());
@@ -299,6 +326,40 @@ void execute(const ConvGeometry& g, const dnnl::primitive& prim,
 
 void set(const memory& m, const float* p) { m.set_data_handle(const_cast<float*>(p)); }
 
+// Per-thread buffer for the depth-padded copy of x. It grows to the largest geometry a thread meets and
+// is then reused, so steady-state training steps allocate nothing.
+float* depth_padded_workspace(size_t floats) {
+  struct Workspace {
+    std::unique_ptr<float[]> data;
+    size_t size = 0;
+  };
+  thread_local Workspace ws;
+  if (ws.size < floats) {
+    ws.data.reset();
+    ws.data.reset(new float[floats]);
+    ws.size = floats;
+  }
+  return ws.data.get();
+}
+
+// x (N, D, H, W, C) -> out (N, p + D + p, H, W, C) with zero planes in front and behind every sample.
+float* copy_depth_padded(const ConvGeometry& g, int64_t p, const float* x) {
+  const int64_t plane = g.ih * g.iw * g.cin;
+  const int64_t padded_depth = g.id + 2 * p;
+  float* out = depth_padded_workspace(static_cast<size_t>(g.n * padded_depth * plane));
+  const int64_t planes = g.n * padded_depth;
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < planes; ++i) {
+    const int64_t n = i / padded_depth, d = i % padded_depth - p;
+    float* dst = out + i * plane;
+    if (d < 0 || d >= g.id)
+      std::memset(dst, 0, static_cast<size_t>(plane) * sizeof(float));
+    else
+      std::memcpy(dst, x + (n * g.id + d) * plane, static_cast<size_t>(plane) * sizeof(float));
+  }
+  return out;
+}
+
 }  // namespace
 
 void conv3d_forward(const ConvGeometry& g, const float* x, const float* w, const float* b,
@@ -335,7 +396,7 @@ void conv3d_backward_weights(const ConvGeometry& g, const float* dy, const float
   MEDSEG_CHECK(dy && x && dw, "conv3d_backward_weights: null dy, x or dw for ", g.str());
   auto e = lookup(g, Pass::BackwardWeights, db != nullptr);
   std::lock_guard<std::mutex> lock(e->mu);
-  set(e->src, x);
+  set(e->src, e->depth_pad > 0 ? copy_depth_padded(g, e->depth_pad, x) : x);
   set(e->dst, dy);
   set(e->weights_user, dw);
   if (db) set(e->bias, db);
