@@ -37,6 +37,13 @@ struct Dataset {
 
 // Throws ArgumentError (layout not recognised, malformed dataset.json, entries leaving the root...)
 // naming the file.
+// Layouts: "msd" (dataset.json with "modality", "labels" {"0": "background", ...}, "training"
+// [{image, label}], one 3-D file per case), "nnunet" (dataset.json with "channel_names", "labels"
+// name -> value, "file_ending"; cases found from imagesTr/{CASE}_{XXXX}{ending} with
+// labelsTr/{CASE}{ending}), "folder" (no dataset.json: images/ and labels/ with matching names, one
+// channel "unknown"; labels is left EMPTY, meaning "infer the label set from the label files").
+// imagesTs/ (and labelsTs/ when present) fill `test`. A training case whose label file is missing
+// keeps the expected path so that validate_dataset reports it by name.
 Dataset discover_dataset(const fs::path& root);
 
 // Inputs for prediction: one file, or a folder of MSD images, nnU-Net _XXXX channel files, or plain

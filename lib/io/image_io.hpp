@@ -36,7 +36,8 @@ ImageHeader read_header(const fs::path& path);
 
 // NaN/Inf voxels of an image file as stored. ITK's NIfTI reader replaces them by 0 on reading
 // (niftilib does), so read_image never returns them; for float NIfTI files this scans the stored
-// bytes (one extra decompression), other formats are read through ITK. Integer files: count 0.
+// bytes, other files are read (in full) through ITK. Either way every voxel is decoded once, so a
+// corrupt or truncated file raises IoError here.
 // read_labels runs the same scan on float NIfTI label files and rejects non-finite values.
 struct NonFiniteVoxels {
   int64_t count = 0;
