@@ -17,6 +17,9 @@
 // and the shift removes the catastrophic cancellation of E[x^2] - E[x]^2 when |mean| >> std (K is a
 // sample of the same channel, so |mean - K| is of the order of the std). Welford needs a division per
 // element and does not vectorise across a row; shifted sums cost one subtraction and one FMA per value.
+//
+// The inner loops live in block functions whose pointers are __restrict PARAMETERS: g++ ignores
+// __restrict on local variables, and with possible aliasing it leaves the LeakyReLU loops scalar.
 #include <omp.h>
 
 #include <algorithm>
@@ -97,6 +100,60 @@ void check_args(const NormConfig& cfg, const Shape& s) {
                cfg.r_max, " d_max ", cfg.d_max);
 }
 
+// ---- block kernels: `rows` consecutive rows of C channels; per-channel arrays have C entries ----
+
+// Statistics: s1 += x - k, s2 += (x - k)^2 (in double, exact terms).
+void stats_block(int64_t rows, int64_t C, const float* __restrict x, const float* __restrict k,
+                 double* __restrict s1, double* __restrict s2) {
+  for (int64_t row = 0; row < rows; ++row, x += C) {
+    for (int64_t c = 0; c < C; ++c) {
+      const double v = static_cast<double>(x[c]) - static_cast<double>(k[c]);
+      s1[c] += v;
+      s2[c] += v * v;
+    }
+  }
+}
+
+// y = (x - mu) * a + b, then LeakyReLU when kLeaky.
+template <bool kLeaky>
+void normalize_block(int64_t rows, int64_t C, const float* __restrict x, const float* __restrict mu,
+                     const float* __restrict a, const float* __restrict b, float slope,
+                     float* __restrict y) {
+  for (int64_t row = 0; row < rows; ++row, x += C, y += C) {
+    for (int64_t c = 0; c < C; ++c) {
+      const float z = (x[c] - mu[c]) * a[c] + b[c];
+      y[c] = (!kLeaky || z > 0.f) ? z : slope * z;
+    }
+  }
+}
+
+// dz = dy through the LeakyReLU mask (recovered from y > 0); sdz += dz, sdzx += dz * (x - mu).
+template <bool kLeaky>
+void grad_sums_block(int64_t rows, int64_t C, const float* __restrict dy, const float* __restrict x,
+                     const float* __restrict y, const float* __restrict mu, float slope,
+                     double* __restrict sdz, double* __restrict sdzx) {
+  for (int64_t row = 0; row < rows; ++row, dy += C, x += C, y += kLeaky ? C : 0) {
+    for (int64_t c = 0; c < C; ++c) {
+      const float dz = (!kLeaky || y[c] > 0.f) ? dy[c] : slope * dy[c];
+      sdz[c] += static_cast<double>(dz);
+      sdzx[c] += static_cast<double>(dz) * static_cast<double>(x[c] - mu[c]);
+    }
+  }
+}
+
+// dx = a (dz - b) - e (x - mu).
+template <bool kLeaky>
+void dx_block(int64_t rows, int64_t C, const float* __restrict dy, const float* __restrict x,
+              const float* __restrict y, const float* __restrict mu, const float* __restrict a,
+              const float* __restrict b, const float* __restrict e, float slope, float* __restrict dx) {
+  for (int64_t row = 0; row < rows; ++row, dy += C, x += C, y += kLeaky ? C : 0, dx += C) {
+    for (int64_t c = 0; c < C; ++c) {
+      const float dz = (!kLeaky || y[c] > 0.f) ? dy[c] : slope * dy[c];
+      dx[c] = a[c] * (dz - b[c]) - e[c] * (x[c] - mu[c]);
+    }
+  }
+}
+
 // Pass 2 of the forward (and the whole inference): y = (x - mu) * a + b, then LeakyReLU, with
 // per-slot mu, a, b.
 void normalize_pass(const NormConfig& cfg, const Layout& l, const float* x, const float* mu,
@@ -106,21 +163,11 @@ void normalize_pass(const NormConfig& cfg, const Layout& l, const float* x, cons
   const int64_t C = l.c;
 #pragma omp parallel num_threads(threads_for(l.rows * C))
   for_my_rows(l, [&](int64_t g, int64_t row0, int64_t row1) {
-    const float* __restrict m = mu + g * C;
-    const float* __restrict sa = a + g * C;
-    const float* __restrict sb = b + g * C;
-    for (int64_t row = row0; row < row1; ++row) {
-      const float* __restrict xr = x + row * C;
-      float* __restrict yr = y + row * C;
-      if (leaky) {
-        for (int64_t c = 0; c < C; ++c) {
-          const float z = (xr[c] - m[c]) * sa[c] + sb[c];
-          yr[c] = z > 0.f ? z : slope * z;
-        }
-      } else {
-        for (int64_t c = 0; c < C; ++c) yr[c] = (xr[c] - m[c]) * sa[c] + sb[c];
-      }
-    }
+    const int64_t o = g * C;
+    if (leaky)
+      normalize_block<true>(row1 - row0, C, x + row0 * C, mu + o, a + o, b + o, slope, y + row0 * C);
+    else
+      normalize_block<false>(row1 - row0, C, x + row0 * C, mu + o, a + o, b + o, slope, y + row0 * C);
   });
 }
 
@@ -147,17 +194,7 @@ NormStepInfo norm_forward_train(const NormConfig& cfg, const Shape& s, const flo
     double* s1_all = part.of_thread(omp_get_thread_num(), 0);
     double* s2_all = part.of_thread(omp_get_thread_num(), 1);
     for_my_rows(l, [&](int64_t g, int64_t row0, int64_t row1) {
-      const float* __restrict k = shift.data() + g * C;
-      double* __restrict s1 = s1_all + g * C;
-      double* __restrict s2 = s2_all + g * C;
-      for (int64_t row = row0; row < row1; ++row) {
-        const float* __restrict xr = x + row * C;
-        for (int64_t c = 0; c < C; ++c) {
-          const double v = static_cast<double>(xr[c]) - static_cast<double>(k[c]);
-          s1[c] += v;
-          s2[c] += v * v;
-        }
-      }
+      stats_block(row1 - row0, C, x + row0 * C, shift.data() + g * C, s1_all + g * C, s2_all + g * C);
     });
   }
   const std::vector<double> s1 = part.total(threads, 0), s2 = part.total(threads, 1);
@@ -232,26 +269,13 @@ void norm_backward(const NormConfig& cfg, const Shape& s, const float* dy, const
     double* s1_all = part.of_thread(omp_get_thread_num(), 0);
     double* s2_all = part.of_thread(omp_get_thread_num(), 1);
     for_my_rows(l, [&](int64_t g, int64_t row0, int64_t row1) {
-      const float* __restrict mu = cache.mean + g * C;
-      double* __restrict sdz = s1_all + g * C;
-      double* __restrict sdzx = s2_all + g * C;
-      for (int64_t row = row0; row < row1; ++row) {
-        const float* __restrict dyr = dy + row * C;
-        const float* __restrict xr = x + row * C;
-        if (leaky) {
-          const float* __restrict yr = y + row * C;
-          for (int64_t c = 0; c < C; ++c) {
-            const float dz = yr[c] > 0.f ? dyr[c] : slope * dyr[c];
-            sdz[c] += static_cast<double>(dz);
-            sdzx[c] += static_cast<double>(dz) * static_cast<double>(xr[c] - mu[c]);
-          }
-        } else {
-          for (int64_t c = 0; c < C; ++c) {
-            sdz[c] += static_cast<double>(dyr[c]);
-            sdzx[c] += static_cast<double>(dyr[c]) * static_cast<double>(xr[c] - mu[c]);
-          }
-        }
-      }
+      const int64_t o = g * C, r0 = row0 * C;
+      if (leaky)
+        grad_sums_block<true>(row1 - row0, C, dy + r0, x + r0, y + r0, cache.mean + o, slope,
+                              s1_all + o, s2_all + o);
+      else
+        grad_sums_block<false>(row1 - row0, C, dy + r0, x + r0, y, cache.mean + o, slope, s1_all + o,
+                               s2_all + o);
     });
   }
   const std::vector<double> sum_dz = part.total(threads, 0), sum_dzx = part.total(threads, 1);
@@ -280,24 +304,13 @@ void norm_backward(const NormConfig& cfg, const Shape& s, const float* dy, const
   // ---- pass 2: dx ----
 #pragma omp parallel num_threads(threads)
   for_my_rows(l, [&](int64_t g, int64_t row0, int64_t row1) {
-    const float* __restrict mu = cache.mean + g * C;
-    const float* __restrict a = ka.data() + g * C;
-    const float* __restrict b = kb.data() + g * C;
-    const float* __restrict e = kc.data() + g * C;
-    for (int64_t row = row0; row < row1; ++row) {
-      const float* __restrict dyr = dy + row * C;
-      const float* __restrict xr = x + row * C;
-      float* __restrict dxr = dx + row * C;
-      if (leaky) {
-        const float* __restrict yr = y + row * C;
-        for (int64_t c = 0; c < C; ++c) {
-          const float dz = yr[c] > 0.f ? dyr[c] : slope * dyr[c];
-          dxr[c] = a[c] * (dz - b[c]) - e[c] * (xr[c] - mu[c]);
-        }
-      } else {
-        for (int64_t c = 0; c < C; ++c) dxr[c] = a[c] * (dyr[c] - b[c]) - e[c] * (xr[c] - mu[c]);
-      }
-    }
+    const int64_t o = g * C, r0 = row0 * C;
+    if (leaky)
+      dx_block<true>(row1 - row0, C, dy + r0, x + r0, y + r0, cache.mean + o, ka.data() + o,
+                     kb.data() + o, kc.data() + o, slope, dx + r0);
+    else
+      dx_block<false>(row1 - row0, C, dy + r0, x + r0, y, cache.mean + o, ka.data() + o, kb.data() + o,
+                      kc.data() + o, slope, dx + r0);
   });
 }
 
