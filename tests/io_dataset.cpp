@@ -171,7 +171,13 @@ TEST(Dataset, NnunetRegionLabelsAreRefused) {
   write_file(dir / "dataset.json",
              R"({"channel_names": {"0": "CT"}, "labels": {"background": 0, "whole": [1, 2]},
                  "file_ending": ".nii.gz"})");
-  EXPECT_THROW(discover_dataset(dir.path()), ArgumentError);
+  try {
+    discover_dataset(dir.path());
+    ADD_FAILURE() << "region label accepted";
+  } catch (const ArgumentError& e) {
+    EXPECT_NE(std::string(e.what()).find("label \"whole\" is a region [1,2]"), std::string::npos)
+        << e.what();
+  }
 }
 
 TEST(Dataset, PlainFoldersInferLabelsFromData) {
@@ -237,11 +243,27 @@ TEST(Dataset, MalformedJsonNamesTheFileAndTheError) {
     EXPECT_NE(msg.find((dir / "dataset.json").string()), std::string::npos) << msg;
     EXPECT_NE(msg.find("parse error"), std::string::npos) << msg;
   }
-  write_file(dir / "dataset.json", R"({"description": "neither layout"})");
-  EXPECT_THROW(discover_dataset(dir.path()), ArgumentError);
-  write_file(dir / "dataset.json", R"({"modality": {"0": "CT", "1": "PET"}, "labels": {},
-                                       "training": []})");
-  EXPECT_THROW(discover_dataset(dir.path()), ArgumentError);  // 4-D multi-modality MSD
+  auto expect_error = [&](const std::string& json_text, const std::string& part) {
+    write_file(dir / "dataset.json", json_text);
+    try {
+      discover_dataset(dir.path());
+      ADD_FAILURE() << json_text << " accepted";
+    } catch (const ArgumentError& e) {
+      EXPECT_NE(std::string(e.what()).find(part), std::string::npos) << e.what();
+      EXPECT_NE(std::string(e.what()).find("dataset.json"), std::string::npos) << e.what();
+    }
+  };
+  expect_error(R"({"description": "neither layout"})", "layout not recognised");
+  expect_error(R"([1, 2])", "expected a JSON object");
+  // MSD keeps several modalities in one 4-D file per case, which read_image refuses.
+  expect_error(R"({"modality": {"0": "CT", "1": "PET"}, "labels": {}, "training": []})",
+               "2 modalities");
+  expect_error(
+      R"({"modality": {"0": "CT"}, "labels": {"0": "background"}, "training": [{"x": 1}]})",
+      "training[0] must be {\"image\"");
+  expect_error(R"({"modality": {"0": "CT"}, "labels": {"0": "background", "1": "a", "01": "b"},
+                   "training": []})",
+               "share the value 1");
 }
 
 // Builds one bad case next to a good one and returns the report.

@@ -297,6 +297,7 @@ void expect_io_error_naming(const fs::path& p, const std::string& reason_part) {
       const std::string msg = e.what();
       EXPECT_EQ(msg.rfind(p.string() + ": ", 0), 0u) << msg;
       EXPECT_EQ(msg.find('\n'), std::string::npos) << "multi-line message: " << msg;
+      EXPECT_EQ(msg.find("(0x"), std::string::npos) << "ITK object address in: " << msg;
       EXPECT_NE(msg.find(reason_part), std::string::npos) << msg;
     }
   }
@@ -308,6 +309,12 @@ TEST(ImageIo, MissingTruncatedAndNonImageFilesGiveOneLineIoErrors) {
 
   std::ofstream(dir / "notes.nii.gz") << "this is a text file, not an image\n";
   expect_io_error_naming(dir / "notes.nii.gz", "");
+
+  // A NIfTI header with an impossible dim[0].
+  const fs::path bad_dims = dir / "bad_dims.nii";
+  write_float_image(bad_dims, synthetic_image(synthetic_geometry(kIdentity)));
+  patch_dims(bad_dims, {9});
+  expect_io_error_naming(bad_dims, "cannot read the header: NiftiImageIO: ");
 
   // A real compressed scan cut in half: the header reads, the voxels do not.
   Volume v = synthetic_image(synthetic_geometry(kIdentity));

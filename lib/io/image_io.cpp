@@ -51,7 +51,19 @@ std::string condense(const std::string& text) {
 
 std::string itk_reason(const itk::ExceptionObject& e) {
   const char* d = e.GetDescription();
-  return condense(d && *d ? d : e.what());
+  std::string text = condense(d && *d ? d : e.what());
+  // Drop "ITK ERROR: NiftiImageIO(0x55d1...): ": an object address means nothing to a user.
+  for (const char* tag : {"ITK ERROR: ", "itk::ERROR: "}) {
+    if (text.rfind(tag, 0) != 0) continue;
+    const size_t open = text.find("(0x");
+    const size_t close = text.find("): ", open == std::string::npos ? 0 : open);
+    if (open != std::string::npos && close != std::string::npos) {
+      const std::string cls = text.substr(std::strlen(tag), open - std::strlen(tag));
+      text = cls + ": " + text.substr(close + 3);
+    }
+    break;
+  }
+  return text;
 }
 
 [[noreturn]] void fail(const fs::path& path, const std::string& what) {
