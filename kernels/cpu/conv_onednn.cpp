@@ -18,6 +18,11 @@
 //    happens and the unpadded-depth problem does get a JIT kernel, backward-weights runs on a copy of x
 //    with explicit zero planes in depth (one contiguous memcpy per sample into a per-thread workspace,
 //    ~5% of the pass). On ISAs whose JIT kernels handle depth padding nothing is copied.
+//  - Likewise the transposed conv's forward (a stride-2 backward-data for oneDNN) has no AVX2 JIT kernel
+//    on ndhwc and falls back to GEMM with col2im. Since k = stride = 2 taps never overlap, it is one
+//    GEMM, (N*D*H*W x Cin) * (Cin x 8*Cout), whose right factor is exactly our (Cin, 2, 2, 2, Cout)
+//    weight, followed by a scatter of the 8 taps into the 2x2x2 output blocks (with the bias). This
+//    runs through dnnl_sgemm into the per-thread workspace, only where oneDNN has no JIT kernel.
 //  - One engine and one stream for the process. A CPU stream with the OpenMP runtime executes in the
 //    calling thread; each cache entry has its own mutex because its memory objects carry the caller's
 //    pointers during a call.
@@ -107,6 +112,7 @@ struct Entry {
   memory weights_prim;  // the primitive's weight format (== weights_user when no reorder is needed)
   memory bias;          // caller's b or db
   memory scratch;
+  bool forward_by_gemm = false;  // transposed forward through dnnl_sgemm (see the header comment)
   int64_t depth_pad = 0;  // backward-weights on a depth-padded copy of x (see the header comment)
   bool reorder_weights = false;
   dnnl::primitive weights_reorder;  // user -> prim (forward, backward-data), prim -> user (weights)
@@ -217,6 +223,10 @@ std::shared_ptr<Entry> build(const Key& key) {
 
   if (key.pass == Pass::Forward) {
     auto pd = forward_pd<Ops>(d, key.bias, attr);
+    if (g.transposed && !is_jit(pd)) {
+      e->forward_by_gemm = true;
+      return e;
+    }
     e->prim = typename Ops::Fwd(pd);
     e->src = unbound(pd.src_desc());
     e->dst = unbound(pd.dst_desc());
@@ -326,9 +336,10 @@ void execute(const ConvGeometry& g, const dnnl::primitive& prim,
 
 void set(const memory& m, const float* p) { m.set_data_handle(const_cast<float*>(p)); }
 
-// Per-thread buffer for the depth-padded copy of x. It grows to the largest geometry a thread meets and
-// is then reused, so steady-state training steps allocate nothing.
-float* depth_padded_workspace(size_t floats) {
+// Per-thread buffer for the depth-padded copy of x and the transposed conv's GEMM result (never both
+// in one call). It grows to the largest geometry a thread meets and is then reused, so steady-state
+// training steps allocate nothing.
+float* thread_workspace(size_t floats) {
   struct Workspace {
     std::unique_ptr<float[]> data;
     size_t size = 0;
@@ -346,7 +357,7 @@ float* depth_padded_workspace(size_t floats) {
 float* copy_depth_padded(const ConvGeometry& g, int64_t p, const float* x) {
   const int64_t plane = g.ih * g.iw * g.cin;
   const int64_t padded_depth = g.id + 2 * p;
-  float* out = depth_padded_workspace(static_cast<size_t>(g.n * padded_depth * plane));
+  float* out = thread_workspace(static_cast<size_t>(g.n * padded_depth * plane));
   const int64_t planes = g.n * padded_depth;
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < planes; ++i) {
@@ -360,6 +371,34 @@ float* copy_depth_padded(const ConvGeometry& g, int64_t p, const float* x) {
   return out;
 }
 
+// y = scatter(x * w) + b for the k = stride = 2 transposed conv; see the header comment.
+void transposed_forward_by_gemm(const ConvGeometry& g, const float* x, const float* w,
+                                const float* b, float* y) {
+  const int64_t rows = g.n * g.id * g.ih * g.iw, cols = 8 * g.cout, cout = g.cout;
+  float* z = thread_workspace(static_cast<size_t>(rows * cols));
+  const dnnl_status_t st =
+      dnnl_sgemm('N', 'N', rows, cols, g.cin, 1.f, x, g.cin, w, cols, 0.f, z, cols);
+  if (st != dnnl_success)
+    throw Error("dnnl_sgemm failed for " + g.str() + " (status " +
+                std::to_string(static_cast<int>(st)) + ")");
+  const int64_t out_rows = g.n * g.od * g.oh;
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < out_rows; ++r) {
+    const int64_t n = r / (g.od * g.oh), od = (r / g.oh) % g.od, oh = r % g.oh;
+    const float* zrow = z + ((n * g.id + od / 2) * g.ih + oh / 2) * g.iw * cols;
+    const int64_t tap_dh = ((od % 2) * 2 + oh % 2) * 2;
+    float* yrow = y + r * g.ow * cout;
+    for (int64_t ow = 0; ow < g.ow; ++ow) {
+      const float* src = zrow + (ow / 2) * cols + (tap_dh + ow % 2) * cout;
+      float* dst = yrow + ow * cout;
+      if (b)
+        for (int64_t co = 0; co < cout; ++co) dst[co] = src[co] + b[co];
+      else
+        std::memcpy(dst, src, static_cast<size_t>(cout) * sizeof(float));
+    }
+  }
+}
+
 }  // namespace
 
 void conv3d_forward(const ConvGeometry& g, const float* x, const float* w, const float* b,
@@ -367,6 +406,7 @@ void conv3d_forward(const ConvGeometry& g, const float* x, const float* w, const
   validate(g);
   MEDSEG_CHECK(x && w && y, "conv3d_forward: null x, w or y for ", g.str());
   auto e = lookup(g, Pass::Forward, b != nullptr);
+  if (e->forward_by_gemm) return transposed_forward_by_gemm(g, x, w, b, y);
   std::lock_guard<std::mutex> lock(e->mu);
   set(e->src, x);
   set(e->dst, y);
