@@ -293,9 +293,11 @@ TEST(CudaOps, SgdNesterovMatchesDocumentedFormula) {
   }
   Guarded gw(w), gg(g), gv(v);
   cuda::sgd_nesterov_update(ctx, n, gw.ptr(), gg.ptr(), gv.ptr(), lr, mu, wd);
-  // fp32 evaluation of three fused multiply-adds on O(1) values: a few ulp (~1e-7 relative).
-  expect_close(gv.download("sgd v"), v_ref, 1e-6, 1e-7, "sgd velocity");
-  expect_close(gw.download("sgd w"), w_ref, 1e-6, 1e-7, "sgd weights");
+  // fp32 evaluation of three fused multiply-adds: each result within an ulp or so of itself, plus the
+  // rounding of the intermediate g' (0.5 ulp of |g'| < 4, i.e. <= 2.4e-7 absolute), which survives
+  // into v and w even when those are small.
+  expect_close(gv.download("sgd v"), v_ref, 1e-6, 5e-7, "sgd velocity");
+  expect_close(gw.download("sgd w"), w_ref, 1e-6, 5e-7, "sgd weights");
   expect_close(gg.download("sgd g"), g, 0, 0, "sgd gradient is read only");
 }
 

@@ -83,8 +83,9 @@ inline ReduceGrid reduce_grid(int64_t rows_per_group, int64_t channels, int64_t 
 }
 
 // Stage 1 of the channel reduction. `Op` provides
-//   __device__ void operator()(int64_t index, int channel, int group, double (&acc)[NV]) const
-// which adds the contributions of element `index` (row-major (rows, C) position) to acc.
+//   __device__ void operator()(int64_t index, int64_t row, int channel, int group,
+//                              double (&acc)[NV]) const
+// which adds the contributions of element `index` = row * C + channel (global row) to acc.
 // partials[((group * row_blocks + row_block) * C + c) * NV + i].
 template <int NV, typename Op>
 __global__ void channel_partials_kernel(int64_t rows_per_group, int channels, Op op, double* partials) {
@@ -103,7 +104,7 @@ __global__ void channel_partials_kernel(int64_t rows_per_group, int channels, Op
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         const int64_t rr = row + u * step;
-        if (rr < rows_per_group) op((base + rr) * channels + c, c, g, acc);
+        if (rr < rows_per_group) op((base + rr) * channels + c, base + rr, c, g, acc);
       }
     }
   }

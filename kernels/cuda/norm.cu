@@ -44,7 +44,7 @@ enum CounterSlot { kSteps = 0, kSkipped, kRClipped, kDClipped, kLastSkipped, kLa
 
 struct StatsOp {
   const float* x;
-  __device__ void operator()(int64_t i, int, int, double (&acc)[2]) const {
+  __device__ void operator()(int64_t i, int64_t, int, int, double (&acc)[2]) const {
     const double v = x[i];
     acc[0] += v;
     acc[1] += v * v;
@@ -59,7 +59,7 @@ struct BackwardSumsOp {
   const float* inv_std;
   int channels;
   float slope;
-  __device__ void operator()(int64_t i, int c, int g, double (&acc)[2]) const {
+  __device__ void operator()(int64_t i, int64_t, int c, int g, double (&acc)[2]) const {
     const int gc = g * channels + c;
     float dz = dy[i];
     if (y && !(y[i] > 0.f)) dz *= slope;
@@ -162,28 +162,37 @@ __device__ __forceinline__ float activate(float z, bool leaky, float slope) {
   return (!leaky || z > 0.f) ? z : slope * z;
 }
 
+// Element index -> (channel, group) without 64-bit divisions where the tensor allows: Index is
+// uint32_t when the element count fits (every U-Net activation does; a 64-bit division costs as much as
+// the memory traffic of the element), and the group division is compiled out for the batch kinds.
+template <typename Index, bool kGroups>
+__device__ __forceinline__ int param_index(Index e, Index channels, Index group_elems) {
+  const int c = static_cast<int>(e % channels);
+  if constexpr (kGroups) return static_cast<int>(e / group_elems) * static_cast<int>(channels) + c;
+  return c;
+}
+
 // y = act((x - mean[gc]) * scale[gc] + shift[gc]); `group_elems` = elements per group (instance
-// norm: one sample; batch kinds: everything, so the group index is always 0).
-__global__ void normalize_kernel(int64_t count, int channels, int64_t group_elems, const float* x,
+// norm: one sample).
+template <typename Index, bool kGroups>
+__global__ void normalize_kernel(Index count, Index channels, Index group_elems, const float* x,
                                  const float* mean, const float* scale, const float* shift, bool leaky,
                                  float slope, float* y) {
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < count; i += stride) {
-    const int c = static_cast<int>(i % channels);
-    const int gc = static_cast<int>(i / group_elems) * channels + c;
+  const Index stride = static_cast<Index>(gridDim.x) * blockDim.x;
+  for (Index i = static_cast<Index>(blockIdx.x) * blockDim.x + threadIdx.x; i < count; i += stride) {
+    const int gc = param_index<Index, kGroups>(i, channels, group_elems);
     y[i] = activate(fmaf(x[i] - mean[gc], scale[gc], shift[gc]), leaky, slope);
   }
 }
 
 // Same, 4 channels per thread (channels % 4 == 0, 16-byte aligned x and y).
-__global__ void normalize4_kernel(int64_t count4, int channels, int64_t group_elems, const float4* x,
+template <typename Index, bool kGroups>
+__global__ void normalize4_kernel(Index count4, Index channels, Index group_elems, const float4* x,
                                   const float* mean, const float* scale, const float* shift, bool leaky,
                                   float slope, float4* y) {
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < count4; i += stride) {
-    const int64_t e = i * 4;
-    const int c = static_cast<int>(e % channels);
-    const int gc = static_cast<int>(e / group_elems) * channels + c;
+  const Index stride = static_cast<Index>(gridDim.x) * blockDim.x;
+  for (Index i = static_cast<Index>(blockIdx.x) * blockDim.x + threadIdx.x; i < count4; i += stride) {
+    const int gc = param_index<Index, kGroups>(i * 4, channels, group_elems);
     const float4 v = x[i];
     float4 o;
     o.x = activate(fmaf(v.x - mean[gc + 0], scale[gc + 0], shift[gc + 0]), leaky, slope);
@@ -223,19 +232,30 @@ __global__ void finalize_backward_kernel(FinalizeBackwardArgs a) {
   }
 }
 
-__global__ void norm_dx_kernel(int64_t count, int channels, int64_t group_elems, const float* dy,
+template <typename Index, bool kGroups>
+__global__ void norm_dx_kernel(Index count, Index channels, Index group_elems, const float* dy,
                                const float* x, const float* y, float slope, const float* mean,
                                const float* inv_std, const float* k, const float* mean_dz,
                                const float* mean_dz_xbn, float* dx) {
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < count; i += stride) {
-    const int c = static_cast<int>(i % channels);
-    const int gc = static_cast<int>(i / group_elems) * channels + c;
+  const Index stride = static_cast<Index>(gridDim.x) * blockDim.x;
+  for (Index i = static_cast<Index>(blockIdx.x) * blockDim.x + threadIdx.x; i < count; i += stride) {
+    const int gc = param_index<Index, kGroups>(i, channels, group_elems);
     float dz = dy[i];
     if (y && !(y[i] > 0.f)) dz *= slope;
     const float x_bn = (x[i] - mean[gc]) * inv_std[gc];
     dx[i] = k[gc] * (dz - mean_dz[gc] - x_bn * mean_dz_xbn[gc]);
   }
+}
+
+// Calls fn.template operator()<Index, kGroups>() with the cheapest index type and group mode for s.
+template <typename Fn>
+void dispatch_index(const Shape& s, bool groups, Fn&& fn) {
+  // Below 2^31 elements a 32-bit grid-stride index cannot wrap: i + stride < 2^31 + 2^24 < 2^32.
+  const bool small = s.numel() < (int64_t{1} << 31);
+  if (small && groups) fn.template operator()<uint32_t, true>();
+  else if (small) fn.template operator()<uint32_t, false>();
+  else if (groups) fn.template operator()<int64_t, true>();
+  else fn.template operator()<int64_t, false>();
 }
 
 void check_args(const NormConfig& cfg, const Shape& s, const void* x, const void* gamma,
@@ -265,14 +285,19 @@ void launch_normalize(CudaContext& ctx, const Shape& s, const GroupLayout& gl, c
                       const float* mean, const float* scale, const float* shift, const NormConfig& cfg,
                       float* y) {
   const int64_t count = s.numel();
-  if (s.c % 4 == 0 && detail::aligned16(x) && detail::aligned16(y)) {
-    normalize4_kernel<<<detail::elementwise_blocks(count / 4), kThreads, 0, ctx.stream()>>>(
-        count / 4, static_cast<int>(s.c), gl.group_elems, reinterpret_cast<const float4*>(x), mean,
-        scale, shift, cfg.leaky, cfg.slope, reinterpret_cast<float4*>(y));
-  } else {
-    normalize_kernel<<<detail::elementwise_blocks(count), kThreads, 0, ctx.stream()>>>(
-        count, static_cast<int>(s.c), gl.group_elems, x, mean, scale, shift, cfg.leaky, cfg.slope, y);
-  }
+  const bool vec4 = s.c % 4 == 0 && detail::aligned16(x) && detail::aligned16(y);
+  dispatch_index(s, gl.groups > 1, [&]<typename Index, bool kGroups>() {
+    if (vec4) {
+      normalize4_kernel<Index, kGroups><<<detail::elementwise_blocks(count / 4), kThreads, 0, ctx.stream()>>>(
+          static_cast<Index>(count / 4), static_cast<Index>(s.c), static_cast<Index>(gl.group_elems),
+          reinterpret_cast<const float4*>(x), mean, scale, shift, cfg.leaky, cfg.slope,
+          reinterpret_cast<float4*>(y));
+    } else {
+      normalize_kernel<Index, kGroups><<<detail::elementwise_blocks(count), kThreads, 0, ctx.stream()>>>(
+          static_cast<Index>(count), static_cast<Index>(s.c), static_cast<Index>(gl.group_elems), x, mean,
+          scale, shift, cfg.leaky, cfg.slope, y);
+    }
+  });
   MEDSEG_CUDA_CHECK_LAUNCH();
 }
 
@@ -413,9 +438,11 @@ void norm_backward(CudaContext& ctx, const NormConfig& cfg, const Shape& s, cons
   finalize_backward_kernel<<<1, kThreads, 0, ctx.stream()>>>(a);
   MEDSEG_CUDA_CHECK_LAUNCH();
   const int64_t count = s.numel();
-  norm_dx_kernel<<<detail::elementwise_blocks(count), kThreads, 0, ctx.stream()>>>(
-      count, static_cast<int>(s.c), gl.group_elems, dy, x, mask_y, cfg.slope, cache.mean, cache.inv_std,
-      a.k, a.mean_dz, a.mean_dz_xbn, dx);
+  dispatch_index(s, gl.groups > 1, [&]<typename Index, bool kGroups>() {
+    norm_dx_kernel<Index, kGroups><<<detail::elementwise_blocks(count), kThreads, 0, ctx.stream()>>>(
+        static_cast<Index>(count), static_cast<Index>(s.c), static_cast<Index>(gl.group_elems), dy, x,
+        mask_y, cfg.slope, cache.mean, cache.inv_std, a.k, a.mean_dz, a.mean_dz_xbn, dx);
+  });
   MEDSEG_CUDA_CHECK_LAUNCH();
 }
 

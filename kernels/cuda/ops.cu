@@ -124,11 +124,10 @@ __global__ void loss_softmax_kernel(int64_t rows, int k, const float* logits, co
 struct LossSumsOp {
   const float* probs;
   const uint16_t* labels;
-  int k;
-  __device__ void operator()(int64_t i, int c, int, double (&acc)[4]) const {
+  __device__ void operator()(int64_t i, int64_t row, int c, int, double (&acc)[4]) const {
     const double p = probs[i];
     acc[0] += p;
-    if (labels[i / k] == c) {
+    if (labels[row] == c) {
       acc[1] += p;
       acc[2] += 1.0;
       acc[3] -= log(fmax(p, 1e-30));  // the same floor as cpu::dice_ce_loss (float probabilities)
@@ -220,7 +219,7 @@ __global__ void channel_sum_finalize_kernel(const double* partials, int row_bloc
 
 struct ValueOp {
   const float* x;
-  __device__ void operator()(int64_t i, int, int, double (&acc)[1]) const { acc[0] += x[i]; }
+  __device__ void operator()(int64_t i, int64_t, int, int, double (&acc)[1]) const { acc[0] += x[i]; }
 };
 
 __global__ void add_bias_kernel(int64_t count, int channels, const float* bias, float* y) {
@@ -315,7 +314,7 @@ DiceCeResult dice_ce_loss(CudaContext& ctx, const Shape& s, const float* logits,
   MEDSEG_CUDA_CHECK_LAUNCH();
   double* partials = at_offset<double>(ws, off_partials);
   detail::channel_partials_kernel<4, LossSumsOp><<<rg.grid, rg.block, 0, ctx.stream()>>>(
-      groups_rows, k, LossSumsOp{p, labels, k}, partials);
+      groups_rows, k, LossSumsOp{p, labels}, partials);
   MEDSEG_CUDA_CHECK_LAUNCH();
   LossFinalizeArgs fa{};
   fa.partials = partials;

@@ -1,0 +1,164 @@
+#!/usr/bin/env bash
+# Builds the CUDA backend on this (GPU-less) machine and packs what a bare CUDA machine needs to run
+# the GPU checks into gpu-bundle/ (ignored by git):
+#   gpu-bundle/bin/               the CUDA test executables (tests/cuda_*.cpp) and bench_cuda
+#   gpu-bundle/lib/               shared libraries they need that such a machine lacks (oneDNN, OpenMP,
+#                                 libstdc++, OpenCL loader, ...), found with ldd; never libcuda (the
+#                                 driver's), libcudart or libcudnn (the machine's CUDA / Python env)
+#   gpu-bundle/lib/glibc/         this machine's C library and loader, used only if the target's glibc
+#                                 is too old to start the binaries
+#   gpu-bundle/cudart-fallback/   libcudart.so.13, used only if the target has no CUDA 13 runtime
+#   gpu-bundle/run-gpu-checks.sh  sets LD_LIBRARY_PATH, runs the tests and the benchmarks, writes
+#                                 results to $OUT (or gpu-bundle/results)
+# Usage: scripts/gpu-bundle.sh            (then copy gpu-bundle/ to the GPU machine and run
+#                                          gpu-bundle/run-gpu-checks.sh there)
+# The CPU flags are x86-64-v3 (AVX2), not -march=native: the GPU machine's CPU is not this one.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+build="$root/build-gpu"
+bundle="$root/gpu-bundle"
+
+if [[ ! -f "$build/CMakeCache.txt" ]]; then
+  cmake -S "$root" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DMEDSEG_CUDA=ON \
+    -DMEDSEG_CPU_ARCH=x86-64-v3 >"$root/build-gpu-configure.log" 2>&1 ||
+    { cat "$root/build-gpu-configure.log"; exit 1; }
+  grep -E "medseg:" "$root/build-gpu-configure.log" || true
+fi
+
+targets=(bench_cuda)
+for src in "$root"/tests/cuda_*.cpp; do
+  [[ -e "$src" ]] && targets+=("$(basename "$src" .cpp)")
+done
+echo "building: ${targets[*]}"
+cmake --build "$build" --target "${targets[@]}" -j "$(nproc)"
+
+rm -rf "$bundle"
+mkdir -p "$bundle/bin" "$bundle/lib/glibc" "$bundle/cudart-fallback"
+for t in "${targets[@]}"; do cp "$build/$t" "$bundle/bin/"; done
+
+# Libraries: everything ldd resolves, except the driver / CUDA runtime / cuDNN (the GPU machine's own)
+# and the C library family (kept apart in lib/glibc for the fallback loader).
+is_glibc() {
+  case "$1" in
+    libc.so.* | libm.so.* | libdl.so.* | libpthread.so.* | librt.so.* | ld-linux*.so.* | libresolv.so.*) return 0 ;;
+    *) return 1 ;;
+  esac
+}
+for t in "${targets[@]}"; do
+  ldd "$build/$t" | awk '/=>/ { print $1, $3 }' | while read -r name path; do
+    [[ -z "$path" || "$path" == "not" ]] && { echo "unresolved dependency $name of $t" >&2; exit 1; }
+    case "$name" in
+      libcuda.so.* | libcudart.so.* | libcudnn*.so.* | libnvidia*.so.*) continue ;;
+    esac
+    if is_glibc "$name"; then
+      cp -L -n "$path" "$bundle/lib/glibc/$name"
+    else
+      cp -L -n "$path" "$bundle/lib/$name"
+    fi
+  done
+done
+loader=$(ldd "$build/bench_cuda" | awk '/ld-linux/ { print $1 }')
+cp -L -n "$loader" "$bundle/lib/glibc/"
+cudart=$(ldd "$build/bench_cuda" | awk '/libcudart.so/ { print $3 }')
+cp -L "$cudart" "$bundle/cudart-fallback/"
+
+cat >"$bundle/run-gpu-checks.sh" <<'EOF'
+#!/usr/bin/env bash
+# Runs the medseg GPU checks: every CUDA test binary (GoogleTest, JSON reports) and bench_cuda.
+# Results go to $OUT if set, else gpu-bundle/results. Environment knobs: FULL=1 runs the full
+# convolution benchmark (all U-Net levels; default: --quick, the 128^3 shapes), BENCH=0 skips the
+# benchmarks, SANITIZE=1 also runs the tests under compute-sanitizer memcheck when it is installed.
+set -uo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+out=${OUT:-$here/results}
+mkdir -p "$out"
+summary="$out/summary.txt"
+: >"$summary"
+say() { echo "$*" | tee -a "$summary"; }
+
+# ---- libraries: bundled ones, cuDNN from the Python environment, a CUDA 13 runtime
+ld_path="$here/lib"
+cudnn_dir=$(python3 -c "import nvidia.cudnn as m, os; print(os.path.dirname(m.__file__) if getattr(m, '__file__', None) else list(m.__path__)[0])" 2>/dev/null || true)
+if [[ -n "$cudnn_dir" && -d "$cudnn_dir/lib" ]]; then
+  ld_path="$ld_path:$cudnn_dir/lib"
+  say "cuDNN from the Python environment: $cudnn_dir/lib"
+else
+  say "no nvidia.cudnn Python package; relying on the system cuDNN (ldconfig, /usr/local/cuda)"
+fi
+site=$(python3 -c "import site; print(' '.join(site.getsitepackages()))" 2>/dev/null || true)
+cudart_dir=""
+for d in $site; do
+  f=$(find "$d/nvidia" -name 'libcudart.so.13*' 2>/dev/null | head -1)
+  [[ -n "$f" ]] && { cudart_dir=$(dirname "$f"); break; }
+done
+if [[ -z "$cudart_dir" ]]; then
+  for d in /usr/local/cuda/lib64 /usr/local/cuda/lib /usr/local/cuda-13*/lib64; do
+    [[ -e "$d/libcudart.so.13" ]] && { cudart_dir="$d"; break; }
+  done
+fi
+if [[ -z "$cudart_dir" ]] && ldconfig -p 2>/dev/null | grep -q 'libcudart.so.13'; then
+  cudart_dir="(system)"
+fi
+if [[ -z "$cudart_dir" ]]; then
+  cudart_dir="$here/cudart-fallback"
+  say "no CUDA 13 runtime on this machine: using the bundled libcudart.so.13"
+fi
+[[ "$cudart_dir" != "(system)" ]] && ld_path="$ld_path:$cudart_dir"
+for d in /usr/local/cuda/lib64 /usr/lib/x86_64-linux-gnu; do [[ -d "$d" ]] && ld_path="$ld_path:$d"; done
+export LD_LIBRARY_PATH="$ld_path${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+say "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+
+# ---- start binaries directly, or through the bundled loader when the system glibc is too old
+launcher=()
+if ! "$here/bin/bench_cuda" --help >/dev/null 2>"$out/start-check.txt"; then
+  if grep -q "GLIBC" "$out/start-check.txt"; then
+    launcher=("$here/lib/glibc/$(ls "$here/lib/glibc" | grep ld-linux | head -1)" --library-path
+              "$LD_LIBRARY_PATH:$here/lib/glibc")
+    say "system glibc too old: using the bundled loader"
+  elif grep -q "error while loading shared libraries" "$out/start-check.txt"; then
+    say "cannot start the binaries: $(cat "$out/start-check.txt")"
+    exit 2
+  fi
+fi
+run() { "${launcher[@]}" "$@"; }
+
+{ nvidia-smi 2>&1 || echo "nvidia-smi not available"; } >"$out/nvidia-smi.txt"
+say "machine: $(uname -srm), $(nproc) CPUs; GPU: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | head -1)"
+
+status=0
+for t in "$here"/bin/cuda_*; do
+  name=$(basename "$t")
+  say "== $name"
+  run "$t" --gtest_output="json:$out/$name.json" >"$out/$name.log" 2>&1
+  rc=$?
+  tail -n 25 "$out/$name.log" | tee -a "$summary"
+  if grep -q "no CUDA device" "$out/$name.log"; then
+    say "!! $name SKIPPED tests: no usable CUDA device (see $out/$name.log)"
+    status=1
+  fi
+  [[ $rc -ne 0 ]] && { say "!! $name exit code $rc"; status=1; }
+  if [[ "${SANITIZE:-0}" == 1 ]] && command -v compute-sanitizer >/dev/null; then
+    compute-sanitizer --tool memcheck --error-exitcode 9 "${launcher[@]}" "$t" \
+      --gtest_filter='CudaOps.*:CudaLoss.*:CudaNorm.*' >"$out/$name.memcheck.log" 2>&1
+    say "memcheck $name: exit $? (log $out/$name.memcheck.log)"
+  fi
+done
+
+if [[ "${BENCH:-1}" == 1 ]]; then
+  say "== bench_cuda"
+  args=(--quick)
+  [[ "${FULL:-0}" == 1 ]] && args=()
+  run "$here/bin/bench_cuda" "${args[@]}" >"$out/bench_cuda.log" 2>&1
+  rc=$?
+  tee -a "$summary" <"$out/bench_cuda.log" >/dev/null
+  grep -v '^RESULT ' "$out/bench_cuda.log"
+  grep '^RESULT ' "$out/bench_cuda.log" | sed 's/^RESULT //' >"$out/bench_cuda.jsonl"
+  [[ $rc -ne 0 ]] && { say "!! bench_cuda exit code $rc"; status=1; }
+fi
+say "results in $out (exit status $status)"
+exit $status
+EOF
+chmod +x "$bundle/run-gpu-checks.sh"
+du -sh "$bundle"
+echo "bundle ready: copy $bundle to the GPU machine and run run-gpu-checks.sh there"
