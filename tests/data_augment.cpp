@@ -61,8 +61,12 @@ TEST(SpatialAugment, ResamplingWithIdentityEqualsTheCopy) {
   // including the zero padding beyond the border.
   auto c = make_case(
       "ramp", {9, 10, 11}, 2,
-      [](int64_t z, int64_t y, int64_t x, int ch) { return static_cast<float>(z * 7 - y * 3 + x + ch); },
-      [](int64_t z, int64_t y, int64_t x) { return static_cast<uint16_t>((z + 2 * y + 3 * x) % 4); });
+      [](int64_t z, int64_t y, int64_t x, int ch) {
+        return static_cast<float>(z * 7 - y * 3 + x + ch);
+      },
+      [](int64_t z, int64_t y, int64_t x) {
+        return static_cast<uint16_t>((z + 2 * y + 3 * x) % 4);
+      });
   const CaseView v = c.view();
   const std::array<int64_t, 3> patch{8, 12, 6};
   SpatialDraw identity;
@@ -128,7 +132,8 @@ TEST(SpatialAugment, MirroringIsAnExactFlip) {
     for (int64_t z = 0; z < 5; ++z)
       for (int64_t y = 0; y < 6; ++y)
         for (int64_t x = 0; x < 7; ++x) {
-          const int64_t sz = axes[0] ? 4 - z : z, sy = axes[1] ? 5 - y : y, sx = axes[2] ? 6 - x : x;
+          const int64_t sz = axes[0] ? 4 - z : z, sy = axes[1] ? 5 - y : y,
+                        sx = axes[2] ? 6 - x : x;
           const int64_t o = (z * 6 + y) * 7 + x, s = (sz * 6 + sy) * 7 + sx;
           ASSERT_EQ(ml[static_cast<size_t>(o)], lab[static_cast<size_t>(s)]) << "mask " << mask;
           for (int ch = 0; ch < C; ++ch)
@@ -156,27 +161,32 @@ TEST(SpatialAugment, MirroredPatchesKeepImageAndLabelsIdentical) {
 }
 
 TEST(SpatialAugment, RotationAndScalingKeepLabelsWhereTheImageIsHigh) {
-  // Box of side 14-18 with image == label. The image is interpolated trilinearly, the labels by
-  // nearest neighbour: along one axis, trilinear > 0.5 exactly when the nearest voxel is inside, so
-  // they can only disagree where the source point is within half a voxel of two faces at once (an
-  // edge band of 0.5 x 0.5 voxels along the 12 edges: about 3 / side^2 = 1.5% of the box's volume at
-  // side 14, more when zooming in magnifies it). Allowed: every disagreeing voxel touches (26-
-  // neighbourhood) a voxel of the other label, and at most 4% of the labelled voxels disagree.
+  // Box of 16 x 18 x 14 voxels with image == label. The image is interpolated trilinearly, the
+  // labels by nearest neighbour. Along one axis trilinear > 0.5 exactly when the nearest voxel is
+  // inside, so they can only disagree where the source point is within half a voxel of two faces at
+  // once and the product of the two partial coverages drops to 0.5: a band of cross-section 0.5 ln
+  // 2 - 0.25 = 0.097 voxel^2 along the 12 edges (192 voxels long): about 19 voxels, against ~3000
+  // voxels on the label boundary (0.6%). Allowed: every disagreeing voxel touches
+  // (26-neighbourhood) a voxel of the other label, and at most 3% of the boundary voxels disagree
+  // (5x margin for zoomed-in, partial views; measured worst 1.2% over 2000 draws with rotation and
+  // scaling both drawn).
   const auto c = box_case({48, 48, 48}, {16, 15, 17}, {32, 33, 31});
   const CaseView v = c.view();
   SamplerConfig cfg;
   cfg.patch = {28, 28, 28};
   const int64_t D = 28, H = 28, W = 28;
   int changed = 0;
-  for (const AugmentConfig& aug : {only_spatial(false, true, false), only_spatial(false, false, true),
-                                   only_spatial(true, true, true)}) {
+  for (const AugmentConfig& aug :
+       {only_spatial(false, true, false), only_spatial(false, false, true),
+        only_spatial(true, true, true)}) {
     Rng rng(31);
     std::vector<float> img(static_cast<size_t>(D * H * W));
     std::vector<uint16_t> lab(img.size());
     std::vector<float> plain_img(img.size());
     std::vector<uint16_t> plain_lab(img.size());
     for (int i = 0; i < 12; ++i) {
-      // The centre is drawn before the transform: a copy of the generator reproduces it untransformed.
+      // The centre is drawn before the transform: a copy of the generator reproduces it
+      // untransformed.
       Rng same_centre = rng;
       sample_augmented_patch(v, cfg, aug, true, rng, img.data(), lab.data());
       sample_augmented_patch(v, cfg, AugmentConfig::none(), true, same_centre, plain_img.data(),
@@ -185,17 +195,15 @@ TEST(SpatialAugment, RotationAndScalingKeepLabelsWhereTheImageIsHigh) {
       auto at = [&](int64_t z, int64_t y, int64_t x) {
         return lab[static_cast<size_t>((z * H + y) * W + x)];
       };
-      int64_t labelled = 0, disagree = 0;
+      int64_t labelled = 0, disagree = 0, boundary = 0;
       for (int64_t z = 0; z < D; ++z)
         for (int64_t y = 0; y < H; ++y)
           for (int64_t x = 0; x < W; ++x) {
             const size_t k = static_cast<size_t>((z * H + y) * W + x);
             ASSERT_TRUE(std::isfinite(img[k]));
-            ASSERT_GE(img[k], -1e-6f);      // trilinear weights are convex: values stay in [0, 1]
+            ASSERT_GE(img[k], -1e-6f);       // trilinear weights are convex: values stay in [0, 1]
             ASSERT_LE(img[k], 1.f + 1e-6f);  // (1e-6: float rounding of the 8 weights)
             labelled += lab[k];
-            if ((img[k] > 0.5f) == (lab[k] == 1)) continue;
-            ++disagree;
             bool touches_other = false;
             for (int dz = -1; dz <= 1; ++dz)
               for (int dy = -1; dy <= 1; ++dy)
@@ -204,13 +212,16 @@ TEST(SpatialAugment, RotationAndScalingKeepLabelsWhereTheImageIsHigh) {
                   if (!in_box(nz, ny, nx, {0, 0, 0}, {D, H, W})) continue;
                   touches_other |= at(nz, ny, nx) != lab[k];
                 }
-            ASSERT_TRUE(touches_other) << "draw " << i << ": image " << img[k] << " label "
-                                       << lab[k] << " at " << z << "," << y << "," << x
-                                       << " away from the label boundary";
+            boundary += touches_other;
+            if ((img[k] > 0.5f) == (lab[k] == 1)) continue;
+            ++disagree;
+            ASSERT_TRUE(touches_other)
+                << "draw " << i << ": image " << img[k] << " label " << lab[k] << " at " << z << ","
+                << y << "," << x << " away from the label boundary";
           }
       ASSERT_GT(labelled, 0) << "draw " << i;
-      EXPECT_LE(static_cast<double>(disagree), 0.04 * static_cast<double>(labelled))
-          << "draw " << i << ": " << disagree << " of " << labelled << " labelled voxels disagree";
+      EXPECT_LE(static_cast<double>(disagree), 0.03 * static_cast<double>(boundary))
+          << "draw " << i << ": " << disagree << " of " << boundary << " boundary voxels disagree";
     }
   }
   EXPECT_GT(changed, 20) << "the spatial transforms hardly changed any patch";
@@ -259,7 +270,9 @@ TEST(IntensityAugment, LeavesLabelsUntouchedAndValuesFinite) {
       [](int64_t z, int64_t y, int64_t x, int ch) {
         return static_cast<float>(std::sin(0.3 * z + ch) * 3 + 0.1 * y - 0.05 * x);
       },
-      [](int64_t z, int64_t y, int64_t x) { return static_cast<uint16_t>((z / 6 + y / 7 + x / 9) % 3); });
+      [](int64_t z, int64_t y, int64_t x) {
+        return static_cast<uint16_t>((z / 6 + y / 7 + x / 9) % 3);
+      });
   const std::vector<CaseView> cases{c.view()};
   SamplerConfig cfg;
   cfg.patch = {16, 16, 16};
@@ -267,8 +280,8 @@ TEST(IntensityAugment, LeavesLabelsUntouchedAndValuesFinite) {
   all.noise = all.blur = all.brightness = all.contrast = all.low_resolution = all.gamma =
       all.gamma_inverted = true;
   all.p_noise = all.p_blur = all.p_blur_per_channel = all.p_brightness = all.p_contrast =
-      all.p_low_resolution = all.p_low_resolution_per_channel = all.p_gamma =
-          all.p_gamma_inverted = 1.0;
+      all.p_low_resolution = all.p_low_resolution_per_channel = all.p_gamma = all.p_gamma_inverted =
+          1.0;
   AugmentConfig spatial_off_only = only_spatial(false, false, false);
   for (uint64_t k = 0; k < 20; ++k) {
     const Batch plain = make_batch(cases, cfg, spatial_off_only, 2, 5, k);
@@ -276,7 +289,8 @@ TEST(IntensityAugment, LeavesLabelsUntouchedAndValuesFinite) {
     ASSERT_EQ(plain.labels, aug.labels) << "batch " << k;
     ASSERT_TRUE(all_finite(aug.image.data(), aug.image.numel())) << "batch " << k;
     int64_t differ = 0;
-    for (int64_t i = 0; i < aug.image.numel(); ++i) differ += aug.image.data()[i] != plain.image.data()[i];
+    for (int64_t i = 0; i < aug.image.numel(); ++i)
+      differ += aug.image.data()[i] != plain.image.data()[i];
     EXPECT_GT(differ, aug.image.numel() / 2) << "batch " << k;
   }
 }
@@ -285,16 +299,16 @@ TEST(IntensityAugment, ConstantPatchSurvivesEveryTransformFinite) {
   // A constant patch is the degenerate case for contrast, gamma and noise normalisation.
   AugmentConfig all;
   all.p_noise = all.p_blur = all.p_blur_per_channel = all.p_brightness = all.p_contrast =
-      all.p_low_resolution = all.p_low_resolution_per_channel = all.p_gamma =
-          all.p_gamma_inverted = 1.0;
+      all.p_low_resolution = all.p_low_resolution_per_channel = all.p_gamma = all.p_gamma_inverted =
+          1.0;
   all.noise = false;  // keeps the patch constant through the other transforms
   Rng rng(9);
   std::vector<float> img(10 * 12 * 14, 2.5f);
   augment_intensity(all, rng, img.data(), {10, 12, 14}, 1);
   ASSERT_TRUE(all_finite(img.data(), static_cast<int64_t>(img.size())));
   const auto [mn, mx] = std::minmax_element(img.begin(), img.end());
-  // Every transform maps a constant patch to a constant one; blur and resampling average equal values
-  // with weights summing to 1 up to float rounding (1e-5 relative).
+  // Every transform maps a constant patch to a constant one; blur and resampling average equal
+  // values with weights summing to 1 up to float rounding (1e-5 relative).
   EXPECT_NEAR(*mn, *mx, 1e-5f * std::abs(*mx));
 }
 

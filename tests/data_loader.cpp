@@ -49,7 +49,8 @@ SamplerConfig small_patch() {
   return s;
 }
 
-// Everything on, with the spatial probabilities raised so the interpolating path is exercised often.
+// Everything on, with the spatial probabilities raised so the interpolating path is exercised
+// often.
 AugmentConfig busy_augment() {
   AugmentConfig a;
   a.p_rotation = 0.5;
@@ -64,7 +65,8 @@ void expect_same_batch(const Batch& a, const Batch& b, const std::string& what) 
   ASSERT_EQ(a.case_ids, b.case_ids) << what;
   ASSERT_EQ(a.labels, b.labels) << what << " batch " << a.index;
   for (int64_t i = 0; i < a.image.numel(); ++i)
-    ASSERT_EQ(a.image.data()[i], b.image.data()[i]) << what << " batch " << a.index << " value " << i;
+    ASSERT_EQ(a.image.data()[i], b.image.data()[i])
+        << what << " batch " << a.index << " value " << i;
 }
 
 // Runs `f` with a deadline; a hang fails the test and ends the process (a hung thread cannot be

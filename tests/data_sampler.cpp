@@ -56,8 +56,8 @@ TEST(Sampler, RandomCentresCoverTheWholeCaseByDefault) {
 }
 
 TEST(Sampler, NoOverhangKeepsPatchesInsideOrCentred) {
-  // Axis z (10) is smaller than the patch (16): centred, origin floor((10 - 16) / 2) = -3. Axes y, x
-  // are larger: the patch stays inside.
+  // Axis z (10) is smaller than the patch (16): centred, origin floor((10 - 16) / 2) = -3. Axes y,
+  // x are larger: the patch stays inside.
   const auto c = plain_case({10, 30, 17});
   const CaseView v = c.view();
   SamplerConfig cfg;
@@ -120,12 +120,14 @@ TEST(Sampler, CornerPatchOfSmallCaseIsZeroBeyondTheBorder) {
 TEST(Sampler, ForcedDrawsContainForeground) {
   // One 3x3x3 blob of class 2 near a corner of a 40^3 case, so random draws often miss it. With
   // rotation and scaling always drawn, the blob still must be in the patch: its centre stays within
-  // |jitter| / 0.7 of the patch centre, and a 3-voxel cube always holds a point of the sampling grid
-  // (grid spacing <= 1.4 voxels, so its cells' diagonal 2.42 < 3).
+  // |jitter| / 0.7 of the patch centre, and a 3-voxel cube always holds a point of the sampling
+  // grid (grid spacing <= 1.4 voxels, so its cells' diagonal 2.42 < 3).
   const std::array<int64_t, 3> blob_lo{3, 30, 5}, blob_hi{6, 33, 8};
   auto c = make_case(
       "blob", {40, 40, 40}, 1,
-      [&](int64_t z, int64_t y, int64_t x, int) { return in_box(z, y, x, blob_lo, blob_hi) ? 2.f : 0.f; },
+      [&](int64_t z, int64_t y, int64_t x, int) {
+        return in_box(z, y, x, blob_lo, blob_hi) ? 2.f : 0.f;
+      },
       [&](int64_t z, int64_t y, int64_t x) {
         return in_box(z, y, x, blob_lo, blob_hi) ? uint16_t{2} : uint16_t{0};
       });
@@ -147,7 +149,8 @@ TEST(Sampler, ForcedDrawsContainForeground) {
       random_hits += contains_label(lab, 2);
     }
   }
-  // The blob is small and off-centre: random draws must miss it often, else the test proves nothing.
+  // The blob is small and off-centre: random draws must miss it often, else the test proves
+  // nothing.
   EXPECT_LT(random_hits, 3 * 300 / 2) << "random draws hit the blob too often to test forcing";
 }
 
@@ -188,7 +191,8 @@ TEST(Sampler, ForcedPlanFollowsNnUNetAndIsProbabilisticForBatchOne) {
   EXPECT_EQ(forced_foreground_plan(4, 0.33, rng), (std::vector<bool>{false, false, false, true}));
   EXPECT_EQ(forced_foreground_plan(2, 0.0, rng), (std::vector<bool>{false, false}));
   EXPECT_EQ(forced_foreground_plan(2, 1.0, rng), (std::vector<bool>{true, true}));
-  // Batch 1 at 0.33: forced with probability 0.33. Binomial(20000, 0.33): sd = 0.0033; 5 sd = 0.017.
+  // Batch 1 at 0.33: forced with probability 0.33. Binomial(20000, 0.33): sd = 0.0033; 5 sd =
+  // 0.017.
   int forced = 0;
   const int n = 20000;
   for (int i = 0; i < n; ++i) forced += forced_foreground_plan(1, 0.33, rng)[0];

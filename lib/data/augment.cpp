@@ -1,6 +1,6 @@
-// Augmentation transforms. The order and the per-channel choices follow nnU-Net v2's default training
-// transforms: noise, blur, brightness, contrast, low resolution, inverted gamma, gamma; mirroring and
-// the affine part are drawn here but applied by the sampler.
+// Augmentation transforms. The order and the per-channel choices follow nnU-Net v2's default
+// training transforms: noise, blur, brightness, contrast, low resolution, inverted gamma, gamma;
+// mirroring and the affine part are drawn here but applied by the sampler.
 #include "data/augment.hpp"
 
 #include <algorithm>
@@ -12,8 +12,9 @@
 namespace medseg::data {
 namespace {
 
-// nnU-Net's "BGContrast" draw for multiplicative factors: half the time below 1, half above, so that a
-// range like (0.75, 1.25) or (0.7, 1.5) shrinks as often as it stretches, whatever its asymmetry.
+// nnU-Net's "BGContrast" draw for multiplicative factors: half the time below 1, half above, so
+// that a range like (0.75, 1.25) or (0.7, 1.5) shrinks as often as it stretches, whatever its
+// asymmetry.
 double draw_factor(double lo, double hi, Rng& rng) {
   const bool below_one = rng.uniform() < 0.5;
   const double u = rng.uniform();
@@ -46,8 +47,8 @@ ChannelStats channel_stats(const float* image, int64_t voxels, int channels, int
   return s;
 }
 
-// Convolves `n` values spaced `stride` apart with the normalised kernel (radius r), repeating the edge
-// values beyond the ends. `line` is scratch of at least n + 2r floats.
+// Convolves `n` values spaced `stride` apart with the normalised kernel (radius r), repeating the
+// edge values beyond the ends. `line` is scratch of at least n + 2r floats.
 void convolve_line(float* data, int64_t n, int64_t stride, const std::vector<float>& kernel,
                    std::vector<float>& line) {
   const int64_t r = static_cast<int64_t>(kernel.size() / 2);
@@ -105,7 +106,8 @@ bool is_anisotropic_patch(const std::array<int64_t, 3>& patch) {
 SpatialDraw draw_spatial(const AugmentConfig& cfg, const std::array<int64_t, 3>& patch, Rng& rng) {
   SpatialDraw d;
   if (!cfg.enabled) return d;
-  // Fixed consumption: 3 mirror draws, 1 rotation decision + 3 angles, 1 scaling decision + 1 factor.
+  // Fixed consumption: 3 mirror draws, 1 rotation decision + 3 angles, 1 scaling decision + 1
+  // factor.
   std::array<double, 3> u_mirror{};
   for (auto& u : u_mirror) u = rng.uniform();
   const double u_rot = rng.uniform();
@@ -115,7 +117,8 @@ SpatialDraw draw_spatial(const AugmentConfig& cfg, const std::array<int64_t, 3>&
   const double u_factor = rng.uniform();
 
   if (cfg.mirror) {
-    for (int a = 0; a < 3; ++a) d.mirror[a] = cfg.mirror_axes[a] && u_mirror[a] < cfg.p_mirror_per_axis;
+    for (int a = 0; a < 3; ++a)
+      d.mirror[a] = cfg.mirror_axes[a] && u_mirror[a] < cfg.p_mirror_per_axis;
   }
   const bool rotate = cfg.rotation && u_rot < cfg.p_rotation;
   const bool scale = cfg.scaling && u_scale < cfg.p_scaling;
@@ -182,8 +185,8 @@ void simulate_low_resolution_channel(float* image, std::array<int64_t, 3> shape,
   for (int a = 0; a < 3; ++a)
     low[a] = std::max<int64_t>(1, std::llround(static_cast<double>(shape[a]) * zoom[a]));
   if (low == shape) return;
-  // Nearest-neighbour downsample: the low-resolution voxel j takes the full-resolution voxel under its
-  // centre.
+  // Nearest-neighbour downsample: the low-resolution voxel j takes the full-resolution voxel under
+  // its centre.
   std::array<std::vector<int64_t>, 3> pick;
   for (int a = 0; a < 3; ++a) {
     pick[a].resize(static_cast<size_t>(low[a]));
@@ -263,8 +266,8 @@ void augment_intensity(const AugmentConfig& cfg, Rng& rng, float* image,
                        std::array<int64_t, 3> shape, int channels) {
   if (!cfg.enabled) return;
   MEDSEG_CHECK(image != nullptr && channels >= 1 && shape[0] > 0 && shape[1] > 0 && shape[2] > 0,
-               "augment_intensity: bad patch (", shape[0], ", ", shape[1], ", ", shape[2],
-               ") x ", channels, " channels");
+               "augment_intensity: bad patch (", shape[0], ", ", shape[1], ", ", shape[2], ") x ",
+               channels, " channels");
   const int64_t voxels = shape[0] * shape[1] * shape[2];
   const int64_t C = channels;
 
@@ -292,8 +295,8 @@ void augment_intensity(const AugmentConfig& cfg, Rng& rng, float* image,
                        draw_factor(cfg.contrast_min, cfg.contrast_max, rng));
   }
   if (rng.bernoulli(cfg.p_low_resolution) && cfg.low_resolution) {
-    // One zoom for all axes of a channel (nnU-Net synchronises axes); a thin anisotropic patch keeps
-    // its few z slices.
+    // One zoom for all axes of a channel (nnU-Net synchronises axes); a thin anisotropic patch
+    // keeps its few z slices.
     const bool keep_z = is_anisotropic_patch(shape);
     for (int c = 0; c < channels; ++c) {
       if (!rng.bernoulli(cfg.p_low_resolution_per_channel)) continue;
@@ -303,7 +306,8 @@ void augment_intensity(const AugmentConfig& cfg, Rng& rng, float* image,
   }
   if (rng.bernoulli(cfg.p_gamma_inverted) && cfg.gamma_inverted) {
     for (int c = 0; c < channels; ++c)
-      gamma_channel(image, voxels, channels, c, draw_factor(cfg.gamma_min, cfg.gamma_max, rng), true);
+      gamma_channel(image, voxels, channels, c, draw_factor(cfg.gamma_min, cfg.gamma_max, rng),
+                    true);
   }
   if (rng.bernoulli(cfg.p_gamma) && cfg.gamma) {
     for (int c = 0; c < channels; ++c)

@@ -1,11 +1,11 @@
 // Data augmentation for training patches: the nnU-Net v2 default recipe (see
 // docs/field-reference.md), every transform switchable, probabilities and ranges as data.
 //
-// Spatial transforms (mirroring, rotation, scaling) are not applied to a finished patch: the sampler
-// draws them (draw_spatial) and resamples the case directly, so that rotating or zooming out never
-// shows the patch's own border (sampler.hpp). Intensity transforms (noise, blur, brightness, contrast,
-// low resolution, gamma) run on the finished patch in place (augment_intensity); labels are never
-// touched by them.
+// Spatial transforms (mirroring, rotation, scaling) are not applied to a finished patch: the
+// sampler draws them (draw_spatial) and resamples the case directly, so that rotating or zooming
+// out never shows the patch's own border (sampler.hpp). Intensity transforms (noise, blur,
+// brightness, contrast, low resolution, gamma) run on the finished patch in place
+// (augment_intensity); labels are never touched by them.
 //
 // Pure computation: all randomness comes from the caller's Rng, so a patch is a function of
 // (case, configuration, Rng state).
@@ -18,8 +18,10 @@
 namespace medseg::data {
 
 enum class RotationAxes {
-  // All three axes, unless the patch is strongly anisotropic (largest in-plane edge more than 3x the
-  // z edge, nnU-Net's threshold), where rotating about y or x would tilt a thin slab through the few
+  // All three axes, unless the patch is strongly anisotropic (largest in-plane edge more than 3x
+  // the
+  // z edge, nnU-Net's threshold), where rotating about y or x would tilt a thin slab through the
+  // few
   // slices there are: then only about z (in-plane), as nnU-Net does for such data.
   Auto,
   All,
@@ -61,7 +63,8 @@ struct AugmentConfig {
 
   bool contrast = true;
   double p_contrast = 0.15;
-  double contrast_min = 0.75, contrast_max = 1.25;  // about the channel mean, clipped to the old range
+  double contrast_min = 0.75,
+         contrast_max = 1.25;  // about the channel mean, clipped to the old range
 
   bool low_resolution = true;
   double p_low_resolution = 0.25;
@@ -84,8 +87,8 @@ struct AugmentConfig {
 };
 
 // One draw of the spatial transforms for a patch. An output voxel at integer offset o = p - pc from
-// the patch's centre voxel pc reads the case at (centre + matrix * o), (z, y, x) order; mirroring is
-// an exact flip of the finished patch along the marked axes.
+// the patch's centre voxel pc reads the case at (centre + matrix * o), (z, y, x) order; mirroring
+// is an exact flip of the finished patch along the marked axes.
 struct SpatialDraw {
   std::array<bool, 3> mirror{false, false, false};
   bool affine = false;  // a rotation or scaling was drawn; false = the identity (exact copy)
@@ -101,8 +104,8 @@ bool is_anisotropic_patch(const std::array<int64_t, 3>& patch);
 // is switched on, so that switching one transform off does not reshuffle the others' draws.
 SpatialDraw draw_spatial(const AugmentConfig& cfg, const std::array<int64_t, 3>& patch, Rng& rng);
 
-// The intensity transforms on one patch, in place. image: (D, H, W, C) channels-last, shape (D, H, W).
-// Keeps values finite for finite input. Does nothing when cfg.enabled is false.
+// The intensity transforms on one patch, in place. image: (D, H, W, C) channels-last, shape (D, H,
+// W). Keeps values finite for finite input. Does nothing when cfg.enabled is false.
 void augment_intensity(const AugmentConfig& cfg, Rng& rng, float* image,
                        std::array<int64_t, 3> shape, int channels);
 
@@ -116,7 +119,8 @@ void simulate_low_resolution_channel(float* image, std::array<int64_t, 3> shape,
                                      int channel, const std::array<double, 3>& zoom);
 // x -> ((x - min) / range)^gamma * range + min, then mean and standard deviation restored; with
 // invert, applied to -x. One channel.
-void gamma_channel(float* image, int64_t voxels, int channels, int channel, double gamma, bool invert);
+void gamma_channel(float* image, int64_t voxels, int channels, int channel, double gamma,
+                   bool invert);
 // (x - mean) * factor + mean, clipped to the channel's original [min, max]. One channel.
 void contrast_channel(float* image, int64_t voxels, int channels, int channel, double factor);
 

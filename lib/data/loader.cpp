@@ -1,7 +1,7 @@
 // Batch building and the background loader. Workers claim batch indices in order from a window of
-// queue_capacity indices past the one the trainer takes next, build them without holding the lock, and
-// park them in an index-keyed map; next() takes exactly the next index, so the order in which workers
-// finish never shows.
+// queue_capacity indices past the one the trainer takes next, build them without holding the lock,
+// and park them in an index-keyed map; next() takes exactly the next index, so the order in which
+// workers finish never shows.
 #include "data/loader.hpp"
 
 #include "core/error.hpp"
@@ -9,7 +9,8 @@
 namespace medseg::data {
 namespace {
 
-// Rethrows the exception being handled as the same medseg type, its message prefixed with `context`.
+// Rethrows the exception being handled as the same medseg type, its message prefixed with
+// `context`.
 [[noreturn]] void rethrow_with_context(const std::string& context) {
   try {
     throw;
@@ -102,7 +103,9 @@ BatchLoader::BatchLoader(std::vector<CaseView> cases, SamplerConfig sampler, Aug
   }
 }
 
-BatchLoader::~BatchLoader() { stop(); }
+BatchLoader::~BatchLoader() {
+  stop();
+}
 
 void BatchLoader::worker_loop() {
   for (;;) {

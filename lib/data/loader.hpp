@@ -3,10 +3,11 @@
 //
 // Reproducibility: batch k is a pure function of (cases, configs, batch size, seed, k); its random
 // stream is Rng(seed).split(k). The loader hands batches out in index order whatever the number of
-// workers, so a run is reproducible with 1 or 8 workers, and resuming needs only the next batch index.
+// workers, so a run is reproducible with 1 or 8 workers, and resuming needs only the next batch
+// index.
 //
-// No OpenMP here: each worker is one thread building one batch; the trainer's OpenMP threads own the
-// network's arithmetic.
+// No OpenMP here: each worker is one thread building one batch; the trainer's OpenMP threads own
+// the network's arithmetic.
 #pragma once
 #include <condition_variable>
 #include <cstdint>
@@ -25,8 +26,8 @@
 namespace medseg::data {
 
 struct Batch {
-  Tensor image;                  // (N, D, H, W, C)
-  std::vector<uint16_t> labels;  // N * D * H * W, same voxel order
+  Tensor image;                       // (N, D, H, W, C)
+  std::vector<uint16_t> labels;       // N * D * H * W, same voxel order
   std::vector<std::string> case_ids;  // which case each sample came from (diagnostics)
   uint64_t index = 0;                 // the batch index it was built for
 };
@@ -65,8 +66,8 @@ class BatchLoader {
   // as first_batch_index).
   uint64_t next_batch_index() const;
 
-  // Built batches waiting to be taken (at most queue_capacity): 0 most of the time means the trainer
-  // is waiting on the loader.
+  // Built batches waiting to be taken (at most queue_capacity): 0 most of the time means the
+  // trainer is waiting on the loader.
   size_t buffered() const;
 
  private:

@@ -1,5 +1,6 @@
 // Patch sampling. The identity case (no rotation or scaling drawn, about 64% of patches with the
-// default probabilities) is a row-wise memcpy; only a drawn affine transform pays for interpolation.
+// default probabilities) is a row-wise memcpy; only a drawn affine transform pays for
+// interpolation.
 #include "data/sampler.hpp"
 
 #include <algorithm>
@@ -11,7 +12,9 @@
 namespace medseg::data {
 namespace {
 
-int64_t floor_div2(int64_t v) { return v >= 0 ? v / 2 : -((-v + 1) / 2); }
+int64_t floor_div2(int64_t v) {
+  return v >= 0 ? v / 2 : -((-v + 1) / 2);
+}
 
 void check_case(const CaseView& cs) {
   MEDSEG_CHECK(cs.image != nullptr, "case '", cs.id, "' has no image");
@@ -106,7 +109,8 @@ void extract_patch(const CaseView& cs, const std::array<int64_t, 3>& origin,
       if (lab) {
         std::fill(lab, lab + x0, uint16_t{0});
         if (cs.labels)
-          std::memcpy(lab + x0, cs.labels + src + x0, static_cast<size_t>(x1 - x0) * sizeof(uint16_t));
+          std::memcpy(lab + x0, cs.labels + src + x0,
+                      static_cast<size_t>(x1 - x0) * sizeof(uint16_t));
         else
           std::fill(lab + x0, lab + x1, uint16_t{0});
         std::fill(lab + x1, lab + W, uint16_t{0});
@@ -144,10 +148,14 @@ void resample_patch(const CaseView& cs, const std::array<int64_t, 3>& centre,
         const float tz = static_cast<float>(sz - flz), ty = static_cast<float>(sy - fly),
                     tx = static_cast<float>(sx - flx);
         float* o = out + x * C;
-        const float w[8] = {(1 - tz) * (1 - ty) * (1 - tx), (1 - tz) * (1 - ty) * tx,
-                            (1 - tz) * ty * (1 - tx),       (1 - tz) * ty * tx,
-                            tz * (1 - ty) * (1 - tx),       tz * (1 - ty) * tx,
-                            tz * ty * (1 - tx),             tz * ty * tx};
+        const float w[8] = {(1 - tz) * (1 - ty) * (1 - tx),
+                            (1 - tz) * (1 - ty) * tx,
+                            (1 - tz) * ty * (1 - tx),
+                            (1 - tz) * ty * tx,
+                            tz * (1 - ty) * (1 - tx),
+                            tz * (1 - ty) * tx,
+                            tz * ty * (1 - tx),
+                            tz * ty * tx};
         if (iz >= 0 && iz + 1 < S0 && iy >= 0 && iy + 1 < S1 && ix >= 0 && ix + 1 < S2) {
           const float* p = img + iz * sdz + iy * sdy + ix * C;
           for (int64_t c = 0; c < C; ++c) {
@@ -169,8 +177,8 @@ void resample_patch(const CaseView& cs, const std::array<int64_t, 3>& centre,
           const int64_t nz = static_cast<int64_t>(std::floor(sz + 0.5)),
                         ny = static_cast<int64_t>(std::floor(sy + 0.5)),
                         nx = static_cast<int64_t>(std::floor(sx + 0.5));
-          const bool inside = cs.labels && nz >= 0 && nz < S0 && ny >= 0 && ny < S1 && nx >= 0 &&
-                              nx < S2;
+          const bool inside =
+              cs.labels && nz >= 0 && nz < S0 && ny >= 0 && ny < S1 && nx >= 0 && nx < S2;
           lab[x] = inside ? cs.labels[(nz * S1 + ny) * S2 + nx] : uint16_t{0};
         }
       }
@@ -178,8 +186,8 @@ void resample_patch(const CaseView& cs, const std::array<int64_t, 3>& centre,
   }
 }
 
-void mirror_patch(const std::array<bool, 3>& axes, const std::array<int64_t, 3>& patch, int channels,
-                  float* image, uint16_t* labels) {
+void mirror_patch(const std::array<bool, 3>& axes, const std::array<int64_t, 3>& patch,
+                  int channels, float* image, uint16_t* labels) {
   const int64_t D = patch[0], H = patch[1], W = patch[2], C = channels;
   if (axes[2]) {
     for (int64_t r = 0; r < D * H; ++r) {
@@ -209,8 +217,8 @@ void mirror_patch(const std::array<bool, 3>& axes, const std::array<int64_t, 3>&
 }
 
 void sample_augmented_patch(const CaseView& cs, const SamplerConfig& sampler,
-                            const AugmentConfig& augment, bool force_fg, Rng& rng,
-                            float* image_out, uint16_t* label_out) {
+                            const AugmentConfig& augment, bool force_fg, Rng& rng, float* image_out,
+                            uint16_t* label_out) {
   MEDSEG_CHECK(image_out != nullptr, "sample_augmented_patch: no output buffer");
   const std::array<int64_t, 3> centre = choose_patch_centre(cs, sampler, force_fg, rng);
   const SpatialDraw draw = draw_spatial(augment, sampler.patch, rng);

@@ -34,8 +34,8 @@ struct OwnedCase {
 using ImageFn = std::function<float(int64_t z, int64_t y, int64_t x, int c)>;
 using LabelFn = std::function<uint16_t(int64_t z, int64_t y, int64_t x)>;
 
-// Every labelled voxel is listed in `locations` (the real preprocessing subsamples; the sampler only
-// needs some).
+// Every labelled voxel is listed in `locations` (the real preprocessing subsamples; the sampler
+// only needs some).
 inline OwnedCase make_case(const std::string& id, std::array<int64_t, 3> shape, int channels,
                            const ImageFn& image_fn, const LabelFn& label_fn) {
   OwnedCase c;
@@ -55,8 +55,8 @@ inline OwnedCase make_case(const std::string& id, std::array<int64_t, 3> shape, 
         c.labels[static_cast<size_t>(i)] = l;
         if (l > 0) {
           if (c.locations.size() <= l) c.locations.resize(l + 1u);
-          c.locations[l].push_back({static_cast<int32_t>(z), static_cast<int32_t>(y),
-                                    static_cast<int32_t>(x)});
+          c.locations[l].push_back(
+              {static_cast<int32_t>(z), static_cast<int32_t>(y), static_cast<int32_t>(x)});
         }
       }
   return c;
