@@ -54,7 +54,7 @@ class BatchLoader {
   BatchLoader(const BatchLoader&) = delete;
   BatchLoader& operator=(const BatchLoader&) = delete;
 
-  // The next batch in index order; blocks until it is built. If building it failed, rethrows that
+  // The next batch in index order (one consumer thread); blocks until it is built. If building it failed, rethrows that
   // error (see make_batch) - and keeps rethrowing it on later calls: a batch is never skipped, so a
   // run cannot silently diverge from its reproducible sequence. Throws ArgumentError after stop().
   Batch next();
