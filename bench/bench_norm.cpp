@@ -2,13 +2,16 @@
 // fused, forward (training) and backward, on 2 x 64^3 x C channels-last activations.
 // Validates fast against the reference first (exit code 1 on mismatch), then times: median of
 // --reps runs after a warm-up, bandwidth from a byte model, next to a parallel memcpy's bandwidth
-// measured in the same run with the same thread count, and the naive reference's time.
+// measured in the same run with the same thread count (interleaved with the kernels), and the naive
+// reference's time.
 //
 // Byte model (compulsory traffic per value, float32, 4 bytes each):
 //   forward : stats pass reads x; normalize pass reads x and writes y          -> 3 x 4 bytes
 //   backward: reduction reads dy, x, y; dx pass reads dy, x, y and writes dx   -> 7 x 4 bytes
 //   memcpy  : reads src, writes dst                                            -> 2 x 4 bytes
 // Write-allocate traffic (reading a line before writing it) is not counted for any of them.
+// Two rates per row: from the wall-clock median (the target: >= 50% of the copy's), and from the
+// process CPU time divided by the thread count (meaningful when the machine is shared: see below).
 #include <omp.h>
 
 #include <algorithm>
@@ -16,6 +19,9 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <ctime>
+#include <fstream>
+#include <functional>
 #include <iostream>
 #include <nlohmann/json.hpp>
 #include <string>
@@ -58,31 +64,59 @@ Options parse(int argc, char** argv) {
   return o;
 }
 
-template <typename F>
-double median_seconds(int reps, F&& f) {
-  f();  // warm-up: page faults, caches, OpenMP thread start
-  std::vector<double> t;
-  for (int i = 0; i < reps; ++i) {
-    const auto t0 = Clock::now();
-    f();
-    t.push_back(std::chrono::duration<double>(Clock::now() - t0).count());
-  }
-  std::sort(t.begin(), t.end());
-  return t[t.size() / 2];
+double seconds(const std::function<void()>& f) {
+  const auto t0 = Clock::now();
+  f();
+  return std::chrono::duration<double>(Clock::now() - t0).count();
+}
+
+double process_cpu_seconds() {
+  timespec t{};
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &t);
+  return double(t.tv_sec) + 1e-9 * double(t.tv_nsec);
+}
+
+struct Timing {
+  double wall = 0, cpu = 0;  // medians, seconds; cpu: process CPU time (all threads) of one call
+};
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+// Medians of `reps` timed runs of each function after one warm-up run (page faults, caches, OpenMP
+// thread start). The functions run interleaved, rep by rep, so that a change in the load of a shared
+// machine affects the kernels and their memcpy peer alike.
+std::vector<Timing> interleaved_medians(int reps, const std::vector<std::function<void()>>& fs) {
+  std::vector<std::vector<double>> wall(fs.size()), cpu(fs.size());
+  for (const auto& f : fs) f();
+  for (int r = 0; r < reps; ++r)
+    for (size_t i = 0; i < fs.size(); ++i) {
+      const double c0 = process_cpu_seconds();
+      wall[i].push_back(seconds(fs[i]));
+      cpu[i].push_back(process_cpu_seconds() - c0);
+    }
+  std::vector<Timing> out;
+  for (size_t i = 0; i < fs.size(); ++i) out.push_back({median(wall[i]), median(cpu[i])});
+  return out;
 }
 
 // The peer: memcpy split into one contiguous chunk per thread, as the kernels split their rows.
-double copy_bandwidth(int reps, size_t bytes) {
-  std::vector<char> src(bytes, 1), dst(bytes, 0);
-  const double s = median_seconds(reps, [&] {
+void parallel_copy(const float* src, float* dst, size_t count) {
 #pragma omp parallel
-    {
-      const size_t t = omp_get_thread_num(), nt = omp_get_num_threads();
-      const size_t b0 = bytes * t / nt, b1 = bytes * (t + 1) / nt;
-      std::memcpy(dst.data() + b0, src.data() + b0, b1 - b0);
-    }
-  });
-  return 2.0 * double(bytes) / s / 1e9;
+  {
+    const size_t t = omp_get_thread_num(), nt = omp_get_num_threads();
+    const size_t b0 = count * t / nt, b1 = count * (t + 1) / nt;
+    std::memcpy(dst + b0, src + b0, (b1 - b0) * sizeof(float));
+  }
+}
+
+std::string load_average() {
+  std::ifstream in("/proc/loadavg");
+  std::string one;
+  in >> one;
+  return one.empty() ? "?" : one;
 }
 
 double max_rel_diff(const std::vector<float>& a, const std::vector<float>& b) {
@@ -142,17 +176,15 @@ int main(int argc, char** argv) {
   out["threads"] = opt.threads;
   out["reps"] = opt.reps;
   out["kernel"] = "batchrenorm+leaky";
-  const Shape first{2, 64, 64, 64, 16};
-  const double copy_gbs = copy_bandwidth(opt.reps, size_t(first.numel()) * 4 * 2);
-  out["memcpy_GBps"] = copy_gbs;
+  out["load_average_before"] = load_average();
   bool valid = true;
 
   if (!opt.json) {
-    std::printf("bench_norm: batch renorm + LeakyReLU, %d threads, median of %d; memcpy %.1f GB/s "
-                "(read+write, same threads)\n",
-                opt.threads, opt.reps, copy_gbs);
-    std::printf("%-22s %-8s %10s %9s %8s %11s %8s %7s\n", "shape", "pass", "fast ms", "GB/s", "%copy",
-                "ref ms", "speedup", "check");
+    std::printf("bench_norm: batch renorm + LeakyReLU, %d threads, median of %d, load average %s\n",
+                opt.threads, opt.reps, load_average().c_str());
+    std::printf("%-20s %-8s %8s %6s %6s %6s | %6s %6s %6s | %8s %7s %5s\n", "shape", "pass",
+                "fast ms", "GB/s", "copy", "%copy", "cpuGB", "copy", "%copy", "ref ms", "speedup",
+                "check");
   }
   for (int64_t channels : {16, 32}) {
     const Shape s{2, 64, 64, 64, channels};
@@ -161,7 +193,7 @@ int main(int argc, char** argv) {
     Buffers ref = make_buffers(s);
     cpu::norm_forward_train(cfg, s, b.x.data(), b.gamma.data(), b.beta.data(), b.rm.data(), b.rs.data(),
                             b.y.data(), b.cache());
-    const double ref_fwd_s = median_seconds(1, [&] {
+    const double ref_fwd_s = seconds([&] {
       ref.rm.assign(size_t(s.c), 0.f);
       ref.rs.assign(size_t(s.c), 1.f);
       cpu::norm_forward_train_ref(cfg, s, ref.x.data(), ref.gamma.data(), ref.beta.data(), ref.rm.data(),
@@ -169,7 +201,7 @@ int main(int argc, char** argv) {
     });
     cpu::norm_backward(cfg, s, b.dy.data(), b.x.data(), b.y.data(), b.gamma.data(), b.cache(),
                        b.dx.data(), b.dgamma.data(), b.dbeta.data());
-    const double ref_bwd_s = median_seconds(1, [&] {
+    const double ref_bwd_s = seconds([&] {
       cpu::norm_backward_ref(cfg, s, ref.dy.data(), ref.x.data(), ref.y.data(), ref.gamma.data(),
                              ref.cache(), ref.dx.data(), ref.dgamma.data(), ref.dbeta.data());
     });
@@ -180,24 +212,41 @@ int main(int argc, char** argv) {
     valid = valid && ok;
 
     // ---- time ----
-    const double fwd_s = median_seconds(opt.reps, [&] {
-      cpu::norm_forward_train(cfg, s, b.x.data(), b.gamma.data(), b.beta.data(), b.rm.data(),
-                              b.rs.data(), b.y.data(), b.cache());
-    });
-    const double bwd_s = median_seconds(opt.reps, [&] {
-      cpu::norm_backward(cfg, s, b.dy.data(), b.x.data(), b.y.data(), b.gamma.data(), b.cache(),
-                         b.dx.data(), b.dgamma.data(), b.dbeta.data());
-    });
+    std::vector<float> copy_dst(b.x.size());
+    const std::vector<Timing> med = interleaved_medians(
+        opt.reps,
+        {[&] {
+           cpu::norm_forward_train(cfg, s, b.x.data(), b.gamma.data(), b.beta.data(), b.rm.data(),
+                                   b.rs.data(), b.y.data(), b.cache());
+         },
+         [&] {
+           cpu::norm_backward(cfg, s, b.dy.data(), b.x.data(), b.y.data(), b.gamma.data(), b.cache(),
+                              b.dx.data(), b.dgamma.data(), b.dbeta.data());
+         },
+         [&] { parallel_copy(b.x.data(), copy_dst.data(), b.x.size()); }});
+    const double fwd_s = med[0].wall, bwd_s = med[1].wall;
+    const double copy_gbs = 2.0 * 4 * double(b.x.size()) / med[2].wall / 1e9;
+    // The same rates from CPU time per thread: on a shared, oversubscribed machine a long kernel is
+    // preempted more often than a short copy, and wall-clock ratios then measure the scheduler.
+    const double per_thread = 1.0 / opt.threads;
+    const double copy_cpu_gbs = 2.0 * 4 * double(b.x.size()) / (med[2].cpu * per_thread) / 1e9;
     const double values = double(s.numel());
     const double fwd_gbs = 3 * 4 * values / fwd_s / 1e9, bwd_gbs = 7 * 4 * values / bwd_s / 1e9;
+    const double fwd_cpu_gbs = 3 * 4 * values / (med[0].cpu * per_thread) / 1e9;
+    const double bwd_cpu_gbs = 7 * 4 * values / (med[1].cpu * per_thread) / 1e9;
     for (int pass = 0; pass < 2; ++pass) {
       const bool fwd = pass == 0;
       const double t = fwd ? fwd_s : bwd_s, gbs = fwd ? fwd_gbs : bwd_gbs;
       const double tr = fwd ? ref_fwd_s : ref_bwd_s;
+      const double cpu_gbs = fwd ? fwd_cpu_gbs : bwd_cpu_gbs;
       nlohmann::json row{{"shape", s.str()},
                          {"pass", fwd ? "forward" : "backward"},
                          {"median_ms", t * 1e3},
                          {"GBps", gbs},
+                         {"memcpy_GBps", copy_gbs},
+                         {"cpu_time_GBps", cpu_gbs},
+                         {"memcpy_cpu_time_GBps", copy_cpu_gbs},
+                         {"cpu_time_fraction_of_copy", cpu_gbs / copy_cpu_gbs},
                          {"fraction_of_copy", gbs / copy_gbs},
                          {"bytes_per_value", fwd ? 12 : 28},
                          {"reference_ms", tr * 1e3},
@@ -205,9 +254,10 @@ int main(int argc, char** argv) {
                          {"max_rel_err", fwd ? err_y : err_dx}};
       out["results"].push_back(row);
       if (!opt.json)
-        std::printf("%-22s %-8s %10.2f %9.1f %7.0f%% %11.1f %7.1fx %7s\n", s.str().c_str(),
-                    fwd ? "forward" : "backward", t * 1e3, gbs, 100 * gbs / copy_gbs, tr * 1e3, tr / t,
-                    ok ? "ok" : "FAIL");
+        std::printf("%-20s %-8s %8.2f %6.2f %6.2f %5.0f%% | %6.2f %6.2f %5.0f%% | %8.1f %6.1fx %5s\n",
+                    s.str().c_str(), fwd ? "forward" : "backward", t * 1e3, gbs, copy_gbs,
+                    100 * gbs / copy_gbs, cpu_gbs, copy_cpu_gbs, 100 * cpu_gbs / copy_cpu_gbs, tr * 1e3,
+                    tr / t, ok ? "ok" : "FAIL");
     }
     if (!ok)
       std::fprintf(stderr, "bench_norm: fast differs from reference on %s: y %.3g dx %.3g dgamma %.3g "
@@ -215,6 +265,7 @@ int main(int argc, char** argv) {
                    err_rs);
   }
   out["valid"] = valid;
+  out["load_average_after"] = load_average();
   if (opt.json) std::cout << out.dump(2) << "\n";
   return valid ? 0 : 1;
 }
