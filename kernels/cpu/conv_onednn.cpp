@@ -23,6 +23,10 @@
 //    GEMM, (N*D*H*W x Cin) * (Cin x 8*Cout), whose right factor is exactly our (Cin, 2, 2, 2, Cout)
 //    weight, followed by a scatter of the 8 taps into the 2x2x2 output blocks (with the bias). This
 //    runs through dnnl_sgemm into the per-thread workspace, only where oneDNN has no JIT kernel.
+//    The transposed conv's backward-weights is the same GEMM turned around, dw = x^T * gather(dy), with
+//    gather(dy) the (N*D*H*W x 8*Cout) matrix of each input voxel's 2x2x2 output block. On AVX2 oneDNN's
+//    JIT kernel for it reached ~1/8 of the GEMM's rate on the U-Net shapes, so below AVX-512 the GEMM is
+//    used; on AVX-512 oneDNN's kernel is kept (not measured here).
 //  - One engine and one stream for the process. A CPU stream with the OpenMP runtime executes in the
 //    calling thread; each cache entry has its own mutex because its memory objects carry the caller's
 //    pointers during a call.
@@ -399,6 +403,47 @@ void transposed_forward_by_gemm(const ConvGeometry& g, const float* x, const flo
   }
 }
 
+// dw = x^T * gather(dy), db = column sums of dy, for the k = stride = 2 transposed conv.
+void transposed_backward_weights_by_gemm(const ConvGeometry& g, const float* dy, const float* x,
+                                         float* dw, float* db) {
+  const int64_t rows = g.n * g.id * g.ih * g.iw, cols = 8 * g.cout, cout = g.cout;
+  float* z = thread_workspace(static_cast<size_t>(rows * cols));
+  const int64_t out_rows = g.n * g.od * g.oh;
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < out_rows; ++r) {
+    const int64_t n = r / (g.od * g.oh), od = (r / g.oh) % g.od, oh = r % g.oh;
+    float* zrow = z + ((n * g.id + od / 2) * g.ih + oh / 2) * g.iw * cols;
+    const int64_t tap_dh = ((od % 2) * 2 + oh % 2) * 2;
+    const float* dyrow = dy + r * g.ow * cout;
+    for (int64_t ow = 0; ow < g.ow; ++ow)
+      std::memcpy(zrow + (ow / 2) * cols + (tap_dh + ow % 2) * cout, dyrow + ow * cout,
+                  static_cast<size_t>(cout) * sizeof(float));
+  }
+  const dnnl_status_t st =
+      dnnl_sgemm('T', 'N', g.cin, cols, rows, 1.f, x, g.cin, z, cols, 0.f, dw, cols);
+  if (st != dnnl_success)
+    throw Error("dnnl_sgemm failed for " + g.str() + " (status " +
+                std::to_string(static_cast<int>(st)) + ")");
+  if (!db) return;
+  // Bias gradient: per-channel sums over N*OD*OH*OW values, accumulated in double per thread.
+  thread_local std::vector<double> acc_storage;
+  acc_storage.assign(static_cast<size_t>(cout), 0.0);
+  double* acc = acc_storage.data();
+  const int64_t voxels = g.n * g.od * g.oh * g.ow;
+#pragma omp parallel for schedule(static) reduction(+ : acc[:cout])
+  for (int64_t v = 0; v < voxels; ++v)
+    for (int64_t co = 0; co < cout; ++co) acc[co] += dy[v * cout + co];
+  for (int64_t co = 0; co < cout; ++co) db[co] = static_cast<float>(acc[co]);
+}
+
+bool below_avx512() {
+  static const bool below =
+      static_cast<int>(dnnl::get_effective_cpu_isa()) <
+          static_cast<int>(dnnl::cpu_isa::avx512_core) ||
+      dnnl::get_effective_cpu_isa() == dnnl::cpu_isa::avx2_vnni;
+  return below;
+}
+
 }  // namespace
 
 void conv3d_forward(const ConvGeometry& g, const float* x, const float* w, const float* b,
@@ -434,6 +479,7 @@ void conv3d_backward_weights(const ConvGeometry& g, const float* dy, const float
                              float* db) {
   validate(g);
   MEDSEG_CHECK(dy && x && dw, "conv3d_backward_weights: null dy, x or dw for ", g.str());
+  if (g.transposed && below_avx512()) return transposed_backward_weights_by_gemm(g, dy, x, dw, db);
   auto e = lookup(g, Pass::BackwardWeights, db != nullptr);
   std::lock_guard<std::mutex> lock(e->mu);
   set(e->src, e->depth_pad > 0 ? copy_depth_padded(g, e->depth_pad, x) : x);
