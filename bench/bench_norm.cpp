@@ -51,9 +51,12 @@ Options parse(int argc, char** argv) {
       if (i + 1 >= argc) throw std::runtime_error("option " + a + " needs a value");
       return argv[++i];
     };
-    if (a == "--threads") o.threads = std::stoi(value());
-    else if (a == "--reps") o.reps = std::max(1, std::stoi(value()));
-    else if (a == "--json") o.json = true;
+    if (a == "--threads")
+      o.threads = std::stoi(value());
+    else if (a == "--reps")
+      o.reps = std::max(1, std::stoi(value()));
+    else if (a == "--json")
+      o.json = true;
     else if (a == "--help" || a == "-h") {
       std::cout << "bench_norm [--threads N (2)] [--reps R (15)] [--json]\n";
       std::exit(0);
@@ -86,8 +89,8 @@ double median(std::vector<double> v) {
 }
 
 // Medians of `reps` timed runs of each function after one warm-up run (page faults, caches, OpenMP
-// thread start). The functions run interleaved, rep by rep, so that a change in the load of a shared
-// machine affects the kernels and their memcpy peer alike.
+// thread start). The functions run interleaved, rep by rep, so that a change in the load of a
+// shared machine affects the kernels and their memcpy peer alike.
 std::vector<Timing> interleaved_medians(int reps, const std::vector<std::function<void()>>& fs) {
   std::vector<std::vector<double>> wall(fs.size()), cpu(fs.size());
   for (const auto& f : fs) f();
@@ -191,13 +194,13 @@ int main(int argc, char** argv) {
     Buffers b = make_buffers(s);
     // ---- validate: one step of each, fast vs reference, from the same running statistics ----
     Buffers ref = make_buffers(s);
-    cpu::norm_forward_train(cfg, s, b.x.data(), b.gamma.data(), b.beta.data(), b.rm.data(), b.rs.data(),
-                            b.y.data(), b.cache());
+    cpu::norm_forward_train(cfg, s, b.x.data(), b.gamma.data(), b.beta.data(), b.rm.data(),
+                            b.rs.data(), b.y.data(), b.cache());
     const double ref_fwd_s = seconds([&] {
       ref.rm.assign(size_t(s.c), 0.f);
       ref.rs.assign(size_t(s.c), 1.f);
-      cpu::norm_forward_train_ref(cfg, s, ref.x.data(), ref.gamma.data(), ref.beta.data(), ref.rm.data(),
-                                  ref.rs.data(), ref.y.data(), ref.cache());
+      cpu::norm_forward_train_ref(cfg, s, ref.x.data(), ref.gamma.data(), ref.beta.data(),
+                                  ref.rm.data(), ref.rs.data(), ref.y.data(), ref.cache());
     });
     cpu::norm_backward(cfg, s, b.dy.data(), b.x.data(), b.y.data(), b.gamma.data(), b.cache(),
                        b.dx.data(), b.dgamma.data(), b.dbeta.data());
@@ -214,16 +217,15 @@ int main(int argc, char** argv) {
     // ---- time ----
     std::vector<float> copy_dst(b.x.size());
     const std::vector<Timing> med = interleaved_medians(
-        opt.reps,
-        {[&] {
-           cpu::norm_forward_train(cfg, s, b.x.data(), b.gamma.data(), b.beta.data(), b.rm.data(),
-                                   b.rs.data(), b.y.data(), b.cache());
-         },
-         [&] {
-           cpu::norm_backward(cfg, s, b.dy.data(), b.x.data(), b.y.data(), b.gamma.data(), b.cache(),
-                              b.dx.data(), b.dgamma.data(), b.dbeta.data());
-         },
-         [&] { parallel_copy(b.x.data(), copy_dst.data(), b.x.size()); }});
+        opt.reps, {[&] {
+                     cpu::norm_forward_train(cfg, s, b.x.data(), b.gamma.data(), b.beta.data(),
+                                             b.rm.data(), b.rs.data(), b.y.data(), b.cache());
+                   },
+                   [&] {
+                     cpu::norm_backward(cfg, s, b.dy.data(), b.x.data(), b.y.data(), b.gamma.data(),
+                                        b.cache(), b.dx.data(), b.dgamma.data(), b.dbeta.data());
+                   },
+                   [&] { parallel_copy(b.x.data(), copy_dst.data(), b.x.size()); }});
     const double fwd_s = med[0].wall, bwd_s = med[1].wall;
     const double copy_gbs = 2.0 * 4 * double(b.x.size()) / med[2].wall / 1e9;
     // The same rates from CPU time per thread: on a shared, oversubscribed machine a long kernel is
@@ -254,15 +256,17 @@ int main(int argc, char** argv) {
                          {"max_rel_err", fwd ? err_y : err_dx}};
       out["results"].push_back(row);
       if (!opt.json)
-        std::printf("%-20s %-8s %8.2f %6.2f %6.2f %5.0f%% | %6.2f %6.2f %5.0f%% | %8.1f %6.1fx %5s\n",
-                    s.str().c_str(), fwd ? "forward" : "backward", t * 1e3, gbs, copy_gbs,
-                    100 * gbs / copy_gbs, cpu_gbs, copy_cpu_gbs, 100 * cpu_gbs / copy_cpu_gbs, tr * 1e3,
-                    tr / t, ok ? "ok" : "FAIL");
+        std::printf(
+            "%-20s %-8s %8.2f %6.2f %6.2f %5.0f%% | %6.2f %6.2f %5.0f%% | %8.1f %6.1fx %5s\n",
+            s.str().c_str(), fwd ? "forward" : "backward", t * 1e3, gbs, copy_gbs,
+            100 * gbs / copy_gbs, cpu_gbs, copy_cpu_gbs, 100 * cpu_gbs / copy_cpu_gbs, tr * 1e3,
+            tr / t, ok ? "ok" : "FAIL");
     }
     if (!ok)
-      std::fprintf(stderr, "bench_norm: fast differs from reference on %s: y %.3g dx %.3g dgamma %.3g "
-                   "running std %.3g (relative to scale)\n", s.str().c_str(), err_y, err_dx, err_dg,
-                   err_rs);
+      std::fprintf(stderr,
+                   "bench_norm: fast differs from reference on %s: y %.3g dx %.3g dgamma %.3g "
+                   "running std %.3g (relative to scale)\n",
+                   s.str().c_str(), err_y, err_dx, err_dg, err_rs);
   }
   out["valid"] = valid;
   out["load_average_after"] = load_average();

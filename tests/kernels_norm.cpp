@@ -1,7 +1,7 @@
 // Tests of the normalization kernels (kernels/cpu/norm.hpp): every identity of
 // ../shared/docs/batch-renorm.md, finite-difference gradients, the running-statistics update, the
-// pitfalls (N = 1, constant channel, non-finite batch), a statistical property of small batches, and
-// the fast kernels against the reference.
+// pitfalls (N = 1, constant channel, non-finite batch), a statistical property of small batches,
+// and the fast kernels against the reference.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -24,9 +24,12 @@ namespace {
 
 const char* kind_name(NormKind k) {
   switch (k) {
-    case NormKind::BatchRenorm: return "batchrenorm";
-    case NormKind::BatchNorm: return "batchnorm";
-    case NormKind::InstanceNorm: return "instancenorm";
+    case NormKind::BatchRenorm:
+      return "batchrenorm";
+    case NormKind::BatchNorm:
+      return "batchnorm";
+    case NormKind::InstanceNorm:
+      return "instancenorm";
   }
   return "?";
 }
@@ -97,7 +100,8 @@ Forward forward_train(const Problem& p, bool fast) {
 std::vector<float> forward_infer(const Problem& p, bool fast) {
   std::vector<float> y(p.x.size(), std::numeric_limits<float>::quiet_NaN());
   auto fn = fast ? cpu::norm_forward_infer : cpu::norm_forward_infer_ref;
-  fn(p.cfg, p.s, p.x.data(), p.gamma.data(), p.beta.data(), p.rmean.data(), p.rstd.data(), y.data());
+  fn(p.cfg, p.s, p.x.data(), p.gamma.data(), p.beta.data(), p.rmean.data(), p.rstd.data(),
+     y.data());
   return y;
 }
 
@@ -146,14 +150,15 @@ void expect_close(const std::string& what, const std::vector<A>& got, const std:
     if (!ok) {
       ++bad;
       if (reported++ < 5)
-        ADD_FAILURE() << what << ": index " << i << " got " << g << " want " << w << " |diff| " << err
-                      << " > " << atol + rtol * std::abs(w);
+        ADD_FAILURE() << what << ": index " << i << " got " << g << " want " << w << " |diff| "
+                      << err << " > " << atol + rtol * std::abs(w);
     }
   }
   EXPECT_EQ(bad, 0) << what << ": " << bad << " of " << got.size() << " elements out of tolerance";
 }
 
-// ---- an independent double-precision forward with r and d given (the stop-gradient constants) ----
+// ---- an independent double-precision forward with r and d given (the stop-gradient constants)
+// ----
 struct DoubleForward {
   std::vector<double> y, z;  // output and pre-activation
 };
@@ -165,7 +170,9 @@ DoubleForward forward_double(const NormConfig& cfg, const Shape& s, const std::v
   const int64_t rows = s.per_channel(), rows_per_group = instance ? s.spatial() : rows;
   const int64_t slots = slots_of(cfg, s);
   std::vector<double> sum(slots, 0.0), sq(slots, 0.0);
-  auto slot = [&](int64_t row, int64_t c) { return (instance ? row / rows_per_group : 0) * s.c + c; };
+  auto slot = [&](int64_t row, int64_t c) {
+    return (instance ? row / rows_per_group : 0) * s.c + c;
+  };
   for (int64_t row = 0; row < rows; ++row)
     for (int64_t c = 0; c < s.c; ++c) sum[slot(row, c)] += x[row * s.c + c];
   for (auto& v : sum) v /= static_cast<double>(rows_per_group);
@@ -188,7 +195,9 @@ DoubleForward forward_double(const NormConfig& cfg, const Shape& s, const std::v
   return out;
 }
 
-std::vector<double> to_double(const std::vector<float>& v) { return {v.begin(), v.end()}; }
+std::vector<double> to_double(const std::vector<float>& v) {
+  return {v.begin(), v.end()};
+}
 
 const NormKind kAllKinds[] = {NormKind::BatchRenorm, NormKind::BatchNorm, NormKind::InstanceNorm};
 
@@ -247,12 +256,13 @@ TEST(BatchRenorm, LooseClipsTrainingEqualsInferenceWithPreUpdateStats) {
       Forward f = forward_train(p, fast);
       EXPECT_EQ(f.info.r_clipped, 0);
       EXPECT_EQ(f.info.d_clipped, 0);
-      // (x - mu)/sigma == r (x - mu_B)/sigma_B + d holds exactly in exact arithmetic; in float the two
-      // paths round differently: outputs of magnitude <= ~10 agree to a few 1e-6.
+      // (x - mu)/sigma == r (x - mu_B)/sigma_B + d holds exactly in exact arithmetic; in float the
+      // two paths round differently: outputs of magnitude <= ~10 agree to a few 1e-6.
       expect_close(describe(cfg, s, fast) + " train vs infer", f.y, y_infer, 2e-5, 2e-5);
       // The running statistics did move (so the comparison above really used the pre-update ones).
       double moved = 0.0;
-      for (int64_t c = 0; c < s.c; ++c) moved = std::max(moved, std::abs(double(f.rmean[c]) - p.rmean[c]));
+      for (int64_t c = 0; c < s.c; ++c)
+        moved = std::max(moved, std::abs(double(f.rmean[c]) - p.rmean[c]));
       EXPECT_GT(moved, 1e-4);
     }
   }
@@ -332,7 +342,8 @@ TEST(BatchRenorm, ScaleInvarianceWithRenormNeedsScaledRunningStats) {
     expect_close(what + " running std", fq.rstd, rstd_k, 1e-5, 2e-4);
     // Without scaling the running statistics r and d change, and so does the output.
     double worst = 0.0;
-    for (size_t i = 0; i < fs.y.size(); ++i) worst = std::max(worst, std::abs(double(fs.y[i]) - fp.y[i]));
+    for (size_t i = 0; i < fs.y.size(); ++i)
+      worst = std::max(worst, std::abs(double(fs.y[i]) - fp.y[i]));
     EXPECT_GT(worst, 0.1) << what;
   }
 }
@@ -358,7 +369,8 @@ TEST(NormGradients, MatchFiniteDifferencesWithRAndDConstant) {
         Backward b = backward(p, f, w, fast);
         const std::string what = describe(cfg, s, fast);
 
-        std::vector<double> x = to_double(p.x), gamma = to_double(p.gamma), beta = to_double(p.beta);
+        std::vector<double> x = to_double(p.x), gamma = to_double(p.gamma),
+                            beta = to_double(p.beta);
         auto loss = [&]() {
           DoubleForward out = forward_double(cfg, s, x, gamma, beta, f.r, f.d);
           double l = 0.0;
@@ -387,10 +399,10 @@ TEST(NormGradients, MatchFiniteDifferencesWithRAndDConstant) {
           return g;
         };
         const std::vector<double> gx = central(x), gg = central(gamma), gb = central(beta);
-        // The double differences are accurate to ~1e-9 (h^2 truncation, 1e-16/h rounding). The kernel
-        // gradients are floats computed from float caches: relative errors ~1e-6 of the largest term.
-        // 1e-4 of the largest gradient leaves 100x margin; a wrong formula (missing r, a wrong mean
-        // term, the mask on the wrong side) is off by O(1).
+        // The double differences are accurate to ~1e-9 (h^2 truncation, 1e-16/h rounding). The
+        // kernel gradients are floats computed from float caches: relative errors ~1e-6 of the
+        // largest term. 1e-4 of the largest gradient leaves 100x margin; a wrong formula (missing
+        // r, a wrong mean term, the mask on the wrong side) is off by O(1).
         auto max_abs_d = [](const std::vector<double>& v) {
           double m = 0;
           for (double e : v) m = std::max(m, std::abs(e));
@@ -471,7 +483,8 @@ TEST(NormKernel, InstanceNormLeavesRunningStatsAloneAndUsesPerSampleStatistics) 
         EXPECT_NEAR(std::sqrt(sq / sp), p.gamma[c], 2e-4) << "n " << n << " c " << c;
       }
     // Inference is the same computation (per-sample statistics).
-    expect_close(describe(cfg, s, fast) + " infer vs train", forward_infer(p, fast), f.y, 1e-6, 1e-6);
+    expect_close(describe(cfg, s, fast) + " infer vs train", forward_infer(p, fast), f.y, 1e-6,
+                 1e-6);
   }
 }
 
@@ -517,7 +530,8 @@ TEST(NormKernel, ConstantChannelGivesFiniteOutputsAndGradients) {
       p.rstd[1] = 0.f;  // a collapsed running std: the sqrt(eps) floor must keep r, d finite
       Forward f = forward_train(p, fast);
       const std::string what = describe(cfg, s, fast);
-      for (size_t i = 0; i < f.y.size(); ++i) ASSERT_TRUE(std::isfinite(f.y[i])) << what << " y " << i;
+      for (size_t i = 0; i < f.y.size(); ++i)
+        ASSERT_TRUE(std::isfinite(f.y[i])) << what << " y " << i;
       for (size_t i = 0; i < f.r.size(); ++i) {
         ASSERT_TRUE(std::isfinite(f.r[i]) && std::isfinite(f.d[i])) << what << " slot " << i;
       }
@@ -526,7 +540,8 @@ TEST(NormKernel, ConstantChannelGivesFiniteOutputsAndGradients) {
       for (float v : f.rmean) EXPECT_TRUE(std::isfinite(v)) << what;
       for (float v : f.rstd) EXPECT_TRUE(std::isfinite(v)) << what;
       Backward b = backward(p, f, random_vector(p.x.size(), 72), fast);
-      for (size_t i = 0; i < b.dx.size(); ++i) ASSERT_TRUE(std::isfinite(b.dx[i])) << what << " dx " << i;
+      for (size_t i = 0; i < b.dx.size(); ++i)
+        ASSERT_TRUE(std::isfinite(b.dx[i])) << what << " dx " << i;
       for (int64_t c = 0; c < s.c; ++c)
         ASSERT_TRUE(std::isfinite(b.dgamma[c]) && std::isfinite(b.dbeta[c])) << what << " c " << c;
     }
@@ -534,7 +549,8 @@ TEST(NormKernel, ConstantChannelGivesFiniteOutputsAndGradients) {
 }
 
 TEST(NormKernel, NonFiniteBatchLeavesRunningStatsUntouchedAndIsReported) {
-  for (float poison : {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity()}) {
+  for (float poison :
+       {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity()}) {
     for (NormKind kind : {NormKind::BatchRenorm, NormKind::BatchNorm}) {
       for (bool fast : {false, true}) {
         NormConfig cfg;
@@ -563,8 +579,8 @@ TEST(NormKernel, NonFiniteBatchLeavesRunningStatsUntouchedAndIsReported) {
 }
 
 TEST(NormKernel, FastStatisticsSurviveALargeMean) {
-  // |mean| / std = 1e4: the naive E[x^2] - E[x]^2 in float would lose every digit; the fast kernel's
-  // shifted double sums must match the two-pass reference.
+  // |mean| / std = 1e4: the naive E[x^2] - E[x]^2 in float would lose every digit; the fast
+  // kernel's shifted double sums must match the two-pass reference.
   NormConfig cfg;
   cfg.kind = NormKind::BatchNorm;
   cfg.leaky = false;
@@ -583,7 +599,8 @@ TEST(NormKernel, FastStatisticsSurviveALargeMean) {
 
 // For Gaussian data the squared relative error of the unbiased variance estimate has expectation
 // 2/(m-1) (s^2 / sigma^2 ~ chi2_k / k, k = m - 1, Var = 2/k). The kernel's biased sigma_B gives
-// s^2 = (sigma_B^2 - eps) m / (m - 1). Every channel of a (1,1,1,m,C) tensor is one independent batch.
+// s^2 = (sigma_B^2 - eps) m / (m - 1). Every channel of a (1,1,1,m,C) tensor is one independent
+// batch.
 TEST(NormStatistics, UnbiasedVarianceRelativeErrorHasExpectationTwoOverMMinusOne) {
   Rng rng(2024);
   for (int64_t m : {4, 8, 16}) {
@@ -593,14 +610,15 @@ TEST(NormStatistics, UnbiasedVarianceRelativeErrorHasExpectationTwoOverMMinusOne
     cfg.leaky = false;
     const Shape s{1, 1, 1, m, channels};
     std::vector<float> x(static_cast<size_t>(s.numel())), y(x.size());
-    std::vector<float> gamma(channels, 1.f), beta(channels, 0.f), rm(channels, 0.f), rs(channels, 1.f);
+    std::vector<float> gamma(channels, 1.f), beta(channels, 0.f), rm(channels, 0.f),
+        rs(channels, 1.f);
     std::vector<float> mean(channels), inv_std(channels), r(channels), d(channels);
     double sum_u = 0.0;
     int64_t draws = 0;
     for (int64_t call = 0; call < calls; ++call) {
       for (auto& v : x) v = static_cast<float>(rng.normal());
-      cpu::norm_forward_train(cfg, s, x.data(), gamma.data(), beta.data(), rm.data(), rs.data(), y.data(),
-                              NormCache{mean.data(), inv_std.data(), r.data(), d.data()});
+      cpu::norm_forward_train(cfg, s, x.data(), gamma.data(), beta.data(), rm.data(), rs.data(),
+                              y.data(), NormCache{mean.data(), inv_std.data(), r.data(), d.data()});
       for (int64_t c = 0; c < channels; ++c) {
         const double biased = 1.0 / (double(inv_std[c]) * inv_std[c]) - cfg.eps;
         const double unbiased = biased * m / (m - 1.0);
@@ -624,8 +642,9 @@ TEST(NormStatistics, UnbiasedVarianceRelativeErrorHasExpectationTwoOverMMinusOne
 // ---------------------------------------------------------------- fast vs reference
 
 TEST(NormKernel, FastMatchesReferenceOnOddShapes) {
-  const Shape shapes[] = {{1, 1, 1, 1, 1},  {1, 3, 5, 7, 1},   {2, 3, 5, 7, 1},  {1, 5, 3, 7, 13},
-                          {3, 7, 5, 3, 17}, {2, 9, 11, 13, 33}, {2, 16, 16, 16, 8}, {1, 1, 1, 1, 9}};
+  const Shape shapes[] = {{1, 1, 1, 1, 1},    {1, 3, 5, 7, 1},  {2, 3, 5, 7, 1},
+                          {1, 5, 3, 7, 13},   {3, 7, 5, 3, 17}, {2, 9, 11, 13, 33},
+                          {2, 16, 16, 16, 8}, {1, 1, 1, 1, 9}};
   int seed = 0;
   for (const Shape& s : shapes) {
     for (NormKind kind : kAllKinds) {
@@ -648,7 +667,8 @@ TEST(NormKernel, FastMatchesReferenceOnOddShapes) {
         EXPECT_EQ(ff.info.d_clipped, fr.info.d_clipped) << what;
         expect_close(what + " running mean", ff.rmean, fr.rmean, 1e-6, 1e-6);
         expect_close(what + " running std", ff.rstd, fr.rstd, 1e-6, 1e-6);
-        // y: the fast kernel evaluates (x - mu) * a + b in float (3 roundings of values of magnitude
+        // y: the fast kernel evaluates (x - mu) * a + b in float (3 roundings of values of
+        // magnitude
         // <= |y| + |b|): 1e-5 of the largest output covers it with a margin of ~10.
         expect_close(what + " y", ff.y, fr.y, 1e-5 * max_abs(fr.y), 1e-5);
         expect_close(what + " infer", forward_infer(p, true), forward_infer(p, false),
@@ -676,7 +696,8 @@ TEST(NormKernel, RejectsBadArguments) {
   EXPECT_THROW(forward_train(p, false), ArgumentError);
   p.cfg = NormConfig{};
   std::vector<float> y(p.x.size()), m(2), v(2), r(2), d(2);
-  EXPECT_THROW(cpu::norm_forward_train(p.cfg, p.s, p.x.data(), p.gamma.data(), p.beta.data(), nullptr,
-                                       nullptr, y.data(), NormCache{m.data(), v.data(), r.data(), d.data()}),
-               ArgumentError);
+  EXPECT_THROW(
+      cpu::norm_forward_train(p.cfg, p.s, p.x.data(), p.gamma.data(), p.beta.data(), nullptr,
+                              nullptr, y.data(), NormCache{m.data(), v.data(), r.data(), d.data()}),
+      ArgumentError);
 }

@@ -1,7 +1,7 @@
 // The normalization kernels (reference and fast) against golden data from PyTorch:
 // tests/golden/norm_golden.json, written by scripts/gen_norm_golden.py (batch renorm from the
-// specification in torch ops, autograd gradients, float64 from float32 inputs). Compares y, the running
-// statistics, r, d, the clip counts, dx, dgamma and dbeta.
+// specification in torch ops, autograd gradients, float64 from float32 inputs). Compares y, the
+// running statistics, r, d, the clip counts, dx, dgamma and dbeta.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -43,8 +43,8 @@ double max_abs(const std::vector<float>& v) {
   return m;
 }
 
-void expect_close(const std::string& what, const std::vector<float>& got, const std::vector<float>& want,
-                  double atol, double rtol) {
+void expect_close(const std::string& what, const std::vector<float>& got,
+                  const std::vector<float>& want, double atol, double rtol) {
   ASSERT_EQ(got.size(), want.size()) << what;
   int64_t bad = 0;
   for (size_t i = 0; i < got.size(); ++i) {
@@ -82,8 +82,8 @@ TEST(NormGolden, ReferenceAndFastMatchPyTorch) {
     const auto dims = c.at("shape").get<std::vector<int64_t>>();
     ASSERT_EQ(dims.size(), 5u);
     const Shape s{dims[0], dims[1], dims[2], dims[3], dims[4]};
-    const std::vector<float> x = floats(c, "x"), gamma = floats(c, "gamma"), beta = floats(c, "beta"),
-                             dy = floats(c, "dy");
+    const std::vector<float> x = floats(c, "x"), gamma = floats(c, "gamma"),
+                             beta = floats(c, "beta"), dy = floats(c, "dy");
     ASSERT_EQ(int64_t(x.size()), s.numel());
     const std::vector<float> want_y = floats(c, "y"), want_dx = floats(c, "dx");
     const size_t slots = cfg.kind == NormKind::InstanceNorm ? size_t(s.n * s.c) : size_t(s.c);
@@ -97,9 +97,9 @@ TEST(NormGolden, ReferenceAndFastMatchPyTorch) {
       const NormCache cache{mean.data(), inv_std.data(), r.data(), d.data()};
       const bool batch_kind = cfg.kind != NormKind::InstanceNorm;
       auto fwd = fast ? cpu::norm_forward_train : cpu::norm_forward_train_ref;
-      const cpu::NormStepInfo info = fwd(cfg, s, x.data(), gamma.data(), beta.data(),
-                                         batch_kind ? rm.data() : nullptr,
-                                         batch_kind ? rs.data() : nullptr, y.data(), cache);
+      const cpu::NormStepInfo info =
+          fwd(cfg, s, x.data(), gamma.data(), beta.data(), batch_kind ? rm.data() : nullptr,
+              batch_kind ? rs.data() : nullptr, y.data(), cache);
       EXPECT_FALSE(info.update_skipped) << what;
       EXPECT_EQ(info.r_clipped, c.at("r_clipped").get<int64_t>()) << what;
       EXPECT_EQ(info.d_clipped, c.at("d_clipped").get<int64_t>()) << what;

@@ -1,5 +1,6 @@
-// Tests of lib/nn/norm_layer: the renorm clip schedule, the layer (parameters, cache, reference/fast
-// switch, NaN accounting, diagnostics) and folding an inference-mode norm into the preceding conv.
+// Tests of lib/nn/norm_layer: the renorm clip schedule, the layer (parameters, cache,
+// reference/fast switch, NaN accounting, diagnostics) and folding an inference-mode norm into the
+// preceding conv.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -52,11 +53,11 @@ void expect_clips(const RenormSchedule& s, int64_t step, int64_t planned, float 
 // ---------------------------------------------------------------- schedule
 
 TEST(RenormSchedule, FractionsOfThePlannedSteps) {
-  RenormSchedule s;  // warm-up 5%, d ramp ends at 15%, r ramp at 25%; finals r 3, d 5
+  RenormSchedule s;              // warm-up 5%, d ramp ends at 15%, r ramp at 25%; finals r 3, d 5
   const int64_t planned = 1000;  // warm-up ends at step 50, d ramp at 150, r ramp at 250
-  expect_clips(s, 0, planned, 1.f, 0.f);    // warm-up start: plain batch norm
-  expect_clips(s, 49, planned, 1.f, 0.f);   // last warm-up step
-  expect_clips(s, 50, planned, 1.f, 0.f);   // ramps start from the batch-norm values
+  expect_clips(s, 0, planned, 1.f, 0.f);      // warm-up start: plain batch norm
+  expect_clips(s, 49, planned, 1.f, 0.f);     // last warm-up step
+  expect_clips(s, 50, planned, 1.f, 0.f);     // ramps start from the batch-norm values
   expect_clips(s, 100, planned, 1.5f, 2.5f);  // mid d ramp: 50/100 of 5; r: 1 + 2 * 50/200
   expect_clips(s, 150, planned, 2.f, 5.f);    // d ramp end; r half way
   expect_clips(s, 250, planned, 3.f, 5.f);    // r ramp end
@@ -184,7 +185,8 @@ TEST(NormLayer, NonFiniteBatchIsSkippedAndCounted) {
     Rng rng(3);
     Tensor x(Shape{2, 2, 3, 3, 4}), y(x.shape());
     fill_normal(x, rng, 1.0, 2.0);
-    const std::vector<float> mean0 = layer.running_mean.to_vector(), std0 = layer.running_std.to_vector();
+    const std::vector<float> mean0 = layer.running_mean.to_vector(),
+                             std0 = layer.running_std.to_vector();
     Tensor poisoned = x.clone();
     poisoned.data()[13] = std::numeric_limits<float>::quiet_NaN();
     layer.forward_train(poisoned, y);
@@ -262,7 +264,8 @@ TEST(FoldNormIntoConv, GivesTheSameOutputAsConvThenNorm) {
     fill_normal(norm.gamma, rng, 1.0, 0.3);
     fill_normal(norm.beta, rng, 0.0, 0.5);
     fill_normal(norm.running_mean, rng, 0.0, 0.5);
-    for (int64_t c = 0; c < cout; ++c) norm.running_std.data()[c] = static_cast<float>(rng.uniform(0.5, 2));
+    for (int64_t c = 0; c < cout; ++c)
+      norm.running_std.data()[c] = static_cast<float>(rng.uniform(0.5, 2));
     norm.running_std.data()[2] = 0.f;  // collapsed: both paths floor it at sqrt(eps)
 
     Tensor conv_out(g.out_shape()), want(g.out_shape());
@@ -280,7 +283,8 @@ TEST(FoldNormIntoConv, GivesTheSameOutputAsConvThenNorm) {
     // ~1e-7 per term of outputs of magnitude up to ~1e3 (channel 2, sigma = sqrt(eps)). 1e-5
     // relative to the output plus 1e-4 absolute covers it; a wrong formula is off by O(1).
     double scale = 0;
-    for (int64_t i = 0; i < want.numel(); ++i) scale = std::max(scale, double(std::abs(want.data()[i])));
+    for (int64_t i = 0; i < want.numel(); ++i)
+      scale = std::max(scale, double(std::abs(want.data()[i])));
     expect_close("folded conv", got, want, 1e-6 * scale + 1e-4, 1e-5);
   }
 }

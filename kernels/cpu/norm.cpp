@@ -3,23 +3,27 @@
 // Data are channels-last, so a tensor is `rows` = N*D*H*W rows of C contiguous floats. Every pass
 // splits the rows into one contiguous chunk per OpenMP thread and runs an inner loop over the C
 // channels of a row, which the compiler vectorises (-march=native). Per-channel sums go into
-// thread-private partial buffers (one cache-line-padded slot per thread), combined afterwards in thread
-// order, so a result depends only on the thread count, never on scheduling.
+// thread-private partial buffers (one cache-line-padded slot per thread), combined afterwards in
+// thread order, so a result depends only on the thread count, never on scheduling.
 //
 // Passes (the fewest the math allows: the statistics must be complete before any output is known):
-//   forward : 1. statistics  (read x)             2. normalize + affine + LeakyReLU (read x, write y)
-//   backward: 1. reduction   (read dy, x, y)      2. dx                             (read dy, x, y, write dx)
+//   forward : 1. statistics  (read x)             2. normalize + affine + LeakyReLU (read x, write
+//   y) backward: 1. reduction   (read dy, x, y)      2. dx                             (read dy, x,
+//   y, write dx)
 //
-// Statistics: shifted sums in double. Each group (channel, or (n, c) for instance norm) is shifted by
-// its first value K, and sum(x - K), sum((x - K)^2) are accumulated in double. Why this and not plain
-// sums or Welford: x - K and its square are EXACT in double (a float difference has at most ~25
-// significant bits, its square at most ~50 < 53), so the only rounding is the accumulation itself,
-// and the shift removes the catastrophic cancellation of E[x^2] - E[x]^2 when |mean| >> std (K is a
-// sample of the same channel, so |mean - K| is of the order of the std). Welford needs a division per
-// element and does not vectorise across a row; shifted sums cost one subtraction and one FMA per value.
+// Statistics: shifted sums in double. Each group (channel, or (n, c) for instance norm) is shifted
+// by its first value K, and sum(x - K), sum((x - K)^2) are accumulated in double. Why this and not
+// plain sums or Welford: x - K and its square are EXACT in double (a float difference has at most
+// ~25 significant bits, its square at most ~50 < 53), so the only rounding is the accumulation
+// itself, and the shift removes the catastrophic cancellation of E[x^2] - E[x]^2 when |mean| >> std
+// (K is a sample of the same channel, so |mean - K| is of the order of the std). Welford needs a
+// division per element and does not vectorise across a row; shifted sums cost one subtraction and
+// one FMA per value.
 //
 // The inner loops live in block functions whose pointers are __restrict PARAMETERS (g++ honours
 // __restrict on parameters, not on local variables), so they vectorise without aliasing checks.
+#include "kernels/cpu/norm.hpp"
+
 #include <omp.h>
 
 #include <algorithm>
@@ -29,7 +33,6 @@
 #include <vector>
 
 #include "core/error.hpp"
-#include "kernels/cpu/norm.hpp"
 
 namespace medseg::cpu {
 namespace {
@@ -98,13 +101,13 @@ class Partials {
 void check_args(const NormConfig& cfg, const Shape& s) {
   MEDSEG_CHECK(s.numel() > 0, "normalization of an empty tensor ", s);
   MEDSEG_CHECK(cfg.eps > 0.f, "eps must be positive, got ", cfg.eps);
-  MEDSEG_CHECK(cfg.r_max >= 1.f && cfg.d_max >= 0.f, "clips need r_max >= 1 and d_max >= 0, got r_max ",
-               cfg.r_max, " d_max ", cfg.d_max);
+  MEDSEG_CHECK(cfg.r_max >= 1.f && cfg.d_max >= 0.f,
+               "clips need r_max >= 1 and d_max >= 0, got r_max ", cfg.r_max, " d_max ", cfg.d_max);
 }
 
 // LeakyReLU's select, branch-free: g++ with its default -ftrapping-math will not if-convert
-// `positive ? a : slope * a` (the product could trap), so such a loop stays scalar and mispredicts on
-// random signs. The same choice as a bit mask vectorises; the result is bit-identical.
+// `positive ? a : slope * a` (the product could trap), so such a loop stays scalar and mispredicts
+// on random signs. The same choice as a bit mask vectorises; the result is bit-identical.
 inline float select(bool positive, float if_positive, float otherwise) {
   const uint32_t mask = 0u - static_cast<uint32_t>(positive);
   return std::bit_cast<float>((std::bit_cast<uint32_t>(if_positive) & mask) |
@@ -156,7 +159,8 @@ void grad_sums_block(int64_t rows, int64_t C, const float* __restrict dy, const 
 template <bool kLeaky>
 void dx_block(int64_t rows, int64_t C, const float* __restrict dy, const float* __restrict x,
               const float* __restrict y, const float* __restrict mu, const float* __restrict a,
-              const float* __restrict b, const float* __restrict e, float slope, float* __restrict dx) {
+              const float* __restrict b, const float* __restrict e, float slope,
+              float* __restrict dx) {
   for (int64_t row = 0; row < rows; ++row, dy += C, x += C, y += kLeaky ? C : 0, dx += C) {
     for (int64_t c = 0; c < C; ++c) {
       const float dz = kLeaky ? select(y[c] > 0.f, dy[c], slope * dy[c]) : dy[c];
@@ -172,21 +176,23 @@ void normalize_pass(const NormConfig& cfg, const Layout& l, const float* x, cons
   const bool leaky = cfg.leaky;
   const float slope = cfg.slope;
   const int64_t C = l.c;
-#pragma omp parallel num_threads(threads_for(l.rows * C))
+#pragma omp parallel num_threads(threads_for(l.rows* C))
   for_my_rows(l, [&](int64_t g, int64_t row0, int64_t row1) {
     const int64_t o = g * C;
     if (leaky)
-      normalize_block<true>(row1 - row0, C, x + row0 * C, mu + o, a + o, b + o, slope, y + row0 * C);
+      normalize_block<true>(row1 - row0, C, x + row0 * C, mu + o, a + o, b + o, slope,
+                            y + row0 * C);
     else
-      normalize_block<false>(row1 - row0, C, x + row0 * C, mu + o, a + o, b + o, slope, y + row0 * C);
+      normalize_block<false>(row1 - row0, C, x + row0 * C, mu + o, a + o, b + o, slope,
+                             y + row0 * C);
   });
 }
 
 }  // namespace
 
-NormStepInfo norm_forward_train(const NormConfig& cfg, const Shape& s, const float* x, const float* gamma,
-                                const float* beta, float* running_mean, float* running_std, float* y,
-                                NormCache cache) {
+NormStepInfo norm_forward_train(const NormConfig& cfg, const Shape& s, const float* x,
+                                const float* gamma, const float* beta, float* running_mean,
+                                float* running_std, float* y, NormCache cache) {
   check_args(cfg, s);
   const bool batch_kind = cfg.kind != NormKind::InstanceNorm;
   MEDSEG_CHECK(!batch_kind || (running_mean && running_std),
@@ -205,7 +211,8 @@ NormStepInfo norm_forward_train(const NormConfig& cfg, const Shape& s, const flo
     double* s1_all = part.of_thread(omp_get_thread_num(), 0);
     double* s2_all = part.of_thread(omp_get_thread_num(), 1);
     for_my_rows(l, [&](int64_t g, int64_t row0, int64_t row1) {
-      stats_block(row1 - row0, C, x + row0 * C, shift.data() + g * C, s1_all + g * C, s2_all + g * C);
+      stats_block(row1 - row0, C, x + row0 * C, shift.data() + g * C, s1_all + g * C,
+                  s2_all + g * C);
     });
   }
   const std::vector<double> s1 = part.total(threads, 0), s2 = part.total(threads, 1);
@@ -240,8 +247,8 @@ NormStepInfo norm_forward_train(const NormConfig& cfg, const Shape& s, const flo
     cache.inv_std[i] = static_cast<float>(1.0 / sigma_b[i]);
     cache.r[i] = static_cast<float>(r);
     cache.d[i] = static_cast<float>(d);
-    // z = gamma * ((x - mu_B) / sigma_B * r + d) + beta = (x - mu_B) * a + b; keeping x - mu_B (rather
-    // than x * a + b') avoids cancellation when |mu_B| >> sigma_B.
+    // z = gamma * ((x - mu_B) / sigma_B * r + d) + beta = (x - mu_B) * a + b; keeping x - mu_B
+    // (rather than x * a + b') avoids cancellation when |mu_B| >> sigma_B.
     a[i] = static_cast<float>(gamma[c] * r / sigma_b[i]);
     b[i] = static_cast<float>(gamma[c] * d + beta[c]);
   }
@@ -263,8 +270,9 @@ NormStepInfo norm_forward_train(const NormConfig& cfg, const Shape& s, const flo
   return info;
 }
 
-void norm_backward(const NormConfig& cfg, const Shape& s, const float* dy, const float* x, const float* y,
-                   const float* gamma, NormCache cache, float* dx, float* dgamma, float* dbeta) {
+void norm_backward(const NormConfig& cfg, const Shape& s, const float* dy, const float* x,
+                   const float* y, const float* gamma, NormCache cache, float* dx, float* dgamma,
+                   float* dbeta) {
   check_args(cfg, s);
   MEDSEG_CHECK(!cfg.leaky || y, "the LeakyReLU mask needs the forward output y");
   const Layout l = layout_of(cfg, s);
@@ -285,8 +293,8 @@ void norm_backward(const NormConfig& cfg, const Shape& s, const float* dy, const
         grad_sums_block<true>(row1 - row0, C, dy + r0, x + r0, y + r0, cache.mean + o, slope,
                               s1_all + o, s2_all + o);
       else
-        grad_sums_block<false>(row1 - row0, C, dy + r0, x + r0, y, cache.mean + o, slope, s1_all + o,
-                               s2_all + o);
+        grad_sums_block<false>(row1 - row0, C, dy + r0, x + r0, y, cache.mean + o, slope,
+                               s1_all + o, s2_all + o);
     });
   }
   const std::vector<double> sum_dz = part.total(threads, 0), sum_dzx = part.total(threads, 1);
@@ -320,8 +328,8 @@ void norm_backward(const NormConfig& cfg, const Shape& s, const float* dy, const
       dx_block<true>(row1 - row0, C, dy + r0, x + r0, y + r0, cache.mean + o, ka.data() + o,
                      kb.data() + o, kc.data() + o, slope, dx + r0);
     else
-      dx_block<false>(row1 - row0, C, dy + r0, x + r0, y, cache.mean + o, ka.data() + o, kb.data() + o,
-                      kc.data() + o, slope, dx + r0);
+      dx_block<false>(row1 - row0, C, dy + r0, x + r0, y, cache.mean + o, ka.data() + o,
+                      kb.data() + o, kc.data() + o, slope, dx + r0);
   });
 }
 
@@ -341,7 +349,8 @@ void norm_forward_infer(const NormConfig& cfg, const Shape& s, const float* x, c
   const double sigma_floor = std::sqrt(static_cast<double>(cfg.eps));
   std::vector<float> a(l.c);
   for (int64_t c = 0; c < l.c; ++c)
-    a[c] = static_cast<float>(gamma[c] / std::max(static_cast<double>(running_std[c]), sigma_floor));
+    a[c] =
+        static_cast<float>(gamma[c] / std::max(static_cast<double>(running_std[c]), sigma_floor));
   normalize_pass(cfg, l, x, running_mean, a.data(), beta, y);
 }
 

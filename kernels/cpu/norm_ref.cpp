@@ -1,8 +1,8 @@
 // Naive reference of the normalization kernels (norm.hpp): written for readability, straight from
 // ../shared/docs/batch-renorm.md, with every sum accumulated in double and two-pass (mean, then
-// centred squares) statistics. It is the ground truth the fast kernels (norm.cpp) and the golden files
-// from PyTorch are compared against; it shares no code with norm.cpp on purpose, so that a mistake in
-// one is caught by the other.
+// centred squares) statistics. It is the ground truth the fast kernels (norm.cpp) and the golden
+// files from PyTorch are compared against; it shares no code with norm.cpp on purpose, so that a
+// mistake in one is caught by the other.
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -44,8 +44,8 @@ Group group_at(const NormConfig& cfg, const Shape& s, int64_t g) {
 void check_args(const NormConfig& cfg, const Shape& s) {
   MEDSEG_CHECK(s.numel() > 0, "normalization of an empty tensor ", s);
   MEDSEG_CHECK(cfg.eps > 0.f, "eps must be positive, got ", cfg.eps);
-  MEDSEG_CHECK(cfg.r_max >= 1.f && cfg.d_max >= 0.f, "clips need r_max >= 1 and d_max >= 0, got r_max ",
-               cfg.r_max, " d_max ", cfg.d_max);
+  MEDSEG_CHECK(cfg.r_max >= 1.f && cfg.d_max >= 0.f,
+               "clips need r_max >= 1 and d_max >= 0, got r_max ", cfg.r_max, " d_max ", cfg.d_max);
 }
 
 double leaky(const NormConfig& cfg, double z) {
@@ -89,7 +89,8 @@ NormStepInfo norm_forward_train_ref(const NormConfig& cfg, const Shape& s, const
     const int64_t c = grp.channel;
     double r = 1.0, d = 0.0;
     if (cfg.kind == NormKind::BatchRenorm) {
-      // Pre-update running statistics; sigma floored so that a collapsed running std cannot blow up.
+      // Pre-update running statistics; sigma floored so that a collapsed running std cannot blow
+      // up.
       const double sigma = std::max(static_cast<double>(running_std[c]), sigma_floor);
       const double r_raw = sigma_b[g] / sigma;
       const double d_raw = (mu_b[g] - running_mean[c]) / sigma;
@@ -125,8 +126,8 @@ NormStepInfo norm_forward_train_ref(const NormConfig& cfg, const Shape& s, const
 }
 
 void norm_backward_ref(const NormConfig& cfg, const Shape& s, const float* dy, const float* x,
-                       const float* y, const float* gamma, NormCache cache, float* dx, float* dgamma,
-                       float* dbeta) {
+                       const float* y, const float* gamma, NormCache cache, float* dx,
+                       float* dgamma, float* dbeta) {
   check_args(cfg, s);
   MEDSEG_CHECK(!cfg.leaky || y, "the LeakyReLU mask needs the forward output y");
   const int64_t groups = group_count(cfg, s);
@@ -163,9 +164,9 @@ void norm_backward_ref(const NormConfig& cfg, const Shape& s, const float* dy, c
   }
 }
 
-void norm_forward_infer_ref(const NormConfig& cfg, const Shape& s, const float* x, const float* gamma,
-                            const float* beta, const float* running_mean, const float* running_std,
-                            float* y) {
+void norm_forward_infer_ref(const NormConfig& cfg, const Shape& s, const float* x,
+                            const float* gamma, const float* beta, const float* running_mean,
+                            const float* running_std, float* y) {
   check_args(cfg, s);
   if (cfg.kind == NormKind::InstanceNorm) {
     // Per-sample statistics, as in training; nothing is cached or updated.

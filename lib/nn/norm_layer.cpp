@@ -9,7 +9,8 @@ namespace medseg::nn {
 
 namespace {
 // A fraction of the planned steps, or the absolute override when it is >= 0.
-int64_t resolve_step(double fraction, int64_t override_step, int64_t planned_steps, const char* name) {
+int64_t resolve_step(double fraction, int64_t override_step, int64_t planned_steps,
+                     const char* name) {
   if (override_step >= 0) return override_step;
   MEDSEG_CHECK(fraction >= 0.0 && fraction <= 1.0, "renorm schedule: ", name,
                " must be a fraction in [0, 1], got ", fraction);
@@ -30,13 +31,16 @@ float ramp(int64_t step, int64_t begin, int64_t end, float from, float to) {
 std::pair<float, float> RenormSchedule::clips_at(int64_t step, int64_t planned_steps) const {
   MEDSEG_CHECK(step >= 0, "renorm schedule: negative step ", step);
   MEDSEG_CHECK(r_max_final >= 1.f && d_max_final >= 0.f,
-               "renorm schedule: needs r_max_final >= 1 and d_max_final >= 0, got ", r_max_final, ", ",
-               d_max_final);
+               "renorm schedule: needs r_max_final >= 1 and d_max_final >= 0, got ", r_max_final,
+               ", ", d_max_final);
   const int64_t warmup = resolve_step(warmup_fraction, warmup_steps, planned_steps, "warm-up");
-  const int64_t r_end = resolve_step(r_ramp_end_fraction, r_ramp_end_step, planned_steps, "r ramp end");
-  const int64_t d_end = resolve_step(d_ramp_end_fraction, d_ramp_end_step, planned_steps, "d ramp end");
-  MEDSEG_CHECK(r_end >= warmup && d_end >= warmup, "renorm schedule: ramps must end after the warm-up (",
-               warmup, " steps), got r ramp end ", r_end, ", d ramp end ", d_end);
+  const int64_t r_end =
+      resolve_step(r_ramp_end_fraction, r_ramp_end_step, planned_steps, "r ramp end");
+  const int64_t d_end =
+      resolve_step(d_ramp_end_fraction, d_ramp_end_step, planned_steps, "d ramp end");
+  MEDSEG_CHECK(r_end >= warmup && d_end >= warmup,
+               "renorm schedule: ramps must end after the warm-up (", warmup,
+               " steps), got r ramp end ", r_end, ", d ramp end ", d_end);
   if (step < warmup) return {1.f, 0.f};
   return {ramp(step, warmup, r_end, 1.f, r_max_final), ramp(step, warmup, d_end, 0.f, d_max_final)};
 }
@@ -58,8 +62,8 @@ NormLayer::NormLayer(int64_t channels, cpu::NormConfig cfg) : channels_(channels
 }
 
 void NormLayer::set_clips(float r_max, float d_max) {
-  MEDSEG_CHECK(r_max >= 1.f && d_max >= 0.f, "NormLayer: clips need r_max >= 1 and d_max >= 0, got ",
-               r_max, ", ", d_max);
+  MEDSEG_CHECK(r_max >= 1.f && d_max >= 0.f,
+               "NormLayer: clips need r_max >= 1 and d_max >= 0, got ", r_max, ", ", d_max);
   cfg_.r_max = r_max;
   cfg_.d_max = d_max;
 }
@@ -72,15 +76,16 @@ void NormLayer::check_input(const Tensor& x, const char* what) const {
 }
 
 cpu::NormCache NormLayer::cache() {
-  return cpu::NormCache{cache_mean_.data(), cache_inv_std_.data(), cache_r_.data(), cache_d_.data()};
+  return cpu::NormCache{cache_mean_.data(), cache_inv_std_.data(), cache_r_.data(),
+                        cache_d_.data()};
 }
 
 void NormLayer::forward_train(const Tensor& x, Tensor& y) {
   check_input(x, "input x");
   check_same_shape(x.shape(), y.shape(), "NormLayer::forward_train (x, y)");
   MEDSEG_CHECK(x.data() != y.data(), "NormLayer::forward_train: y may not alias x");
-  const size_t slots =
-      static_cast<size_t>(cfg_.kind == cpu::NormKind::InstanceNorm ? x.shape().n * channels_ : channels_);
+  const size_t slots = static_cast<size_t>(
+      cfg_.kind == cpu::NormKind::InstanceNorm ? x.shape().n * channels_ : channels_);
   cache_mean_.assign(slots, 0.f);
   cache_inv_std_.assign(slots, 0.f);
   cache_r_.assign(slots, 1.f);
@@ -89,11 +94,10 @@ void NormLayer::forward_train(const Tensor& x, Tensor& y) {
   const bool batch_kind = cfg_.kind != cpu::NormKind::InstanceNorm;
   float* rm = batch_kind ? running_mean.data() : nullptr;
   float* rs = batch_kind ? running_std.data() : nullptr;
-  last_info_ = use_reference
-                   ? cpu::norm_forward_train_ref(cfg_, x.shape(), x.data(), gamma.data(), beta.data(), rm,
-                                                 rs, y.data(), cache())
-                   : cpu::norm_forward_train(cfg_, x.shape(), x.data(), gamma.data(), beta.data(), rm, rs,
-                                             y.data(), cache());
+  last_info_ = use_reference ? cpu::norm_forward_train_ref(cfg_, x.shape(), x.data(), gamma.data(),
+                                                           beta.data(), rm, rs, y.data(), cache())
+                             : cpu::norm_forward_train(cfg_, x.shape(), x.data(), gamma.data(),
+                                                       beta.data(), rm, rs, y.data(), cache());
   if (last_info_.update_skipped) ++skipped_updates_;
 }
 
@@ -114,8 +118,8 @@ void NormLayer::backward(const Tensor& dy, const Tensor& x, const Tensor& y, Ten
   check_same_shape(x.shape(), y.shape(), "NormLayer::backward (x, y)");
   check_same_shape(x.shape(), dx.shape(), "NormLayer::backward (x, dx)");
   auto fn = use_reference ? cpu::norm_backward_ref : cpu::norm_backward;
-  fn(cfg_, x.shape(), dy.data(), x.data(), y.data(), gamma.data(), cache(), dx.data(), dgamma.data(),
-     dbeta.data());
+  fn(cfg_, x.shape(), dy.data(), x.data(), y.data(), gamma.data(), cache(), dx.data(),
+     dgamma.data(), dbeta.data());
 }
 
 NormDiagnostics NormLayer::diagnostics() const {
@@ -137,13 +141,14 @@ NormDiagnostics NormLayer::diagnostics() const {
 
 void fold_norm_into_conv(const NormLayer& norm, Tensor& weight, Tensor& bias) {
   const cpu::NormConfig& cfg = norm.config();
-  MEDSEG_CHECK(cfg.kind != cpu::NormKind::InstanceNorm,
-               "fold_norm_into_conv: instance norm uses per-sample statistics and cannot be folded");
+  MEDSEG_CHECK(
+      cfg.kind != cpu::NormKind::InstanceNorm,
+      "fold_norm_into_conv: instance norm uses per-sample statistics and cannot be folded");
   const int64_t cout = weight.shape().n;
-  MEDSEG_CHECK(cout == norm.channels(), "fold_norm_into_conv: weight ", weight.shape(), " has ", cout,
-               " output channels, the norm ", norm.channels());
-  MEDSEG_CHECK(bias.numel() == cout, "fold_norm_into_conv: bias has ", bias.numel(), " values, needs ",
-               cout);
+  MEDSEG_CHECK(cout == norm.channels(), "fold_norm_into_conv: weight ", weight.shape(), " has ",
+               cout, " output channels, the norm ", norm.channels());
+  MEDSEG_CHECK(bias.numel() == cout, "fold_norm_into_conv: bias has ", bias.numel(),
+               " values, needs ", cout);
   const int64_t per_out = weight.numel() / cout;
   const double sigma_floor = std::sqrt(static_cast<double>(cfg.eps));
   for (int64_t o = 0; o < cout; ++o) {

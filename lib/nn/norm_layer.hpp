@@ -1,7 +1,7 @@
 // The normalization layer of the U-Net: Batch Renormalization (Ioffe 2017), batch norm or instance
-// norm, LeakyReLU optionally fused, on channels-last tensors, over the kernels of kernels/cpu/norm.hpp.
-// Specification: ../shared/docs/batch-renorm.md. Also the renorm clip schedule and the folding of an
-// inference-mode norm into the preceding convolution.
+// norm, LeakyReLU optionally fused, on channels-last tensors, over the kernels of
+// kernels/cpu/norm.hpp. Specification: ../shared/docs/batch-renorm.md. Also the renorm clip
+// schedule and the folding of an inference-mode norm into the preceding convolution.
 #pragma once
 #include <cstdint>
 #include <utility>
@@ -12,17 +12,20 @@
 
 namespace medseg::nn {
 
-// Clip schedule of batch renorm, in fractions of the planned number of steps (the paper's schedule is
-// step-based on a 160k-step run; ours are shorter and of varying length). r_max = 1, d_max = 0 (plain
-// batch norm) during warm-up, then each rises linearly to its final value at its ramp end, constant
-// after. The *_step fields, when >= 0, override the corresponding fraction with an absolute step.
+// Clip schedule of batch renorm, in fractions of the planned number of steps (the paper's schedule
+// is step-based on a 160k-step run; ours are shorter and of varying length). r_max = 1, d_max = 0
+// (plain batch norm) during warm-up, then each rises linearly to its final value at its ramp end,
+// constant after. The *_step fields, when >= 0, override the corresponding fraction with an
+// absolute step.
 struct RenormSchedule {
   double warmup_fraction = 0.05, r_ramp_end_fraction = 0.25, d_ramp_end_fraction = 0.15;
   float r_max_final = 3, d_max_final = 5;
-  int64_t warmup_steps = -1, r_ramp_end_step = -1, d_ramp_end_step = -1;  // absolute overrides when >= 0
+  int64_t warmup_steps = -1, r_ramp_end_step = -1,
+          d_ramp_end_step = -1;  // absolute overrides when >= 0
 
-  // (r_max, d_max) to use at `step` (0-based) of a run of `planned_steps`. Throws ArgumentError for an
-  // inconsistent schedule (a ramp that ends before the warm-up, finals below 1 / 0, bad fractions).
+  // (r_max, d_max) to use at `step` (0-based) of a run of `planned_steps`. Throws ArgumentError for
+  // an inconsistent schedule (a ramp that ends before the warm-up, finals below 1 / 0, bad
+  // fractions).
   std::pair<float, float> clips_at(int64_t step, int64_t planned_steps) const;
 };
 
@@ -37,19 +40,20 @@ class NormLayer {
  public:
   NormLayer(int64_t channels, cpu::NormConfig cfg);
 
-  Tensor gamma, beta, running_mean, running_std;  // each (1,1,1,1,C); init gamma 1, beta 0, mean 0, std 1
-  Tensor dgamma, dbeta;                           // assigned by backward
+  Tensor gamma, beta, running_mean,
+      running_std;       // each (1,1,1,1,C); init gamma 1, beta 0, mean 0, std 1
+  Tensor dgamma, dbeta;  // assigned by backward
 
   const cpu::NormConfig& config() const { return cfg_; }
   int64_t channels() const { return channels_; }
   void set_clips(float r_max, float d_max);
 
-  // y allocated by the caller with x's shape. Updates the running statistics (batch kinds) and keeps
-  // the cache (sized for x's shape) that backward reads.
+  // y allocated by the caller with x's shape. Updates the running statistics (batch kinds) and
+  // keeps the cache (sized for x's shape) that backward reads.
   void forward_train(const Tensor& x, Tensor& y);
   void forward_infer(const Tensor& x, Tensor& y) const;
-  // x and y: the input and output of the last forward_train. Assigns dx (caller-allocated, x's shape),
-  // dgamma and dbeta.
+  // x and y: the input and output of the last forward_train. Assigns dx (caller-allocated, x's
+  // shape), dgamma and dbeta.
   void backward(const Tensor& dy, const Tensor& x, const Tensor& y, Tensor& dx);
 
   NormDiagnostics diagnostics() const;
@@ -71,10 +75,10 @@ class NormLayer {
   int64_t skipped_updates_ = 0;
 };
 
-// Folds an inference-mode batch(re)norm layer (no LeakyReLU folded; the caller applies it after) into
-// the preceding conv's weight (Cout,k,k,k,Cin) and bias (Cout values): w' = w * gamma / sigma,
-// b' = (b - mu) * gamma / sigma + beta, sigma = max(running_std, sqrt(eps)). Throws ArgumentError for
-// instance norm (its statistics depend on the input) and for mismatched sizes.
+// Folds an inference-mode batch(re)norm layer (no LeakyReLU folded; the caller applies it after)
+// into the preceding conv's weight (Cout,k,k,k,Cin) and bias (Cout values): w' = w * gamma / sigma,
+// b' = (b - mu) * gamma / sigma + beta, sigma = max(running_std, sqrt(eps)). Throws ArgumentError
+// for instance norm (its statistics depend on the input) and for mismatched sizes.
 void fold_norm_into_conv(const NormLayer& norm, Tensor& weight, Tensor& bias);
 
 }  // namespace medseg::nn
