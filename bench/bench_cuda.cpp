@@ -1,10 +1,11 @@
 // GPU benchmarks of the CUDA backend. Each benchmark validates first (a small case against the CPU
-// reference), then warms up, repeats, and reports the median, with its peer measured in the same run:
-//   norm:  batch renorm forward + backward (LeakyReLU fused) on (2, 128, 128, 128, 32), as effective
-//          bandwidth (bytes our kernels must move at minimum) and as a ratio to cudaMemcpy D2D bandwidth
-//          measured on the same buffers;
-//   conv:  cuDNN conv3d forward / backward-data / backward-weights TFLOP/s on the 3-D U-Net shapes
-//          (batch 2, 128^3 patch, 32 base filters doubling to 320), with TF32 off and on.
+// reference), then warms up, repeats, and reports the median, with its peer measured in the same
+// run:
+//   norm: batch renorm forward + backward (LeakyReLU fused) on (2, 128, 128, 128, 32), as
+//         effective bandwidth (bytes our kernels must move at minimum) and as a ratio to
+//         cudaMemcpy D2D bandwidth measured on the same buffers;
+//   conv: cuDNN conv3d forward / backward-data / backward-weights TFLOP/s on the 3-D U-Net shapes
+//         (batch 2, 128^3 patch, 32 base filters doubling to 320), with TF32 off and on.
 // Output: human-readable lines plus one JSON object per measurement, prefixed "RESULT ".
 // Usage: bench_cuda [--quick] [--reps N]    (--quick: the norm benchmark and the 128^3 convs only)
 #include <cstdio>
@@ -12,8 +13,9 @@
 #ifndef MEDSEG_HAVE_CUDA
 
 int main() {
-  std::printf("bench_cuda: CUDA backend not compiled in (configure with -DMEDSEG_CUDA=ON on a machine "
-              "with nvcc and cuDNN)\n");
+  std::printf(
+      "bench_cuda: CUDA backend not compiled in (configure with -DMEDSEG_CUDA=ON on a machine "
+      "with nvcc and cuDNN)\n");
   return 0;
 }
 
@@ -61,14 +63,16 @@ std::vector<float> host_random(int64_t n, uint64_t seed, float lo = -1.f, float 
 
 DeviceBuffer upload(const std::vector<float>& v) {
   DeviceBuffer b(v.size() * sizeof(float));
-  MEDSEG_CUDA_CHECK(cudaMemcpy(b.get(), v.data(), v.size() * sizeof(float), cudaMemcpyHostToDevice));
+  MEDSEG_CUDA_CHECK(
+      cudaMemcpy(b.get(), v.data(), v.size() * sizeof(float), cudaMemcpyHostToDevice));
   return b;
 }
 
 std::vector<float> download(const DeviceBuffer& b, int64_t n) {
   std::vector<float> v(static_cast<size_t>(n));
   MEDSEG_CUDA_CHECK(cudaDeviceSynchronize());
-  MEDSEG_CUDA_CHECK(cudaMemcpy(v.data(), b.get(), v.size() * sizeof(float), cudaMemcpyDeviceToHost));
+  MEDSEG_CUDA_CHECK(
+      cudaMemcpy(v.data(), b.get(), v.size() * sizeof(float), cudaMemcpyDeviceToHost));
   return v;
 }
 
@@ -118,22 +122,25 @@ bool validate_norm(CudaContext& ctx) {
   cfg.d_max = 5.f;
   auto x = host_random(s.numel(), 1), dy = host_random(s.numel(), 2);
   std::vector<float> gamma(s.c, 1.1f), beta(s.c, 0.1f), rm(s.c, 0.05f), rs(s.c, 0.7f);
-  std::vector<float> y(s.numel()), m(s.c), inv(s.c), r(s.c), d(s.c), dx(s.numel()), dg(s.c), db(s.c);
+  std::vector<float> y(s.numel()), m(s.c), inv(s.c), r(s.c), d(s.c), dx(s.numel()), dg(s.c),
+      db(s.c);
   std::vector<float> rm_ref = rm, rs_ref = rs;
-  cpu::norm_forward_train_ref(cfg, s, x.data(), gamma.data(), beta.data(), rm_ref.data(), rs_ref.data(),
-                              y.data(), {m.data(), inv.data(), r.data(), d.data()});
+  cpu::norm_forward_train_ref(cfg, s, x.data(), gamma.data(), beta.data(), rm_ref.data(),
+                              rs_ref.data(), y.data(), {m.data(), inv.data(), r.data(), d.data()});
   cpu::norm_backward_ref(cfg, s, dy.data(), x.data(), y.data(), gamma.data(),
-                         {m.data(), inv.data(), r.data(), d.data()}, dx.data(), dg.data(), db.data());
+                         {m.data(), inv.data(), r.data(), d.data()}, dx.data(), dg.data(),
+                         db.data());
   auto gx = upload(x), gdy = upload(dy), gg = upload(gamma), gb = upload(beta), grm = upload(rm),
        grs = upload(rs);
-  DeviceBuffer gy(s.numel() * 4), gdx(s.numel() * 4), cm(s.c * 4), ci(s.c * 4), cr(s.c * 4), cd(s.c * 4),
-      gdg(s.c * 4), gdb(s.c * 4);
+  DeviceBuffer gy(s.numel() * 4), gdx(s.numel() * 4), cm(s.c * 4), ci(s.c * 4), cr(s.c * 4),
+      cd(s.c * 4), gdg(s.c * 4), gdb(s.c * 4);
   const cpu::NormCache cache{cm.as<float>(), ci.as<float>(), cr.as<float>(), cd.as<float>()};
-  cuda::norm_forward_train(ctx, cfg, s, gx.as<float>(), gg.as<float>(), gb.as<float>(), grm.as<float>(),
-                           grs.as<float>(), gy.as<float>(), cache, nullptr);
-  cuda::norm_backward(ctx, cfg, s, gdy.as<float>(), gx.as<float>(), gy.as<float>(), gg.as<float>(), cache,
-                      gdx.as<float>(), gdg.as<float>(), gdb.as<float>());
-  const double ey = rel_error(download(gy, s.numel()), y), edx = rel_error(download(gdx, s.numel()), dx);
+  cuda::norm_forward_train(ctx, cfg, s, gx.as<float>(), gg.as<float>(), gb.as<float>(),
+                           grm.as<float>(), grs.as<float>(), gy.as<float>(), cache, nullptr);
+  cuda::norm_backward(ctx, cfg, s, gdy.as<float>(), gx.as<float>(), gy.as<float>(), gg.as<float>(),
+                      cache, gdx.as<float>(), gdg.as<float>(), gdb.as<float>());
+  const double ey = rel_error(download(gy, s.numel()), y),
+               edx = rel_error(download(gdx, s.numel()), dx);
   const double edg = rel_error(download(gdg, s.c), dg), erm = rel_error(download(grm, s.c), rm_ref);
   std::printf("norm validation %s: rel err y %.2e dx %.2e dgamma %.2e running mean %.2e\n",
               s.str().c_str(), ey, edx, edg, erm);
@@ -165,38 +172,44 @@ void bench_norm(CudaContext& ctx) {
   cuda::NormDeviceCounters counters(ctx);
 
   auto fwd = [&] {
-    cuda::norm_forward_train(ctx, cfg, s, gx.as<float>(), gg.as<float>(), gb.as<float>(), grm.as<float>(),
-                             grs.as<float>(), gy.as<float>(), cache, &counters);
+    cuda::norm_forward_train(ctx, cfg, s, gx.as<float>(), gg.as<float>(), gb.as<float>(),
+                             grm.as<float>(), grs.as<float>(), gy.as<float>(), cache, &counters);
   };
   auto bwd = [&] {
-    cuda::norm_backward(ctx, cfg, s, gdy.as<float>(), gx.as<float>(), gy.as<float>(), gg.as<float>(), cache,
-                        gdx.as<float>(), dg.as<float>(), db.as<float>());
+    cuda::norm_backward(ctx, cfg, s, gdy.as<float>(), gx.as<float>(), gy.as<float>(),
+                        gg.as<float>(), cache, gdx.as<float>(), dg.as<float>(), db.as<float>());
   };
   const double t_fwd = median_ms(ctx, fwd);
   const double t_bwd = median_ms(ctx, bwd);
-  const double t_both = median_ms(ctx, [&] { fwd(); bwd(); });
+  const double t_both = median_ms(ctx, [&] {
+    fwd();
+    bwd();
+  });
   const double t_copy = median_ms(ctx, [&] {
-    MEDSEG_CUDA_CHECK(cudaMemcpyAsync(gdx.get(), gx.get(), n * 4, cudaMemcpyDeviceToDevice, ctx.stream()));
+    MEDSEG_CUDA_CHECK(
+        cudaMemcpyAsync(gdx.get(), gx.get(), n * 4, cudaMemcpyDeviceToDevice, ctx.stream()));
   });
   if (!all_finite(download(gdx, std::min<int64_t>(n, 1 << 20))))
     std::printf("norm: WARNING non-finite values in dx\n");
-  // Minimum traffic: forward reads x twice (statistics, normalize) and writes y; backward reads dy, x, y
-  // twice (sums, dx) and writes dx: 3 + 7 = 10 tensor passes.
+  // Minimum traffic: forward reads x twice (statistics, normalize) and writes y; backward reads dy,
+  // x, y twice (sums, dx) and writes dx: 3 + 7 = 10 tensor passes.
   const double copy_gbs = 2 * bytes / (t_copy * 1e6);
   const double fwd_gbs = 3 * bytes / (t_fwd * 1e6), bwd_gbs = 7 * bytes / (t_bwd * 1e6);
   const double both_gbs = 10 * bytes / (t_both * 1e6);
-  std::printf("norm %s: fwd %.3f ms (%.0f GB/s), bwd %.3f ms (%.0f GB/s), fwd+bwd %.3f ms (%.0f GB/s); "
-              "D2D memcpy %.3f ms (%.0f GB/s); fwd+bwd bandwidth / memcpy bandwidth = %.2f; "
-              "fwd+bwd time / one memcpy = %.2f\n",
-              s.str().c_str(), t_fwd, fwd_gbs, t_bwd, bwd_gbs, t_both, both_gbs, t_copy, copy_gbs,
-              both_gbs / copy_gbs, t_both / t_copy);
-  std::printf("RESULT {\"bench\":\"batch_renorm\",\"shape\":\"%s\",\"fwd_ms\":%.4f,\"bwd_ms\":%.4f,"
-              "\"fwd_bwd_ms\":%.4f,\"fwd_bwd_gbs\":%.1f,\"memcpy_d2d_ms\":%.4f,\"memcpy_d2d_gbs\":%.1f,"
-              "\"bandwidth_ratio\":%.3f}\n",
-              s.str().c_str(), t_fwd, t_bwd, t_both, both_gbs, t_copy, copy_gbs, both_gbs / copy_gbs);
+  std::printf(
+      "norm %s: fwd %.3f ms (%.0f GB/s), bwd %.3f ms (%.0f GB/s), fwd+bwd %.3f ms (%.0f GB/s); "
+      "D2D memcpy %.3f ms (%.0f GB/s); fwd+bwd bandwidth / memcpy bandwidth = %.2f; "
+      "fwd+bwd time / one memcpy = %.2f\n",
+      s.str().c_str(), t_fwd, fwd_gbs, t_bwd, bwd_gbs, t_both, both_gbs, t_copy, copy_gbs,
+      both_gbs / copy_gbs, t_both / t_copy);
+  std::printf(
+      "RESULT {\"bench\":\"batch_renorm\",\"shape\":\"%s\",\"fwd_ms\":%.4f,\"bwd_ms\":%.4f,"
+      "\"fwd_bwd_ms\":%.4f,\"fwd_bwd_gbs\":%.1f,\"memcpy_d2d_ms\":%.4f,\"memcpy_d2d_gbs\":%.1f,"
+      "\"bandwidth_ratio\":%.3f}\n",
+      s.str().c_str(), t_fwd, t_bwd, t_both, both_gbs, t_copy, copy_gbs, both_gbs / copy_gbs);
   const auto cnt = counters.read(ctx);
-  std::printf("norm counters: %lld steps, %lld skipped updates\n", static_cast<long long>(cnt.steps),
-              static_cast<long long>(cnt.skipped_updates));
+  std::printf("norm counters: %lld steps, %lld skipped updates\n",
+              static_cast<long long>(cnt.steps), static_cast<long long>(cnt.skipped_updates));
 }
 
 // ---------------------------------------------------------------- conv3d
@@ -237,11 +250,14 @@ std::vector<ConvCase> unet_convs(bool quick) {
 // The same geometry type (k, stride, channels) on a small input, against the reference.
 bool validate_conv(CudaContext& ctx, const cpu::ConvGeometry& big, double tol) {
   const Shape small{1, 6, 5, 4, big.cin};
-  const auto g = big.transposed ? cpu::ConvGeometry::transpose2(small, big.cout)
-                                : cpu::ConvGeometry::conv(small, big.cout, big.k, big.stride, big.pad);
-  const auto x = host_random(g.in_shape().numel(), 7), w = host_random(g.weight_shape().numel(), 8, -0.2f, 0.2f);
+  const auto g = big.transposed
+                     ? cpu::ConvGeometry::transpose2(small, big.cout)
+                     : cpu::ConvGeometry::conv(small, big.cout, big.k, big.stride, big.pad);
+  const auto x = host_random(g.in_shape().numel(), 7),
+             w = host_random(g.weight_shape().numel(), 8, -0.2f, 0.2f);
   const auto dy = host_random(g.out_shape().numel(), 9);
-  std::vector<float> y(g.out_shape().numel()), dx(g.in_shape().numel()), dw(g.weight_shape().numel());
+  std::vector<float> y(g.out_shape().numel()), dx(g.in_shape().numel()),
+      dw(g.weight_shape().numel());
   cpu::conv3d_forward_ref(g, x.data(), w.data(), nullptr, y.data());
   cpu::conv3d_backward_data_ref(g, dy.data(), w.data(), dx.data());
   cpu::conv3d_backward_weights_ref(g, dy.data(), x.data(), dw.data(), nullptr);
@@ -250,8 +266,9 @@ bool validate_conv(CudaContext& ctx, const cpu::ConvGeometry& big, double tol) {
   cuda::conv3d_forward(ctx, g, gx.as<float>(), gw.as<float>(), nullptr, gy.as<float>());
   cuda::conv3d_backward_data(ctx, g, gdy.as<float>(), gw.as<float>(), gdx.as<float>());
   cuda::conv3d_backward_weights(ctx, g, gdy.as<float>(), gx.as<float>(), gdw.as<float>(), nullptr);
-  const double e = std::max({rel_error(download(gy, y.size()), y), rel_error(download(gdx, dx.size()), dx),
-                             rel_error(download(gdw, dw.size()), dw)});
+  const double e =
+      std::max({rel_error(download(gy, y.size()), y), rel_error(download(gdx, dx.size()), dx),
+                rel_error(download(gdw, dw.size()), dw)});
   if (e > tol) std::printf("conv validation %s: rel err %.2e > %.1e\n", g.str().c_str(), e, tol);
   return e <= tol;
 }
@@ -259,21 +276,24 @@ bool validate_conv(CudaContext& ctx, const cpu::ConvGeometry& big, double tol) {
 void bench_conv(CudaContext& ctx, bool quick) {
   for (bool tf32 : {false, true}) {
     ctx.set_allow_tf32(tf32);
-    // Same bounds as tests/cuda_ops.cpp: fp32 a few 1e-7 of the largest value (bound 1e-5); TF32 5e-3.
+    // The bounds of tests/cuda_ops.cpp: fp32 errors are a few 1e-7 of the largest value (bound
+    // 1e-5), TF32 ones below 1e-3 (bound 5e-3).
     const double tol = tf32 ? 5e-3 : 1e-5;
     for (const auto& cc : unet_convs(quick)) {
       const auto& g = cc.g;
       if (!validate_conv(ctx, g, tol)) {
-        std::printf("RESULT {\"bench\":\"conv3d\",\"case\":\"%s\",\"tf32\":%s,\"ok\":false}\n", cc.name,
-                    tf32 ? "true" : "false");
+        std::printf("RESULT {\"bench\":\"conv3d\",\"case\":\"%s\",\"tf32\":%s,\"ok\":false}\n",
+                    cc.name, tf32 ? "true" : "false");
         continue;
       }
-      const int64_t nx = g.in_shape().numel(), ny = g.out_shape().numel(), nw = g.weight_shape().numel();
+      const int64_t nx = g.in_shape().numel(), ny = g.out_shape().numel(),
+                    nw = g.weight_shape().numel();
       auto gx = upload(host_random(nx, 10)), gdy = upload(host_random(ny, 11));
       auto gw = upload(host_random(nw, 12, -0.05f, 0.05f)), gb = upload(host_random(g.cout, 13));
       DeviceBuffer gy(ny * 4), gdx(nx * 4), gdw(nw * 4), gdb(g.cout * 4);
       const double t_fwd = median_ms(ctx, [&] {
-        cuda::conv3d_forward(ctx, g, gx.as<float>(), gw.as<float>(), gb.as<float>(), gy.as<float>());
+        cuda::conv3d_forward(ctx, g, gx.as<float>(), gw.as<float>(), gb.as<float>(),
+                             gy.as<float>());
       });
       const double t_bd = median_ms(ctx, [&] {
         cuda::conv3d_backward_data(ctx, g, gdy.as<float>(), gw.as<float>(), gdx.as<float>());
@@ -285,15 +305,17 @@ void bench_conv(CudaContext& ctx, bool quick) {
       const double f = g.flops();
       auto tflops = [&](double ms) { return f / (ms * 1e9); };
       const std::string plan = cuda::conv_plan_description(ctx, g);
-      std::printf("conv %-8s %s %s: fwd %.3f ms %.1f TFLOP/s, bwd data %.3f ms %.1f, bwd weights %.3f ms "
-                  "%.1f  [%s]\n",
-                  cc.name, tf32 ? "tf32" : "fp32", g.str().c_str(), t_fwd, tflops(t_fwd), t_bd, tflops(t_bd),
-                  t_bw, tflops(t_bw), plan.c_str());
-      std::printf("RESULT {\"bench\":\"conv3d\",\"case\":\"%s\",\"geometry\":\"%s\",\"tf32\":%s,"
-                  "\"fwd_ms\":%.4f,\"fwd_tflops\":%.2f,\"bwd_data_ms\":%.4f,\"bwd_data_tflops\":%.2f,"
-                  "\"bwd_weights_ms\":%.4f,\"bwd_weights_tflops\":%.2f,\"plan\":\"%s\"}\n",
-                  cc.name, g.str().c_str(), tf32 ? "true" : "false", t_fwd, tflops(t_fwd), t_bd,
-                  tflops(t_bd), t_bw, tflops(t_bw), plan.c_str());
+      std::printf(
+          "conv %-8s %s %s: fwd %.3f ms %.1f TFLOP/s, bwd data %.3f ms %.1f, bwd weights %.3f ms "
+          "%.1f  [%s]\n",
+          cc.name, tf32 ? "tf32" : "fp32", g.str().c_str(), t_fwd, tflops(t_fwd), t_bd,
+          tflops(t_bd), t_bw, tflops(t_bw), plan.c_str());
+      std::printf(
+          "RESULT {\"bench\":\"conv3d\",\"case\":\"%s\",\"geometry\":\"%s\",\"tf32\":%s,"
+          "\"fwd_ms\":%.4f,\"fwd_tflops\":%.2f,\"bwd_data_ms\":%.4f,\"bwd_data_tflops\":%.2f,"
+          "\"bwd_weights_ms\":%.4f,\"bwd_weights_tflops\":%.2f,\"plan\":\"%s\"}\n",
+          cc.name, g.str().c_str(), tf32 ? "true" : "false", t_fwd, tflops(t_fwd), t_bd,
+          tflops(t_bd), t_bw, tflops(t_bw), plan.c_str());
       std::fflush(stdout);
     }
     cuda::clear_conv_plans(ctx);

@@ -1,9 +1,9 @@
-// The CUDA backend against the CPU references (medseg::cpu::*_ref), op by op, forward and backward, on
-// a grid of shapes with odd sizes, C = 1 and N = 1. Every device output lives between two guard zones
-// filled with a bit pattern that must survive (out-of-bounds writes), and its interior is pre-filled
-// with NaN so that an output which is accumulated into, or not written, cannot match.
-// TF32 is off for every comparison except the one test that checks the TF32 convolution with a looser
-// bound. Without a usable device every test skips with "no CUDA device".
+// The CUDA backend against the CPU references (medseg::cpu::*_ref), op by op, forward and backward,
+// on a grid of shapes with odd sizes, C = 1 and N = 1. Every device output lives between two guard
+// zones filled with a bit pattern that must survive (out-of-bounds writes), and its interior is
+// pre-filled with NaN so that an output which is accumulated into, or not written, cannot match.
+// TF32 is off for every comparison except the one test that checks the TF32 convolution with a
+// looser bound. Without a usable device every test skips with "no CUDA device".
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -45,9 +45,9 @@ TEST(CudaBackend, NotCompiledIn) {
 using cuda::CudaContext;
 using cuda::DeviceBuffer;
 
-#define MEDSEG_REQUIRE_CUDA()                                               \
-  do {                                                                      \
-    std::string why_;                                                       \
+#define MEDSEG_REQUIRE_CUDA()                                                  \
+  do {                                                                         \
+    std::string why_;                                                          \
     if (!cuda::cuda_usable(&why_)) GTEST_SKIP() << "no CUDA device: " << why_; \
   } while (0)
 
@@ -57,12 +57,14 @@ std::vector<float> random_vector(Rng& rng, int64_t n, double mean = 0.0, double 
   return v;
 }
 
-// A device array of n floats with kGuard floats of guard pattern on each side. 64 floats = 256 bytes
-// keep the interior as aligned as cudaMalloc's base, so the vectorized kernel paths are exercised.
+// A device array of n floats with kGuard floats of guard pattern on each side. 64 floats = 256
+// bytes keep the interior as aligned as cudaMalloc's base, so the vectorized kernel paths are
+// exercised.
 class Guarded {
  public:
   static constexpr int64_t kGuard = 64;
-  static constexpr uint32_t kPattern = 0x7FA5A5A5u;  // a signalling-NaN bit pattern no kernel produces
+  static constexpr uint32_t kPattern =
+      0x7FA5A5A5u;  // a signalling-NaN bit pattern no kernel produces
 
   // Interior = `init` (n = init.size()).
   explicit Guarded(const std::vector<float>& init) : n_(static_cast<int64_t>(init.size())) {
@@ -72,7 +74,8 @@ class Guarded {
   }
   // Interior = NaN (for outputs).
   static Guarded output(int64_t n) {
-    return Guarded(std::vector<float>(static_cast<size_t>(n), std::numeric_limits<float>::quiet_NaN()));
+    return Guarded(
+        std::vector<float>(static_cast<size_t>(n), std::numeric_limits<float>::quiet_NaN()));
   }
   float* ptr() { return buf_.as<float>() + kGuard; }
   int64_t size() const { return n_; }
@@ -107,8 +110,8 @@ class Guarded {
   }
   void upload(const std::vector<float>& host) {
     buf_ = DeviceBuffer(host.size() * sizeof(float));
-    MEDSEG_CUDA_CHECK(cudaMemcpy(buf_.get(), host.data(), host.size() * sizeof(float),
-                                 cudaMemcpyHostToDevice));
+    MEDSEG_CUDA_CHECK(
+        cudaMemcpy(buf_.get(), host.data(), host.size() * sizeof(float), cudaMemcpyHostToDevice));
   }
   static void cuda_copy_d2h(void* dst, const void* src, size_t bytes) {
     MEDSEG_CUDA_CHECK(cudaDeviceSynchronize());  // surfaces kernel execution errors here, checked
@@ -119,22 +122,23 @@ class Guarded {
 };
 
 // |got - want| <= atol + rtol * |want| everywhere; prints the count and the first mismatches.
-void expect_close(const std::vector<float>& got, const std::vector<float>& want, double rtol, double atol,
-                  const std::string& what) {
+void expect_close(const std::vector<float>& got, const std::vector<float>& want, double rtol,
+                  double atol, const std::string& what) {
   ASSERT_EQ(got.size(), want.size()) << what;
   int64_t bad = 0;
   std::ostringstream first;
   for (size_t i = 0; i < got.size(); ++i) {
     const double g = got[i], w = want[i];
     const bool ok = std::isfinite(g) == std::isfinite(w) &&
-                    (!std::isfinite(w) ? (std::isnan(g) == std::isnan(w)) : std::fabs(g - w) <= atol + rtol * std::fabs(w));
+                    (!std::isfinite(w) ? (std::isnan(g) == std::isnan(w))
+                                       : std::fabs(g - w) <= atol + rtol * std::fabs(w));
     if (!ok) {
       if (bad < 8) first << "\n  [" << i << "] cuda " << g << " cpu " << w << " diff " << g - w;
       ++bad;
     }
   }
-  EXPECT_EQ(bad, 0) << what << ": " << bad << " of " << got.size() << " values differ (rtol " << rtol
-                    << ", atol " << atol << "); first:" << first.str();
+  EXPECT_EQ(bad, 0) << what << ": " << bad << " of " << got.size() << " values differ (rtol "
+                    << rtol << ", atol " << atol << "); first:" << first.str();
 }
 
 double max_abs(const std::vector<float>& v) {
@@ -143,7 +147,9 @@ double max_abs(const std::vector<float>& v) {
   return m;
 }
 
-std::string shape_str(const Shape& s) { return s.str(); }
+std::string shape_str(const Shape& s) {
+  return s.str();
+}
 
 // ====================================================================== device plumbing
 
@@ -152,7 +158,8 @@ TEST(CudaDevice, DescribesDevicesAndCudnn) {
   EXPECT_GE(cuda::device_count(), 1);
   const std::string d = cuda::describe_devices();
   EXPECT_NE(d.find("cuda:0"), std::string::npos) << d;
-  EXPECT_EQ(cuda::cudnn_version().rfind(std::to_string(CUDNN_MAJOR) + ".", 0), 0u) << cuda::cudnn_version();
+  EXPECT_EQ(cuda::cudnn_version().rfind(std::to_string(CUDNN_MAJOR) + ".", 0), 0u)
+      << cuda::cudnn_version();
   std::cout << d << "\n";
 }
 
@@ -175,7 +182,8 @@ TEST(CudaAllocator, ReusesBlocksWithoutCudaMalloc) {
   cuda::register_cuda_allocator();
   EXPECT_EQ(cuda::allocation_size_class(1), 512u);
   EXPECT_EQ(cuda::allocation_size_class(513), 1024u);
-  EXPECT_EQ(cuda::allocation_size_class((size_t{1} << 20) + 1), (size_t{1} << 20) + (size_t{1} << 18));
+  EXPECT_EQ(cuda::allocation_size_class((size_t{1} << 20) + 1),
+            (size_t{1} << 20) + (size_t{1} << 18));
   { Tensor warm(Shape{2, 3, 4, 5, 6}, Device::CUDA); }  // first use of this size class
   const auto before = cuda::allocator_stats();
   for (int i = 0; i < 10; ++i) {
@@ -183,7 +191,8 @@ TEST(CudaAllocator, ReusesBlocksWithoutCudaMalloc) {
     EXPECT_EQ(t.device(), Device::CUDA);
   }
   const auto after = cuda::allocator_stats();
-  EXPECT_EQ(after.cuda_malloc_count, before.cuda_malloc_count) << "steady state must not cudaMalloc";
+  EXPECT_EQ(after.cuda_malloc_count, before.cuda_malloc_count)
+      << "steady state must not cudaMalloc";
   EXPECT_EQ(after.bytes_in_use, before.bytes_in_use);
   EXPECT_GE(after.peak_bytes_in_use, cuda::allocation_size_class(2 * 3 * 4 * 5 * 6 * 4));
   // Round trip through the Tensor hooks.
@@ -250,13 +259,14 @@ TEST(CudaOps, ConcatForwardBackwardMatchCpuExactly) {
     cuda::concat_channels_forward(ctx, rows, ga.ptr(), ca, gb.ptr(), cb, out.ptr());
     cuda::concat_channels_backward(ctx, rows, gd.ptr(), ca, cb, da.ptr(), db.ptr());
     cuda::concat_channels_backward(ctx, rows, gd.ptr(), ca, cb, nullptr, db_only.ptr());
-    const std::string tag = " rows " + std::to_string(rows) + " ca " + std::to_string(ca) + " cb " +
-                            std::to_string(cb);
+    const std::string tag =
+        " rows " + std::to_string(rows) + " ca " + std::to_string(ca) + " cb " + std::to_string(cb);
     // Pure copies: bitwise equal.
     expect_close(out.download("concat out"), out_ref, 0, 0, "concat forward" + tag);
     expect_close(da.download("concat da"), da_ref, 0, 0, "concat backward da" + tag);
     expect_close(db.download("concat db"), db_ref, 0, 0, "concat backward db" + tag);
-    expect_close(db_only.download("concat db only"), db_ref, 0, 0, "concat backward db (da null)" + tag);
+    expect_close(db_only.download("concat db only"), db_ref, 0, 0,
+                 "concat backward db (da null)" + tag);
   }
 }
 
@@ -271,8 +281,8 @@ TEST(CudaOps, SoftmaxMatchesCpu) {
     cpu::softmax_channels(rows, k, z.data(), p_ref.data());
     Guarded gz(z), p = Guarded::output(rows * k);
     cuda::softmax_channels(ctx, rows, k, gz.ptr(), p.ptr());
-    // expf differs from std::exp by at most 2 ulp, plus a float division: probabilities <= 1 agree to
-    // a few 1e-7 absolute.
+    // expf differs from std::exp by at most 2 ulp, plus a float division: probabilities <= 1 agree
+    // to a few 1e-7 absolute.
     expect_close(p.download("softmax"), p_ref, 1e-6, 1e-7, "softmax k=" + std::to_string(k));
   }
 }
@@ -293,9 +303,9 @@ TEST(CudaOps, SgdNesterovMatchesDocumentedFormula) {
   }
   Guarded gw(w), gg(g), gv(v);
   cuda::sgd_nesterov_update(ctx, n, gw.ptr(), gg.ptr(), gv.ptr(), lr, mu, wd);
-  // fp32 evaluation of three fused multiply-adds: each result within an ulp or so of itself, plus the
-  // rounding of the intermediate g' (0.5 ulp of |g'| < 4, i.e. <= 2.4e-7 absolute), which survives
-  // into v and w even when those are small.
+  // fp32 evaluation of three fused multiply-adds: each result within an ulp or so of itself, plus
+  // the rounding of the intermediate g' (0.5 ulp of |g'| < 4, i.e. <= 2.4e-7 absolute), which
+  // survives into v and w even when those are small.
   expect_close(gv.download("sgd v"), v_ref, 1e-6, 5e-7, "sgd velocity");
   expect_close(gw.download("sgd w"), w_ref, 1e-6, 5e-7, "sgd weights");
   expect_close(gg.download("sgd g"), g, 0, 0, "sgd gradient is read only");
@@ -305,7 +315,7 @@ TEST(CudaOps, ChannelSumMatchesDoubleSum) {
   MEDSEG_REQUIRE_CUDA();
   CudaContext ctx;
   Rng rng(15);
-  for (auto [rows, c] : std::vector<std::pair<int64_t, int64_t>>{{1, 1}, {1000, 3}, {4097, 33}}) {
+  for (auto [rows, c] : std::vector<std::pair<int64_t, int64_t> >{{1, 1}, {1000, 3}, {4097, 33}}) {
     auto x = random_vector(rng, rows * c);
     std::vector<float> ref(c);
     for (int64_t j = 0; j < c; ++j) {
@@ -315,8 +325,10 @@ TEST(CudaOps, ChannelSumMatchesDoubleSum) {
     }
     Guarded gx(x), out = Guarded::output(c);
     cuda::channel_sum(ctx, rows, c, gx.ptr(), out.ptr());
-    // Both sum in double and round once: equal up to the rounding of the double sums (1 ulp of float).
-    expect_close(out.download("channel_sum"), ref, 2e-7, 1e-7 * std::sqrt(double(rows)), "channel_sum");
+    // Both sum in double and round once: equal up to the rounding of the double sums (1 ulp of
+    // float).
+    expect_close(out.download("channel_sum"), ref, 2e-7, 1e-7 * std::sqrt(double(rows)),
+                 "channel_sum");
   }
 }
 
@@ -341,19 +353,20 @@ TEST(CudaLoss, DiceCeMatchesReferenceLossAndGradient) {
         for (auto& l : labels) l = static_cast<uint16_t>(rng.below(static_cast<uint64_t>(s.c)));
         const float scale = 2.5f;
         std::vector<float> dref(s.numel()), pref(s.numel());
-        const auto ref = cpu::dice_ce_loss_ref(s, logits.data(), labels.data(), opt, scale, dref.data());
+        const auto ref =
+            cpu::dice_ce_loss_ref(s, logits.data(), labels.data(), opt, scale, dref.data());
         cpu::softmax_channels(rows, s.c, logits.data(), pref.data());
 
         Guarded gl(logits), dlog = Guarded::output(s.numel()), probs = Guarded::output(s.numel());
         DeviceBuffer dlab(labels.size() * sizeof(uint16_t));
         MEDSEG_CUDA_CHECK(cudaMemcpy(dlab.get(), labels.data(), labels.size() * sizeof(uint16_t),
                                      cudaMemcpyHostToDevice));
-        const auto got = cuda::dice_ce_loss(ctx, s, gl.ptr(), dlab.as<uint16_t>(), opt, scale, dlog.ptr(),
-                                            probs.ptr());
+        const auto got = cuda::dice_ce_loss(ctx, s, gl.ptr(), dlab.as<uint16_t>(), opt, scale,
+                                            dlog.ptr(), probs.ptr());
         const std::string tag = shape_str(s) + (batch_dice ? " batch dice" : " per-sample dice") +
                                 (include_bg ? " with background" : "");
-        // Probabilities are float on the GPU (double in the reference): sums of rows of them in double
-        // agree to ~1e-7 relative.
+        // Probabilities are float on the GPU (double in the reference): sums of rows of them in
+        // double agree to ~1e-7 relative.
         EXPECT_NEAR(got.loss, ref.loss, 1e-6 * (1 + std::fabs(ref.loss))) << tag;
         EXPECT_NEAR(got.ce, ref.ce, 1e-6 * (1 + std::fabs(ref.ce))) << tag;
         EXPECT_NEAR(got.soft_dice, ref.soft_dice, 1e-6) << tag;
@@ -381,7 +394,8 @@ TEST(CudaLoss, RejectsOutOfRangeLabel) {
   DeviceBuffer dlab(labels.size() * sizeof(uint16_t));
   MEDSEG_CUDA_CHECK(cudaMemcpy(dlab.get(), labels.data(), 16, cudaMemcpyHostToDevice));
   try {
-    cuda::dice_ce_loss(ctx, s, gl.ptr(), dlab.as<uint16_t>(), cpu::DiceCeOptions{}, 1.f, nullptr, nullptr);
+    cuda::dice_ce_loss(ctx, s, gl.ptr(), dlab.as<uint16_t>(), cpu::DiceCeOptions{}, 1.f, nullptr,
+                       nullptr);
     FAIL() << "label 3 with 3 classes was accepted";
   } catch (const ArgumentError& e) {
     EXPECT_NE(std::string(e.what()).find("at voxel 5"), std::string::npos) << e.what();
@@ -400,18 +414,20 @@ struct NormCase {
 std::string norm_tag(const NormCase& c) {
   const char* k = c.kind == cpu::NormKind::BatchRenorm ? "renorm"
                   : c.kind == cpu::NormKind::BatchNorm ? "batchnorm"
-                                                        : "instancenorm";
+                                                       : "instancenorm";
   std::ostringstream os;
-  os << k << " " << c.s << (c.leaky ? " leaky" : "") << " r_max " << c.r_max << " d_max " << c.d_max;
+  os << k << " " << c.s << (c.leaky ? " leaky" : "") << " r_max " << c.r_max << " d_max "
+     << c.d_max;
   return os.str();
 }
 
 std::vector<NormCase> norm_cases() {
   std::vector<NormCase> out;
-  const Shape shapes[] = {{1, 3, 5, 7, 1}, {2, 4, 4, 4, 3}, {2, 5, 3, 7, 33}, {1, 2, 3, 4, 4},
-                          {3, 2, 2, 2, 64}, {1, 1, 1, 1, 5}};
+  const Shape shapes[] = {{1, 3, 5, 7, 1}, {2, 4, 4, 4, 3},  {2, 5, 3, 7, 33},
+                          {1, 2, 3, 4, 4}, {3, 2, 2, 2, 64}, {1, 1, 1, 1, 5}};
   for (const Shape& s : shapes)
-    for (auto kind : {cpu::NormKind::BatchRenorm, cpu::NormKind::BatchNorm, cpu::NormKind::InstanceNorm})
+    for (auto kind :
+         {cpu::NormKind::BatchRenorm, cpu::NormKind::BatchNorm, cpu::NormKind::InstanceNorm})
       for (bool leaky : {true, false}) {
         out.push_back({s, kind, leaky, 3.f, 5.f});
         // Tight clips: many channels clip, exercising the clip counters and the clipped branches.
@@ -437,8 +453,10 @@ TEST(CudaNorm, TrainForwardAndBackwardMatchReference) {
     // Per-channel offsets and scales so that statistics differ between channels.
     std::vector<float> x(s.numel());
     std::vector<double> ch_mean(C), ch_std(C);
-    for (int64_t c = 0; c < C; ++c) ch_mean[c] = rng.uniform(-1, 1), ch_std[c] = rng.uniform(0.5, 3);
-    for (int64_t i = 0; i < s.numel(); ++i) x[i] = static_cast<float>(rng.normal(ch_mean[i % C], ch_std[i % C]));
+    for (int64_t c = 0; c < C; ++c)
+      ch_mean[c] = rng.uniform(-1, 1), ch_std[c] = rng.uniform(0.5, 3);
+    for (int64_t i = 0; i < s.numel(); ++i)
+      x[i] = static_cast<float>(rng.normal(ch_mean[i % C], ch_std[i % C]));
     auto gamma = random_vector(rng, C, 1.0, 0.3), beta = random_vector(rng, C, 0.0, 0.3);
     auto rmean = random_vector(rng, C, 0.0, 0.5);
     std::vector<float> rstd(C);
@@ -449,11 +467,10 @@ TEST(CudaNorm, TrainForwardAndBackwardMatchReference) {
     std::vector<float> y_ref(s.numel()), m_ref(gcs), i_ref(gcs), r_ref(gcs), d_ref(gcs);
     std::vector<float> rm_ref = rmean, rs_ref = rstd;
     const bool batch = nc.kind != cpu::NormKind::InstanceNorm;
-    const auto info = cpu::norm_forward_train_ref(cfg, s, x.data(), gamma.data(), beta.data(),
-                                                  batch ? rm_ref.data() : nullptr,
-                                                  batch ? rs_ref.data() : nullptr, y_ref.data(),
-                                                  cpu::NormCache{m_ref.data(), i_ref.data(), r_ref.data(),
-                                                                 d_ref.data()});
+    const auto info = cpu::norm_forward_train_ref(
+        cfg, s, x.data(), gamma.data(), beta.data(), batch ? rm_ref.data() : nullptr,
+        batch ? rs_ref.data() : nullptr, y_ref.data(),
+        cpu::NormCache{m_ref.data(), i_ref.data(), r_ref.data(), d_ref.data()});
     std::vector<float> dx_ref(s.numel()), dg_ref(C), db_ref(C);
     cpu::norm_backward_ref(cfg, s, dy.data(), x.data(), y_ref.data(), gamma.data(),
                            cpu::NormCache{m_ref.data(), i_ref.data(), r_ref.data(), d_ref.data()},
@@ -468,8 +485,8 @@ TEST(CudaNorm, TrainForwardAndBackwardMatchReference) {
     const cpu::NormCache cache{cm.ptr(), ci.ptr(), cr.ptr(), cd.ptr()};
     cuda::norm_forward_train(ctx, cfg, s, gx.ptr(), gg.ptr(), gb.ptr(), batch ? grm.ptr() : nullptr,
                              batch ? grs.ptr() : nullptr, y.ptr(), cache, &counters);
-    cuda::norm_backward(ctx, cfg, s, gdy.ptr(), gx.ptr(), y.ptr(), gg.ptr(), cache, dx.ptr(), dg.ptr(),
-                        db.ptr());
+    cuda::norm_backward(ctx, cfg, s, gdy.ptr(), gx.ptr(), y.ptr(), gg.ptr(), cache, dx.ptr(),
+                        dg.ptr(), db.ptr());
 
     // Saved statistics: double sums on both sides, rounded once to float (a few ulp).
     expect_close(cm.download("mean"), m_ref, 1e-6, 1e-7, "saved mean " + tag);
@@ -483,16 +500,18 @@ TEST(CudaNorm, TrainForwardAndBackwardMatchReference) {
       expect_close(grm.download("running mean"), rm_ref, 1e-6, 1e-7, "running mean " + tag);
       expect_close(grs.download("running std"), rs_ref, 1e-6, 1e-7, "running std " + tag);
     } else {
-      expect_close(grm.download("running mean"), rmean, 0, 0, "instance norm leaves running mean " + tag);
-      expect_close(grs.download("running std"), rstd, 0, 0, "instance norm leaves running std " + tag);
+      expect_close(grm.download("running mean"), rmean, 0, 0,
+                   "instance norm leaves running mean " + tag);
+      expect_close(grs.download("running std"), rstd, 0, 0,
+                   "instance norm leaves running std " + tag);
     }
     const auto cnt = counters.read(ctx);
     EXPECT_EQ(cnt.steps, 1) << tag;
     EXPECT_EQ(cnt.last_update_skipped, info.update_skipped) << tag;
     EXPECT_EQ(cnt.last_r_clipped, info.r_clipped) << tag;
     EXPECT_EQ(cnt.last_d_clipped, info.d_clipped) << tag;
-    // dx: k * (dz - mean dz - x_bn mean(dz x_bn)) in fp32 with float coefficients; the three terms are
-    // of size max|dx| / k-ish, so the error is a few ulp of max|dx|.
+    // dx: k * (dz - mean dz - x_bn mean(dz x_bn)) in fp32 with float coefficients; the three terms
+    // are of size max|dx| / k-ish, so the error is a few ulp of max|dx|.
     expect_close(dx.download("dx"), dx_ref, 1e-4, 1e-5 * max_abs(dx_ref), "dx " + tag);
     // dgamma, dbeta: double sums of m float-rounded O(1) terms: error ~ sqrt(m) * 1e-7.
     const double m = static_cast<double>(s.per_channel());
@@ -517,12 +536,13 @@ TEST(CudaNorm, InferenceMatchesReference) {
     for (auto& v : rstd) v = static_cast<float>(rng.uniform(0.5, 3));
     rstd[0] = 0.f;  // a collapsed running std: floored at sqrt(eps) on both sides
     std::vector<float> y_ref(s.numel());
-    cpu::norm_forward_infer_ref(cfg, s, x.data(), gamma.data(), beta.data(), rmean.data(), rstd.data(),
-                                y_ref.data());
+    cpu::norm_forward_infer_ref(cfg, s, x.data(), gamma.data(), beta.data(), rmean.data(),
+                                rstd.data(), y_ref.data());
     Guarded gx(x), gg(gamma), gb(beta), grm(rmean), grs(rstd), y = Guarded::output(s.numel());
-    cuda::norm_forward_infer(ctx, cfg, s, gx.ptr(), gg.ptr(), gb.ptr(), grm.ptr(), grs.ptr(), y.ptr());
-    // fp32 (x - mu) * scale + shift; the floored channel divides by sqrt(eps) ~ 3e-3, so values reach
-    // ~1e3 and the relative bound is what applies there.
+    cuda::norm_forward_infer(ctx, cfg, s, gx.ptr(), gg.ptr(), gb.ptr(), grm.ptr(), grs.ptr(),
+                             y.ptr());
+    // fp32 (x - mu) * scale + shift; the floored channel divides by sqrt(eps) ~ 3e-3, so values
+    // reach ~1e3 and the relative bound is what applies there.
     expect_close(y.download("y infer"), y_ref, 1e-5, 1e-5, "inference " + norm_tag(nc));
   }
 }
@@ -541,8 +561,8 @@ TEST(CudaNorm, NonFiniteBatchSkipsRunningUpdateAndCounts) {
           cd = Guarded::output(s.c);
   cuda::NormDeviceCounters counters(ctx);
   for (int step = 0; step < 3; ++step)
-    cuda::norm_forward_train(ctx, cfg, s, gx.ptr(), gg.ptr(), gb.ptr(), grm.ptr(), grs.ptr(), y.ptr(),
-                             {cm.ptr(), ci.ptr(), cr.ptr(), cd.ptr()}, &counters);
+    cuda::norm_forward_train(ctx, cfg, s, gx.ptr(), gg.ptr(), gb.ptr(), grm.ptr(), grs.ptr(),
+                             y.ptr(), {cm.ptr(), ci.ptr(), cr.ptr(), cd.ptr()}, &counters);
   // All channels untouched, also the finite ones: bitwise.
   expect_close(grm.download("running mean"), rmean, 0, 0, "running mean after NaN batches");
   expect_close(grs.download("running std"), rstd, 0, 0, "running std after NaN batches");
@@ -569,14 +589,17 @@ TEST(CudaNorm, ConstantChannelGivesFiniteOutputAndGradients) {
   Guarded gx(x), gg(gamma), gb(beta), grm(rmean), grs(rstd), gdy(dy);
   Guarded y = Guarded::output(s.numel()), dx = Guarded::output(s.numel()), dg = Guarded::output(2),
           db = Guarded::output(2);
-  Guarded cm = Guarded::output(2), ci = Guarded::output(2), cr = Guarded::output(2), cd = Guarded::output(2);
+  Guarded cm = Guarded::output(2), ci = Guarded::output(2), cr = Guarded::output(2),
+          cd = Guarded::output(2);
   const cpu::NormCache cache{cm.ptr(), ci.ptr(), cr.ptr(), cd.ptr()};
-  cuda::norm_forward_train(ctx, cfg, s, gx.ptr(), gg.ptr(), gb.ptr(), grm.ptr(), grs.ptr(), y.ptr(), cache,
-                           nullptr);
-  cuda::norm_backward(ctx, cfg, s, gdy.ptr(), gx.ptr(), y.ptr(), gg.ptr(), cache, dx.ptr(), dg.ptr(),
-                      db.ptr());
-  const std::vector<std::pair<std::string, std::vector<float>>> outputs = {
-      {"y", y.download("y")}, {"dx", dx.download("dx")}, {"dgamma", dg.download("dgamma")},
+  cuda::norm_forward_train(ctx, cfg, s, gx.ptr(), gg.ptr(), gb.ptr(), grm.ptr(), grs.ptr(), y.ptr(),
+                           cache, nullptr);
+  cuda::norm_backward(ctx, cfg, s, gdy.ptr(), gx.ptr(), y.ptr(), gg.ptr(), cache, dx.ptr(),
+                      dg.ptr(), db.ptr());
+  const std::vector<std::pair<std::string, std::vector<float> > > outputs = {
+      {"y", y.download("y")},
+      {"dx", dx.download("dx")},
+      {"dgamma", dg.download("dgamma")},
       {"dbeta", db.download("dbeta")}};
   for (const auto& [name, v] : outputs)
     for (size_t i = 0; i < v.size(); ++i)
@@ -617,13 +640,16 @@ void check_conv(CudaContext& ctx, const cpu::ConvGeometry& g, double tol_rel, ui
   cuda::conv3d_forward(ctx, g, gx.ptr(), gw.ptr(), gb.ptr(), y.ptr());
   cuda::conv3d_backward_data(ctx, g, gdy.ptr(), gw.ptr(), dx.ptr());
   cuda::conv3d_backward_weights(ctx, g, gdy.ptr(), gx.ptr(), dw.ptr(), db.ptr());
-  const std::string tag = g.str() + (ctx.allow_tf32() ? " [tf32]" : " [fp32]") + " plans: " +
-                          cuda::conv_plan_description(ctx, g);
+  const std::string tag = g.str() + (ctx.allow_tf32() ? " [tf32]" : " [fp32]") +
+                          " plans: " + cuda::conv_plan_description(ctx, g);
   expect_close(y.download("conv y"), y_ref, 0, tol_rel * max_abs(y_ref), "conv forward " + tag);
-  expect_close(dx.download("conv dx"), dx_ref, 0, tol_rel * max_abs(dx_ref), "conv backward data " + tag);
-  expect_close(dw.download("conv dw"), dw_ref, 0, tol_rel * max_abs(dw_ref), "conv backward weights " + tag);
+  expect_close(dx.download("conv dx"), dx_ref, 0, tol_rel * max_abs(dx_ref),
+               "conv backward data " + tag);
+  expect_close(dw.download("conv dw"), dw_ref, 0, tol_rel * max_abs(dw_ref),
+               "conv backward weights " + tag);
   // The bias gradient is our own double reduction, algorithm-independent: ~1 ulp.
-  expect_close(db.download("conv db"), db_ref, 1e-6, 1e-7 * std::sqrt(double(out.numel())), "conv bias grad " + tag);
+  expect_close(db.download("conv db"), db_ref, 1e-6, 1e-7 * std::sqrt(double(out.numel())),
+               "conv bias grad " + tag);
 }
 
 TEST(CudaConv, Fp32MatchesReferenceForwardAndBackward) {
@@ -631,8 +657,9 @@ TEST(CudaConv, Fp32MatchesReferenceForwardAndBackward) {
   CudaContext ctx(/*allow_tf32=*/false);
   uint64_t seed = 41;
   // fp32 FMA arithmetic (TF32 off) over at most 27 * 32 products per output, in whatever order the
-  // algorithm picks: the error is a few 1e-7 of the tensor's largest magnitude (sum of |terms| is of
-  // that order); 1e-5 leaves a wide margin, while a wrong tap, stride or layout gives O(1) errors.
+  // algorithm picks: the error is a few 1e-7 of the tensor's largest magnitude (sum of |terms| is
+  // of that order); 1e-5 leaves a wide margin, while a wrong tap, stride or layout gives O(1)
+  // errors.
   for (const auto& g : conv_cases()) check_conv(ctx, g, 1e-5, seed++);
 }
 
@@ -668,8 +695,9 @@ TEST(CudaConv, RejectsInconsistentGeometry) {
   auto g = cpu::ConvGeometry::conv(Shape{1, 4, 4, 4, 2}, 3, 3, 1, 1);
   g.od = 5;
   DeviceBuffer buf(4096);
-  EXPECT_THROW(cuda::conv3d_forward(ctx, g, buf.as<float>(), buf.as<float>(), nullptr, buf.as<float>()),
-               ArgumentError);
+  EXPECT_THROW(
+      cuda::conv3d_forward(ctx, g, buf.as<float>(), buf.as<float>(), nullptr, buf.as<float>()),
+      ArgumentError);
 }
 
 #endif  // MEDSEG_HAVE_CUDA

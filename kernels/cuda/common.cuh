@@ -4,10 +4,11 @@
 //
 // Channel reduction scheme (channels-last data, `rows` rows of C channels, optionally split into
 // `groups` consecutive blocks of rows, one per sample for instance norm):
-//   stage 1  channel_partials_kernel: a (32 x 8) thread block covers 32 consecutive channels (one warp
-//            reads one row's 32 channels: 128 coalesced bytes) and strides over rows; each thread
-//            accumulates NV double sums, the 8 rows of the block are combined in shared memory in a
-//            fixed order, and one partial per (group, row block, channel) is written.
+//   stage 1  channel_partials_kernel: a (32 x 8) thread block covers 32 consecutive channels
+//            (one warp reads one row's 32 channels: 128 coalesced bytes) and strides over rows;
+//            each thread accumulates NV double sums, the 8 rows of the block are combined in
+//            shared memory in a fixed order, and one partial per (group, row block, channel) is
+//            written.
 //   stage 2  a small kernel sums the row-block partials of each (group, channel) in order.
 // Everything is deterministic (no atomics on floating-point values): the same input gives the same
 // bits on every run, which keeps training reruns reproducible on one GPU.
@@ -32,12 +33,13 @@ inline int sm_count() {
   int dev = 0;
   MEDSEG_CUDA_CHECK(cudaGetDevice(&dev));
   if (dev < 0 || dev >= 64) dev = 0;
-  if (cached[dev] == 0) MEDSEG_CUDA_CHECK(cudaDeviceGetAttribute(&cached[dev], cudaDevAttrMultiProcessorCount, dev));
+  if (cached[dev] == 0)
+    MEDSEG_CUDA_CHECK(cudaDeviceGetAttribute(&cached[dev], cudaDevAttrMultiProcessorCount, dev));
   return cached[dev];
 }
 
-// Blocks for a grid-stride elementwise kernel over `count` items: enough to fill the device, at most
-// one item per thread.
+// Blocks for a grid-stride elementwise kernel over `count` items: enough to fill the device, at
+// most one item per thread.
 inline unsigned elementwise_blocks(int64_t count) {
   const int64_t want = (count + kThreads - 1) / kThreads;
   const int64_t cap = static_cast<int64_t>(sm_count()) * 16;
@@ -77,7 +79,8 @@ inline ReduceGrid reduce_grid(int64_t rows_per_group, int64_t channels, int64_t 
   rb = std::min<int64_t>(rb, (rows_per_group + kTileR - 1) / kTileR);
   rb = std::clamp<int64_t>(rb, 1, 65535);
   r.row_blocks = static_cast<int>(rb);
-  r.grid = dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(rb), static_cast<unsigned>(groups));
+  r.grid =
+      dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(rb), static_cast<unsigned>(groups));
   r.block = dim3(kTileC, kTileR, 1);
   return r;
 }
@@ -88,7 +91,8 @@ inline ReduceGrid reduce_grid(int64_t rows_per_group, int64_t channels, int64_t 
 // which adds the contributions of element `index` = row * C + channel (global row) to acc.
 // partials[((group * row_blocks + row_block) * C + c) * NV + i].
 template <int NV, typename Op>
-__global__ void channel_partials_kernel(int64_t rows_per_group, int channels, Op op, double* partials) {
+__global__ void channel_partials_kernel(int64_t rows_per_group, int channels, Op op,
+                                        double* partials) {
   __shared__ double sh[NV][kTileR][kTileC];
   const int tx = threadIdx.x, ty = threadIdx.y;
   const int c = blockIdx.x * kTileC + tx;
@@ -112,7 +116,8 @@ __global__ void channel_partials_kernel(int64_t rows_per_group, int channels, Op
   for (int i = 0; i < NV; ++i) sh[i][ty][tx] = acc[i];
   __syncthreads();
   if (ty == 0 && c < channels) {
-    double* out = partials + ((static_cast<int64_t>(g) * gridDim.y + blockIdx.y) * channels + c) * NV;
+    double* out =
+        partials + ((static_cast<int64_t>(g) * gridDim.y + blockIdx.y) * channels + c) * NV;
 #pragma unroll
     for (int i = 0; i < NV; ++i) {
       double s = 0.0;
@@ -124,8 +129,8 @@ __global__ void channel_partials_kernel(int64_t rows_per_group, int channels, Op
 
 // Stage 2 helper (device): the NV totals of (group g, channel c).
 template <int NV>
-__device__ inline void sum_partials(const double* partials, int row_blocks, int channels, int g, int c,
-                                    double (&tot)[NV]) {
+__device__ inline void sum_partials(const double* partials, int row_blocks, int channels, int g,
+                                    int c, double (&tot)[NV]) {
 #pragma unroll
   for (int i = 0; i < NV; ++i) tot[i] = 0.0;
   for (int b = 0; b < row_blocks; ++b) {
@@ -135,6 +140,8 @@ __device__ inline void sum_partials(const double* partials, int row_blocks, int 
   }
 }
 
-inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+inline bool aligned16(const void* p) {
+  return (reinterpret_cast<uintptr_t>(p) & 15u) == 0;
+}
 
 }  // namespace medseg::cuda::detail

@@ -12,8 +12,8 @@
 // channel sum of dy (ops.cu): cudnnConvolutionBackwardBias would do the same work with one more
 // descriptor and atomics in some versions.
 //
-// The legacy convolution API used here is marked deprecated in cuDNN 9 but fully supported there; the
-// deprecation attributes are only active with CUDNN_WARN_DEPRECATED, which we do not define.
+// The legacy convolution API used here is marked deprecated in cuDNN 9 but fully supported there;
+// the deprecation attributes are only active with CUDNN_WARN_DEPRECATED, which we do not define.
 #include <algorithm>
 #include <climits>
 #include <memory>
@@ -67,15 +67,17 @@ ConvPlanCache& plan_cache(CudaContext& ctx) {
 }
 
 int to_int(int64_t v, const ConvGeometry& g) {
-  MEDSEG_CHECK(v >= 0 && v <= INT_MAX, "dimension ", v, " of ", g.str(), " exceeds cuDNN's int range");
+  MEDSEG_CHECK(v >= 0 && v <= INT_MAX, "dimension ", v, " of ", g.str(),
+               " exceeds cuDNN's int range");
   return static_cast<int>(v);
 }
 
-// A channels-last 5-D tensor (N, D, H, W, C) as a cuDNN NDHWC descriptor (dims given as N, C, D, H, W).
+// A channels-last 5-D tensor (N, D, H, W, C) as a cuDNN NDHWC descriptor (dims in N, C, D, H, W
+// order).
 void set_tensor(cudnnTensorDescriptor_t d, int64_t n, int64_t c, int64_t dd, int64_t h, int64_t w,
                 const ConvGeometry& g) {
-  MEDSEG_CHECK(n * c * dd * h * w <= INT_MAX, "tensor of ", n * c * dd * h * w, " elements in ", g.str(),
-               " exceeds cuDNN's 2^31 element limit");
+  MEDSEG_CHECK(n * c * dd * h * w <= INT_MAX, "tensor of ", n * c * dd * h * w, " elements in ",
+               g.str(), " exceeds cuDNN's 2^31 element limit");
   const int dims[5] = {to_int(n, g), to_int(c, g), to_int(dd, g), to_int(h, g), to_int(w, g)};
   MEDSEG_CUDNN_CHECK(cudnnSetTensorNdDescriptorEx(d, CUDNN_TENSOR_NHWC, CUDNN_DATA_FLOAT, 5, dims));
 }
@@ -102,14 +104,16 @@ std::unique_ptr<ConvPlan> make_plan(const ConvGeometry& g, bool tf32) {
     filter_c = to_int(g.cout, g);
     k = 2, stride = 2, pad = 0;
   }
-  // CUDNN_TENSOR_NHWC filter format: memory order K, T, R, S, C (our (Cout, k, k, k, Cin)); dims are
-  // still given as K, C, T, R, S.
+  // CUDNN_TENSOR_NHWC filter format: memory order K, T, R, S, C (our (Cout, k, k, k, Cin)); dims
+  // are still given as K, C, T, R, S.
   const int fdims[5] = {filter_k, filter_c, k, k, k};
-  MEDSEG_CUDNN_CHECK(cudnnSetFilterNdDescriptor(p->w, CUDNN_DATA_FLOAT, CUDNN_TENSOR_NHWC, 5, fdims));
-  const int pads[3] = {pad, pad, pad}, strides[3] = {stride, stride, stride}, dil[3] = {1, 1, 1};
   MEDSEG_CUDNN_CHECK(
-      cudnnSetConvolutionNdDescriptor(p->conv, 3, pads, strides, dil, CUDNN_CROSS_CORRELATION, CUDNN_DATA_FLOAT));
-  MEDSEG_CUDNN_CHECK(cudnnSetConvolutionMathType(p->conv, tf32 ? CUDNN_TENSOR_OP_MATH : CUDNN_FMA_MATH));
+      cudnnSetFilterNdDescriptor(p->w, CUDNN_DATA_FLOAT, CUDNN_TENSOR_NHWC, 5, fdims));
+  const int pads[3] = {pad, pad, pad}, strides[3] = {stride, stride, stride}, dil[3] = {1, 1, 1};
+  MEDSEG_CUDNN_CHECK(cudnnSetConvolutionNdDescriptor(p->conv, 3, pads, strides, dil,
+                                                     CUDNN_CROSS_CORRELATION, CUDNN_DATA_FLOAT));
+  MEDSEG_CUDNN_CHECK(
+      cudnnSetConvolutionMathType(p->conv, tf32 ? CUDNN_TENSOR_OP_MATH : CUDNN_FMA_MATH));
 
   // The descriptors must describe B as cuDNN's forward output of A; a mismatch here is our bug.
   int out[5] = {0};
@@ -117,11 +121,12 @@ std::unique_ptr<ConvPlan> make_plan(const ConvGeometry& g, bool tf32) {
   const int64_t want_c = g.transposed ? g.cin : g.cout;
   const int64_t want_d = g.transposed ? g.id : g.od, want_h = g.transposed ? g.ih : g.oh,
                 want_w = g.transposed ? g.iw : g.ow;
-  if (out[0] != g.n || out[1] != want_c || out[2] != want_d || out[3] != want_h || out[4] != want_w) {
+  if (out[0] != g.n || out[1] != want_c || out[2] != want_d || out[3] != want_h ||
+      out[4] != want_w) {
     std::ostringstream os;
     os << "cuDNN computes output (N,C,D,H,W) = (" << out[0] << "," << out[1] << "," << out[2] << ","
-       << out[3] << "," << out[4] << ") for " << g.str() << ", expected (" << g.n << "," << want_c << ","
-       << want_d << "," << want_h << "," << want_w << ")";
+       << out[3] << "," << out[4] << ") for " << g.str() << ", expected (" << g.n << "," << want_c
+       << "," << want_d << "," << want_h << "," << want_w << ")";
     throw CudaError(os.str());
   }
   return p;
@@ -137,9 +142,9 @@ ConvPlan& find_plan(CudaContext& ctx, const ConvGeometry& g) {
 }
 
 // Picks the fastest successful result that fits the workspace limit, in cuDNN's timing order. With
-// TF32 off only exact fp32 is acceptable: results reported with CUDNN_FMA_MATH first; failing those,
-// CUDNN_DEFAULT_MATH ones, which are then run with the math type forced to FMA (DEFAULT permits TF32
-// on Ampere and later, so it is never left in place).
+// TF32 off only exact fp32 is acceptable: results reported with CUDNN_FMA_MATH first; failing
+// those, CUDNN_DEFAULT_MATH ones, which are then run with the math type forced to FMA (DEFAULT
+// permits TF32 on Ampere and later, so it is never left in place).
 template <typename Perf>
 Choice pick(const Perf* results, int count, size_t limit, bool tf32, const char* what,
             const ConvGeometry& g) {
@@ -157,11 +162,12 @@ Choice pick(const Perf* results, int count, size_t limit, bool tf32, const char*
     }
   }
   std::ostringstream os;
-  os << "cuDNN found no usable " << what << " algorithm for " << g.str() << " within a workspace of "
-     << limit << " bytes (" << count << " candidates:";
+  os << "cuDNN found no usable " << what << " algorithm for " << g.str()
+     << " within a workspace of " << limit << " bytes (" << count << " candidates:";
   for (int i = 0; i < count; ++i)
-    os << " [algo " << static_cast<int>(results[i].algo) << ": " << cudnnGetErrorString(results[i].status)
-       << ", " << results[i].memory << " B, math " << static_cast<int>(results[i].mathType) << "]";
+    os << " [algo " << static_cast<int>(results[i].algo) << ": "
+       << cudnnGetErrorString(results[i].status) << ", " << results[i].memory << " B, math "
+       << static_cast<int>(results[i].mathType) << "]";
   os << ")";
   throw CudaError(os.str());
 }
@@ -176,7 +182,8 @@ size_t search_workspace(CudaContext& ctx) {
 }
 
 // The chosen algorithm's math type is set on the descriptor before every call: cuDNN reports, and
-// runs, each algorithm with a specific math type, and with TF32 allowed the search may return either.
+// runs, each algorithm with a specific math type, and with TF32 allowed the search may return
+// either.
 void apply_math(ConvPlan& p, const Choice& c) {
   MEDSEG_CUDNN_CHECK(cudnnSetConvolutionMathType(p.conv, c.math));
 }
@@ -185,16 +192,17 @@ void apply_math(ConvPlan& p, const Choice& c) {
 void run_fwd(CudaContext& ctx, ConvPlan& p, const float* a, const float* w, float* b) {
   Choice& c = p.choice[static_cast<int>(Op::Fwd)];
   if (!c.ready) {
-    MEDSEG_CUDNN_CHECK(cudnnSetConvolutionMathType(p.conv, p.tf32 ? CUDNN_TENSOR_OP_MATH : CUDNN_FMA_MATH));
+    MEDSEG_CUDNN_CHECK(
+        cudnnSetConvolutionMathType(p.conv, p.tf32 ? CUDNN_TENSOR_OP_MATH : CUDNN_FMA_MATH));
     int max_count = 0;
     MEDSEG_CUDNN_CHECK(cudnnGetConvolutionForwardAlgorithmMaxCount(ctx.cudnn(), &max_count));
     std::vector<cudnnConvolutionFwdAlgoPerf_t> perf(std::max(max_count, 1));
     int returned = 0;
     const size_t ws = search_workspace(ctx);
     void* wsp = ctx.workspace(ws);
-    MEDSEG_CUDNN_CHECK(cudnnFindConvolutionForwardAlgorithmEx(ctx.cudnn(), p.a, a, p.w, w, p.conv, p.b, b,
-                                                              static_cast<int>(perf.size()), &returned,
-                                                              perf.data(), wsp, ws));
+    MEDSEG_CUDNN_CHECK(cudnnFindConvolutionForwardAlgorithmEx(ctx.cudnn(), p.a, a, p.w, w, p.conv,
+                                                              p.b, b, static_cast<int>(perf.size()),
+                                                              &returned, perf.data(), wsp, ws));
     c = pick(perf.data(), returned, ws, p.tf32, "forward", p.g);
   }
   apply_math(p, c);
@@ -208,7 +216,8 @@ void run_fwd(CudaContext& ctx, ConvPlan& p, const float* a, const float* w, floa
 void run_bwd_data(CudaContext& ctx, ConvPlan& p, const float* w, const float* db, float* da) {
   Choice& c = p.choice[static_cast<int>(Op::BwdData)];
   if (!c.ready) {
-    MEDSEG_CUDNN_CHECK(cudnnSetConvolutionMathType(p.conv, p.tf32 ? CUDNN_TENSOR_OP_MATH : CUDNN_FMA_MATH));
+    MEDSEG_CUDNN_CHECK(
+        cudnnSetConvolutionMathType(p.conv, p.tf32 ? CUDNN_TENSOR_OP_MATH : CUDNN_FMA_MATH));
     int max_count = 0;
     MEDSEG_CUDNN_CHECK(cudnnGetConvolutionBackwardDataAlgorithmMaxCount(ctx.cudnn(), &max_count));
     std::vector<cudnnConvolutionBwdDataAlgoPerf_t> perf(std::max(max_count, 1));
@@ -223,15 +232,16 @@ void run_bwd_data(CudaContext& ctx, ConvPlan& p, const float* w, const float* db
   apply_math(p, c);
   void* wsp = ctx.workspace(c.workspace);
   const float one = 1.f, zero = 0.f;
-  MEDSEG_CUDNN_CHECK(cudnnConvolutionBackwardData(ctx.cudnn(), &one, p.w, w, p.b, db, p.conv,
-                                                  static_cast<cudnnConvolutionBwdDataAlgo_t>(c.algo),
-                                                  wsp, c.workspace, &zero, p.a, da));
+  MEDSEG_CUDNN_CHECK(cudnnConvolutionBackwardData(
+      ctx.cudnn(), &one, p.w, w, p.b, db, p.conv,
+      static_cast<cudnnConvolutionBwdDataAlgo_t>(c.algo), wsp, c.workspace, &zero, p.a, da));
 }
 
 void run_bwd_filter(CudaContext& ctx, ConvPlan& p, const float* a, const float* db, float* dw) {
   Choice& c = p.choice[static_cast<int>(Op::BwdFilter)];
   if (!c.ready) {
-    MEDSEG_CUDNN_CHECK(cudnnSetConvolutionMathType(p.conv, p.tf32 ? CUDNN_TENSOR_OP_MATH : CUDNN_FMA_MATH));
+    MEDSEG_CUDNN_CHECK(
+        cudnnSetConvolutionMathType(p.conv, p.tf32 ? CUDNN_TENSOR_OP_MATH : CUDNN_FMA_MATH));
     int max_count = 0;
     MEDSEG_CUDNN_CHECK(cudnnGetConvolutionBackwardFilterAlgorithmMaxCount(ctx.cudnn(), &max_count));
     std::vector<cudnnConvolutionBwdFilterAlgoPerf_t> perf(std::max(max_count, 1));
@@ -246,9 +256,9 @@ void run_bwd_filter(CudaContext& ctx, ConvPlan& p, const float* a, const float* 
   apply_math(p, c);
   void* wsp = ctx.workspace(c.workspace);
   const float one = 1.f, zero = 0.f;
-  MEDSEG_CUDNN_CHECK(cudnnConvolutionBackwardFilter(ctx.cudnn(), &one, p.a, a, p.b, db, p.conv,
-                                                    static_cast<cudnnConvolutionBwdFilterAlgo_t>(c.algo),
-                                                    wsp, c.workspace, &zero, p.w, dw));
+  MEDSEG_CUDNN_CHECK(cudnnConvolutionBackwardFilter(
+      ctx.cudnn(), &one, p.a, a, p.b, db, p.conv,
+      static_cast<cudnnConvolutionBwdFilterAlgo_t>(c.algo), wsp, c.workspace, &zero, p.w, dw));
 }
 
 void check_pointers(const void* a, const void* b, const void* c, const char* what) {
@@ -280,8 +290,8 @@ void conv3d_backward_data(CudaContext& ctx, const ConvGeometry& g, const float* 
     run_fwd(ctx, p, dy, w, dx);
 }
 
-void conv3d_backward_weights(CudaContext& ctx, const ConvGeometry& g, const float* dy, const float* x,
-                             float* dw, float* db) {
+void conv3d_backward_weights(CudaContext& ctx, const ConvGeometry& g, const float* dy,
+                             const float* x, float* dw, float* db) {
   cpu::validate(g);
   check_pointers(dy, x, dw, "cuda::conv3d_backward_weights");
   ConvPlan& p = find_plan(ctx, g);
@@ -307,8 +317,11 @@ std::string conv_plan_description(CudaContext& ctx, const ConvGeometry& g) {
       const Choice& c = p->choice[op];
       if (!c.ready) continue;
       if (os.tellp() > 0) os << "; ";
-      os << names[i] << " " << cudnn_names[op] << " algo " << c.algo << " ws " << c.workspace << " B math "
-         << (c.math == CUDNN_FMA_MATH ? "fma" : c.math == CUDNN_TENSOR_OP_MATH ? "tensor_op" : "other");
+      os << names[i] << " " << cudnn_names[op] << " algo " << c.algo << " ws " << c.workspace
+         << " B math "
+         << (c.math == CUDNN_FMA_MATH         ? "fma"
+             : c.math == CUDNN_TENSOR_OP_MATH ? "tensor_op"
+                                              : "other");
     }
     return os.str();
   }

@@ -65,7 +65,8 @@ Usability probe_usability() {
     return u;
   }
   if (e != cudaSuccess) {
-    u.why = std::string("CUDA runtime unusable: ") + cudaGetErrorName(e) + ": " + cudaGetErrorString(e);
+    u.why =
+        std::string("CUDA runtime unusable: ") + cudaGetErrorName(e) + ": " + cudaGetErrorString(e);
     return u;
   }
   e = detail::probe_kernel_image();
@@ -84,7 +85,8 @@ Usability probe_usability() {
   if (s != CUDNN_STATUS_SUCCESS) {
     char last[512] = {0};
     cudnnGetLastErrorString(last, sizeof(last));
-    u.why = std::string("cuDNN not loadable: ") + cudnnGetErrorString(s) + (last[0] ? ": " : "") + last;
+    u.why =
+        std::string("cuDNN not loadable: ") + cudnnGetErrorString(s) + (last[0] ? ": " : "") + last;
     return u;
   }
   cudnnDestroy(h);
@@ -141,8 +143,8 @@ void select_device(int index) {
 std::string cudnn_version() {
   const size_t v = cudnnGetVersion();  // major*10000 + minor*100 + patch since cuDNN 9
   std::ostringstream os;
-  os << v / 10000 << "." << (v % 10000) / 100 << "." << v % 100 << " (compiled against " << CUDNN_MAJOR
-     << "." << CUDNN_MINOR << "." << CUDNN_PATCHLEVEL << ")";
+  os << v / 10000 << "." << (v % 10000) / 100 << "." << v % 100 << " (compiled against "
+     << CUDNN_MAJOR << "." << CUDNN_MINOR << "." << CUDNN_PATCHLEVEL << ")";
   return os.str();
 }
 
@@ -245,8 +247,8 @@ class CachingAllocator {
   AllocatorStats stats_;
 };
 
-// Never destroyed: Tensors with static storage duration may release blocks after main() returns, and
-// freeing device memory during static destruction races the CUDA runtime's own teardown.
+// Never destroyed: Tensors with static storage duration may release blocks after main() returns,
+// and freeing device memory during static destruction races the CUDA runtime's own teardown.
 CachingAllocator& allocator() {
   static CachingAllocator* a = new CachingAllocator();
   return *a;
@@ -264,11 +266,21 @@ size_t allocation_size_class(size_t bytes) {
   return (bytes + step - 1) / step * step;
 }
 
-void* device_allocate(size_t bytes) { return allocator().allocate(bytes); }
-void device_release(void* ptr) noexcept { allocator().release(ptr); }
-AllocatorStats allocator_stats() { return allocator().stats(); }
-void reset_peak_bytes() { allocator().reset_peak(); }
-void release_cached_blocks() noexcept { allocator().release_cached(); }
+void* device_allocate(size_t bytes) {
+  return allocator().allocate(bytes);
+}
+void device_release(void* ptr) noexcept {
+  allocator().release(ptr);
+}
+AllocatorStats allocator_stats() {
+  return allocator().stats();
+}
+void reset_peak_bytes() {
+  allocator().reset_peak();
+}
+void release_cached_blocks() noexcept {
+  allocator().release_cached();
+}
 
 void register_cuda_allocator() {
   DeviceAllocator a;
@@ -301,7 +313,9 @@ CudaContext::CudaContext(bool allow_tf32) : allow_tf32_(allow_tf32) {
   }
 }
 
-CudaContext::~CudaContext() { release(); }
+CudaContext::~CudaContext() {
+  release();
+}
 
 void CudaContext::release() noexcept {
   if (stream_) cudaStreamSynchronize(stream_);  // queued work may still use the workspace
@@ -350,6 +364,8 @@ void* CudaContext::workspace(size_t bytes) {
   return workspace_.get();
 }
 
-void CudaContext::synchronize() const { MEDSEG_CUDA_CHECK(cudaStreamSynchronize(stream_)); }
+void CudaContext::synchronize() const {
+  MEDSEG_CUDA_CHECK(cudaStreamSynchronize(stream_));
+}
 
 }  // namespace medseg::cuda

@@ -1,12 +1,14 @@
-// CUDA device plumbing for the GPU backend: device query, error checks, the caching device allocator
-// behind Tensor(shape, Device::CUDA), and CudaContext (stream + cuDNN handle + workspace).
+// CUDA device plumbing for the GPU backend: device query, error checks, the caching device
+// allocator behind Tensor(shape, Device::CUDA), and CudaContext (stream + cuDNN handle +
+// workspace).
 //
-// Stream model (why one blocking stream is enough): every kernel and cuDNN call of this backend runs on
-// the context's stream, which is created WITHOUT cudaStreamNonBlocking. The Tensor hooks (copy, zero)
-// use the legacy default stream, which synchronizes with such blocking streams. So host code can mix
-// Tensor copies with backend calls without explicit synchronization, and a block the caching
-// allocator hands out again after a free is only touched by work ordered after every earlier use.
-// Do not build the backend with --default-stream per-thread: that breaks this implicit ordering.
+// Stream model (why one blocking stream is enough): every kernel and cuDNN call of this backend
+// runs on the context's stream, which is created WITHOUT cudaStreamNonBlocking. The Tensor hooks
+// (copy, zero) use the legacy default stream, which synchronizes with such blocking streams. So
+// host code can mix Tensor copies with backend calls without explicit synchronization, and a block
+// the caching allocator hands out again after a free is only touched by work ordered after every
+// earlier use. Do not build the backend with --default-stream per-thread: that breaks this implicit
+// ordering.
 //
 // Errors: every CUDA / cuDNN call goes through MEDSEG_CUDA_CHECK / MEDSEG_CUDNN_CHECK, which throw
 // medseg::CudaError("<file>:<line>: <call text> failed: <error name>: <error string>"). Destructors
@@ -25,13 +27,13 @@ namespace medseg::cuda {
 // ---- device query ----
 // Number of CUDA devices; 0 when there is no driver or no device (never throws).
 int device_count();
-// True when this process can run the backend: a driver, at least one device, our kernels load on the
-// current device (compute capability the build targets) and cuDNN loads. Otherwise false and, when
-// `why` is not null, a one-line reason ("no CUDA driver: ...", "no CUDA device", "cuDNN not loadable:
-// ..."). The answer is computed once per process.
+// True when this process can run the backend: a driver, at least one device, our kernels load on
+// the current device (compute capability the build targets) and cuDNN loads. Otherwise false and,
+// when `why` is not null, a one-line reason: "no CUDA driver: ...", "no CUDA device" or
+// "cuDNN not loadable: ...". The answer is computed once per process.
 bool cuda_usable(std::string* why = nullptr);
-// One line per device: "cuda:0 NVIDIA H100 80GB HBM3, sm_90, 79.1 GiB, 132 SMs, driver 13.0, runtime
-// 13.0"; or the reason no device is usable.
+// One line per device: "cuda:0 NVIDIA H100 80GB HBM3, sm_90, 79.1 GiB, 132 SMs, driver 13.0,
+// runtime 13.0"; or the reason no device is usable.
 std::string describe_devices();
 // Makes `index` the current device of the calling thread; throws CudaError when it does not exist.
 void select_device(int index);
@@ -45,17 +47,17 @@ namespace detail {
 
 }  // namespace medseg::cuda
 
-#define MEDSEG_CUDA_CHECK(expr)                                                        \
-  do {                                                                                 \
-    const cudaError_t medseg_cuda_status_ = (expr);                                    \
-    if (medseg_cuda_status_ != cudaSuccess)                                            \
+#define MEDSEG_CUDA_CHECK(expr)                                                           \
+  do {                                                                                    \
+    const cudaError_t medseg_cuda_status_ = (expr);                                       \
+    if (medseg_cuda_status_ != cudaSuccess)                                               \
       ::medseg::cuda::detail::throw_cuda(medseg_cuda_status_, #expr, __FILE__, __LINE__); \
   } while (0)
 
-#define MEDSEG_CUDNN_CHECK(expr)                                                          \
-  do {                                                                                    \
-    const cudnnStatus_t medseg_cudnn_status_ = (expr);                                    \
-    if (medseg_cudnn_status_ != CUDNN_STATUS_SUCCESS)                                     \
+#define MEDSEG_CUDNN_CHECK(expr)                                                            \
+  do {                                                                                      \
+    const cudnnStatus_t medseg_cudnn_status_ = (expr);                                      \
+    if (medseg_cudnn_status_ != CUDNN_STATUS_SUCCESS)                                       \
       ::medseg::cuda::detail::throw_cudnn(medseg_cudnn_status_, #expr, __FILE__, __LINE__); \
   } while (0)
 
@@ -66,18 +68,19 @@ namespace detail {
 namespace medseg::cuda {
 
 // ---- caching allocator ----
-// Blocks are rounded up to a size class and kept on per-class free lists when released, so a training
-// loop that allocates the same shapes every step calls cudaMalloc only during its first step. Size
-// classes: multiples of 512 B up to 1 MiB, then 4 steps per power of two (at most 19% waste). When
-// cudaMalloc runs out of memory the cached free blocks are returned to the driver and the call retried.
-// Thread-safe (one mutex); blocks are per device, the device being the current one at allocation.
+// Blocks are rounded up to a size class and kept on per-class free lists when released, so a
+// training loop that allocates the same shapes every step calls cudaMalloc only during its first
+// step. Size classes: multiples of 512 B up to 1 MiB, then 4 steps per power of two (at most 19%
+// waste). When cudaMalloc runs out of memory the cached free blocks are returned to the driver and
+// the call retried. Thread-safe (one mutex); blocks are per device, the device being the current
+// one at allocation.
 struct AllocatorStats {
-  size_t bytes_in_use = 0;    // handed out and not yet released (size-class bytes)
+  size_t bytes_in_use = 0;  // handed out and not yet released (size-class bytes)
   size_t peak_bytes_in_use = 0;
-  size_t bytes_cached = 0;    // on the free lists
+  size_t bytes_cached = 0;  // on the free lists
   int64_t cuda_malloc_count = 0;
   int64_t cuda_free_count = 0;
-  int64_t allocations = 0;    // calls to allocate()
+  int64_t allocations = 0;  // calls to allocate()
 };
 void* device_allocate(size_t bytes);
 void device_release(void* ptr) noexcept;
@@ -95,9 +98,12 @@ void register_cuda_allocator();
 class DeviceBuffer {
  public:
   DeviceBuffer() = default;
-  explicit DeviceBuffer(size_t bytes) : ptr_(bytes ? device_allocate(bytes) : nullptr), bytes_(bytes) {}
+  explicit DeviceBuffer(size_t bytes)
+      : ptr_(bytes ? device_allocate(bytes) : nullptr), bytes_(bytes) {}
   ~DeviceBuffer() { device_release(ptr_); }
-  DeviceBuffer(DeviceBuffer&& o) noexcept : ptr_(o.ptr_), bytes_(o.bytes_) { o.ptr_ = nullptr, o.bytes_ = 0; }
+  DeviceBuffer(DeviceBuffer&& o) noexcept : ptr_(o.ptr_), bytes_(o.bytes_) {
+    o.ptr_ = nullptr, o.bytes_ = 0;
+  }
   DeviceBuffer& operator=(DeviceBuffer&& o) noexcept {
     if (this != &o) {
       device_release(ptr_);
@@ -110,7 +116,9 @@ class DeviceBuffer {
   DeviceBuffer& operator=(const DeviceBuffer&) = delete;
   void* get() const { return ptr_; }
   template <typename T>
-  T* as() const { return static_cast<T*>(ptr_); }
+  T* as() const {
+    return static_cast<T*>(ptr_);
+  }
   size_t bytes() const { return bytes_; }
 
  private:
@@ -119,10 +127,11 @@ class DeviceBuffer {
 };
 
 // ---- context ----
-// One compute stream, one cuDNN handle bound to it, a growable workspace shared by the cuDNN calls and
-// our multi-stage reductions (valid only within one backend call: each call may reuse it), the TF32
-// switch, and the cache of convolution plans (descriptors + chosen algorithms, see conv_cudnn.hpp).
-// Move-only; the destructor synchronizes the stream and releases everything without throwing.
+// One compute stream, one cuDNN handle bound to it, a growable workspace shared by the cuDNN calls
+// and our multi-stage reductions (valid only within one backend call: each call may reuse it), the
+// TF32 switch, and the cache of convolution plans (descriptors + chosen algorithms, see
+// conv_cudnn.hpp). Move-only; the destructor synchronizes the stream and releases everything
+// without throwing.
 class CudaContext {
  public:
   // Uses the current device (select_device() first to choose); throws CudaError when the backend is

@@ -4,27 +4,29 @@
 // Training forward, three launches and two passes over x, no host synchronization:
 //   1. stats_partials: per (group, channel) double sums of x and x^2 (common.cuh stage 1);
 //   2. finalize_train (one block): mu_B, sigma_B = sqrt(var_B + eps) (biased), r and d from the
-//      PRE-update running statistics with sigma floored at sqrt(eps), clip counts, the NaN guard (one
-//      non-finite statistic in any channel skips the running update of all channels), the running
-//      update, the cache, per-(group, channel) scale = gamma r / sigma_B and shift = gamma d + beta,
-//      and the counters;
+//      PRE-update running statistics with sigma floored at sqrt(eps), clip counts, the NaN guard
+//      (one non-finite statistic in any channel skips the running update of all channels), the
+//      running update, the cache, per-(group, channel) scale = gamma r / sigma_B and shift = gamma
+//      d + beta, and the counters;
 //   3. normalize: y = act((x - mu_B) * scale + shift).
-// Why our own normalize kernel and not cudnnBatchNormalizationForwardInference with scale gamma*r and
-// shift gamma*d + beta: that call would also read x once and write y once, but cuDNN's legacy
-// activation modes have no LeakyReLU, so with leaky = true (every norm of the U-Net) it would need a
-// second read-modify-write pass over y; and instance norm (per-(n, c) statistics) does not map onto it
-// at all. The fused kernel is one read and one write for all three kinds, the memory-bound minimum,
-// and keeps a single code path to test. cuDNN's own statistics are not usable anyway: its running
-// variance is Bessel-corrected and its saved statistic is an inverse std of the variance it computed,
-// while ours are biased and the running statistic is a std.
+// Why our own normalize kernel and not cudnnBatchNormalizationForwardInference with scale gamma*r
+// and shift gamma*d + beta: that call would also read x once and write y once, but cuDNN's legacy
+// activation modes have no LeakyReLU, so with leaky = true (every norm of the U-Net) it would need
+// a second read-modify-write pass over y; and instance norm (per-(n, c) statistics) does not map
+// onto it at all. The fused kernel is one read and one write for all three kinds, the memory-bound
+// minimum, and keeps a single code path to test. cuDNN's own statistics are not usable anyway: its
+// running variance is Bessel-corrected and its saved statistic is an inverse std of the variance it
+// computed, while ours are biased and the running statistic is a std.
+//
 // Statistics in one pass of double sums: var = E[x^2] - E[x]^2 loses about mean^2/var * 1e-16
 // relative precision, negligible for activations (the CPU reference uses two passes; the tests
 // compare against it).
 //
 // Backward, three launches and two passes:
 //   1. per (group, channel) sums of dz and dz * x_bn, dz = dy * lrelu'(y) (mask from y > 0);
-//   2. finalize_backward (one block): dbeta = sum dz, dgamma = r sum(dz x_bn) + d sum dz (summed over
-//      samples for instance norm), and per (group, channel) k = gamma r / sigma_B, mean dz, mean dz x_bn;
+//   2. finalize_backward (one block): dbeta = sum dz, dgamma = r sum(dz x_bn) + d sum dz
+//      (summed over samples for instance norm), and per (group, channel) k = gamma r / sigma_B,
+//      mean dz and mean dz x_bn;
 //   3. dx = k (dz - mean(dz) - x_bn mean(dz x_bn)).
 #include <cuda_runtime.h>
 
@@ -78,9 +80,9 @@ struct FinalizeTrainArgs {
   const float *gamma, *beta;
   float *running_mean, *running_std;  // null for instance norm
   float *cache_mean, *cache_inv_std, *cache_r, *cache_d;
-  float *scale, *shift;           // per (group, channel), for the normalize pass
+  float *scale, *shift;              // per (group, channel), for the normalize pass
   double *batch_mean, *batch_sigma;  // per (group, channel), scratch for the running update
-  unsigned long long* counters;   // may be null
+  unsigned long long* counters;      // may be null
 };
 
 __global__ void finalize_train_kernel(FinalizeTrainArgs a) {
@@ -110,7 +112,8 @@ __global__ void finalize_train_kernel(FinalizeTrainArgs a) {
       d = fmin(fmax(d_raw, -a.d_max), a.d_max);
       if (r_raw < r_lo || r_raw > a.r_max) atomicAdd(&r_clipped, 1);
       if (d_raw < -a.d_max || d_raw > a.d_max) atomicAdd(&d_clipped, 1);
-      // fmin/fmax drop a NaN operand; keep NaN statistics visible as NaN r and d like the reference.
+      // fmin/fmax drop a NaN operand; keep NaN statistics visible as NaN r and d like the
+      // reference.
       if (isnan(r_raw)) r = r_raw;
       if (isnan(d_raw)) d = d_raw;
     }
@@ -145,11 +148,11 @@ __global__ void finalize_train_kernel(FinalizeTrainArgs a) {
   }
 }
 
-// Scale/shift for batch-kind inference: scale = gamma / max(sigma, sqrt eps), shift = beta, with the
-// running mean as the centre.
+// Scale/shift for batch-kind inference: scale = gamma / max(sigma, sqrt eps), shift = beta, with
+// the running mean as the centre.
 __global__ void infer_params_kernel(int channels, double eps, const float* gamma, const float* beta,
-                                    const float* running_mean, const float* running_std, float* mean,
-                                    float* scale, float* shift) {
+                                    const float* running_mean, const float* running_std,
+                                    float* mean, float* scale, float* shift) {
   const int c = blockIdx.x * blockDim.x + threadIdx.x;
   if (c >= channels) return;
   const double sigma = fmax(static_cast<double>(running_std[c]), sqrt(eps));
@@ -163,8 +166,9 @@ __device__ __forceinline__ float activate(float z, bool leaky, float slope) {
 }
 
 // Element index -> (channel, group) without 64-bit divisions where the tensor allows: Index is
-// uint32_t when the element count fits (every U-Net activation does; a 64-bit division costs as much as
-// the memory traffic of the element), and the group division is compiled out for the batch kinds.
+// uint32_t when the element count fits (every U-Net activation does; a 64-bit division costs as
+// much as the memory traffic of the element), and the group division is compiled out for the batch
+// kinds.
 template <typename Index, bool kGroups>
 __device__ __forceinline__ int param_index(Index e, Index channels, Index group_elems) {
   const int c = static_cast<int>(e % channels);
@@ -176,10 +180,11 @@ __device__ __forceinline__ int param_index(Index e, Index channels, Index group_
 // norm: one sample).
 template <typename Index, bool kGroups>
 __global__ void normalize_kernel(Index count, Index channels, Index group_elems, const float* x,
-                                 const float* mean, const float* scale, const float* shift, bool leaky,
-                                 float slope, float* y) {
+                                 const float* mean, const float* scale, const float* shift,
+                                 bool leaky, float slope, float* y) {
   const Index stride = static_cast<Index>(gridDim.x) * blockDim.x;
-  for (Index i = static_cast<Index>(blockIdx.x) * blockDim.x + threadIdx.x; i < count; i += stride) {
+  for (Index i = static_cast<Index>(blockIdx.x) * blockDim.x + threadIdx.x; i < count;
+       i += stride) {
     const int gc = param_index<Index, kGroups>(i, channels, group_elems);
     y[i] = activate(fmaf(x[i] - mean[gc], scale[gc], shift[gc]), leaky, slope);
   }
@@ -188,10 +193,11 @@ __global__ void normalize_kernel(Index count, Index channels, Index group_elems,
 // Same, 4 channels per thread (channels % 4 == 0, 16-byte aligned x and y).
 template <typename Index, bool kGroups>
 __global__ void normalize4_kernel(Index count4, Index channels, Index group_elems, const float4* x,
-                                  const float* mean, const float* scale, const float* shift, bool leaky,
-                                  float slope, float4* y) {
+                                  const float* mean, const float* scale, const float* shift,
+                                  bool leaky, float slope, float4* y) {
   const Index stride = static_cast<Index>(gridDim.x) * blockDim.x;
-  for (Index i = static_cast<Index>(blockIdx.x) * blockDim.x + threadIdx.x; i < count4; i += stride) {
+  for (Index i = static_cast<Index>(blockIdx.x) * blockDim.x + threadIdx.x; i < count4;
+       i += stride) {
     const int gc = param_index<Index, kGroups>(i * 4, channels, group_elems);
     const float4 v = x[i];
     float4 o;
@@ -238,7 +244,8 @@ __global__ void norm_dx_kernel(Index count, Index channels, Index group_elems, c
                                const float* inv_std, const float* k, const float* mean_dz,
                                const float* mean_dz_xbn, float* dx) {
   const Index stride = static_cast<Index>(gridDim.x) * blockDim.x;
-  for (Index i = static_cast<Index>(blockIdx.x) * blockDim.x + threadIdx.x; i < count; i += stride) {
+  for (Index i = static_cast<Index>(blockIdx.x) * blockDim.x + threadIdx.x; i < count;
+       i += stride) {
     const int gc = param_index<Index, kGroups>(i, channels, group_elems);
     float dz = dy[i];
     if (y && !(y[i] > 0.f)) dz *= slope;
@@ -252,20 +259,24 @@ template <typename Fn>
 void dispatch_index(const Shape& s, bool groups, Fn&& fn) {
   // Below 2^31 elements a 32-bit grid-stride index cannot wrap: i + stride < 2^31 + 2^24 < 2^32.
   const bool small = s.numel() < (int64_t{1} << 31);
-  if (small && groups) fn.template operator()<uint32_t, true>();
-  else if (small) fn.template operator()<uint32_t, false>();
-  else if (groups) fn.template operator()<int64_t, true>();
-  else fn.template operator()<int64_t, false>();
+  if (small && groups)
+    fn.template operator()<uint32_t, true>();
+  else if (small)
+    fn.template operator()<uint32_t, false>();
+  else if (groups)
+    fn.template operator()<int64_t, true>();
+  else
+    fn.template operator()<int64_t, false>();
 }
 
 void check_args(const NormConfig& cfg, const Shape& s, const void* x, const void* gamma,
                 const void* beta) {
   MEDSEG_CHECK(s.numel() > 0, "normalization of an empty tensor ", s);
   MEDSEG_CHECK(cfg.eps > 0.f, "eps must be positive, got ", cfg.eps);
-  MEDSEG_CHECK(cfg.r_max >= 1.f && cfg.d_max >= 0.f, "clips need r_max >= 1 and d_max >= 0, got r_max ",
-               cfg.r_max, " d_max ", cfg.d_max);
-  MEDSEG_CHECK(!cfg.leaky || cfg.slope > 0.f, "the LeakyReLU mask is recovered from y, needs slope > 0, got ",
-               cfg.slope);
+  MEDSEG_CHECK(cfg.r_max >= 1.f && cfg.d_max >= 0.f,
+               "clips need r_max >= 1 and d_max >= 0, got r_max ", cfg.r_max, " d_max ", cfg.d_max);
+  MEDSEG_CHECK(!cfg.leaky || cfg.slope > 0.f,
+               "the LeakyReLU mask is recovered from y, needs slope > 0, got ", cfg.slope);
   MEDSEG_CHECK(x && gamma && beta, "null input to a CUDA norm kernel");
   MEDSEG_CHECK(s.c <= (1 << 20) && s.n <= 65535, "unsupported norm shape ", s);
 }
@@ -282,20 +293,22 @@ GroupLayout layout(const NormConfig& cfg, const Shape& s) {
 }
 
 void launch_normalize(CudaContext& ctx, const Shape& s, const GroupLayout& gl, const float* x,
-                      const float* mean, const float* scale, const float* shift, const NormConfig& cfg,
-                      float* y) {
+                      const float* mean, const float* scale, const float* shift,
+                      const NormConfig& cfg, float* y) {
   const int64_t count = s.numel();
   const bool vec4 = s.c % 4 == 0 && detail::aligned16(x) && detail::aligned16(y);
   dispatch_index(s, gl.groups > 1, [&]<typename Index, bool kGroups>() {
     if (vec4) {
-      normalize4_kernel<Index, kGroups><<<detail::elementwise_blocks(count / 4), kThreads, 0, ctx.stream()>>>(
-          static_cast<Index>(count / 4), static_cast<Index>(s.c), static_cast<Index>(gl.group_elems),
-          reinterpret_cast<const float4*>(x), mean, scale, shift, cfg.leaky, cfg.slope,
-          reinterpret_cast<float4*>(y));
+      normalize4_kernel<Index, kGroups>
+          <<<detail::elementwise_blocks(count / 4), kThreads, 0, ctx.stream()>>>(
+              static_cast<Index>(count / 4), static_cast<Index>(s.c),
+              static_cast<Index>(gl.group_elems), reinterpret_cast<const float4*>(x), mean, scale,
+              shift, cfg.leaky, cfg.slope, reinterpret_cast<float4*>(y));
     } else {
-      normalize_kernel<Index, kGroups><<<detail::elementwise_blocks(count), kThreads, 0, ctx.stream()>>>(
-          static_cast<Index>(count), static_cast<Index>(s.c), static_cast<Index>(gl.group_elems), x, mean,
-          scale, shift, cfg.leaky, cfg.slope, y);
+      normalize_kernel<Index, kGroups>
+          <<<detail::elementwise_blocks(count), kThreads, 0, ctx.stream()>>>(
+              static_cast<Index>(count), static_cast<Index>(s.c),
+              static_cast<Index>(gl.group_elems), x, mean, scale, shift, cfg.leaky, cfg.slope, y);
     }
   });
   MEDSEG_CUDA_CHECK_LAUNCH();
@@ -355,7 +368,8 @@ void NormDeviceCounters::reset(CudaContext& ctx) {
 
 NormCounters NormDeviceCounters::read(CudaContext& ctx) const {
   unsigned long long h[kSlots] = {0};
-  MEDSEG_CUDA_CHECK(cudaMemcpyAsync(h, buffer_.get(), sizeof(h), cudaMemcpyDeviceToHost, ctx.stream()));
+  MEDSEG_CUDA_CHECK(
+      cudaMemcpyAsync(h, buffer_.get(), sizeof(h), cudaMemcpyDeviceToHost, ctx.stream()));
   ctx.synchronize();
   NormCounters n;
   n.steps = static_cast<int64_t>(h[kSteps]);
@@ -371,8 +385,9 @@ NormCounters NormDeviceCounters::read(CudaContext& ctx) const {
 // ------------------------------------------------------------------ entry points
 
 void norm_forward_train(CudaContext& ctx, const NormConfig& cfg, const Shape& s, const float* x,
-                        const float* gamma, const float* beta, float* running_mean, float* running_std,
-                        float* y, NormCache cache, NormDeviceCounters* counters) {
+                        const float* gamma, const float* beta, float* running_mean,
+                        float* running_std, float* y, NormCache cache,
+                        NormDeviceCounters* counters) {
   check_args(cfg, s, x, gamma, beta);
   const bool batch_kind = cfg.kind != NormKind::InstanceNorm;
   MEDSEG_CHECK(!batch_kind || (running_mean && running_std),
@@ -392,8 +407,9 @@ void norm_forward_train(CudaContext& ctx, const NormConfig& cfg, const Shape& s,
   float* scale = at_offset<float>(ws, off_scale);
   float* shift = at_offset<float>(ws, off_shift);
   compute_train_statistics(ctx, cfg, s, gl, x, gamma, beta, batch_kind ? running_mean : nullptr,
-                           batch_kind ? running_std : nullptr, cache, scale, shift, ws, off_partials,
-                           off_bmean, off_bsigma, rg, counters ? counters->device_slots() : nullptr);
+                           batch_kind ? running_std : nullptr, cache, scale, shift, ws,
+                           off_partials, off_bmean, off_bsigma, rg,
+                           counters ? counters->device_slots() : nullptr);
   launch_normalize(ctx, s, gl, x, cache.mean, scale, shift, cfg, y);
 }
 
@@ -439,9 +455,10 @@ void norm_backward(CudaContext& ctx, const NormConfig& cfg, const Shape& s, cons
   MEDSEG_CUDA_CHECK_LAUNCH();
   const int64_t count = s.numel();
   dispatch_index(s, gl.groups > 1, [&]<typename Index, bool kGroups>() {
-    norm_dx_kernel<Index, kGroups><<<detail::elementwise_blocks(count), kThreads, 0, ctx.stream()>>>(
-        static_cast<Index>(count), static_cast<Index>(s.c), static_cast<Index>(gl.group_elems), dy, x,
-        mask_y, cfg.slope, cache.mean, cache.inv_std, a.k, a.mean_dz, a.mean_dz_xbn, dx);
+    norm_dx_kernel<Index, kGroups>
+        <<<detail::elementwise_blocks(count), kThreads, 0, ctx.stream()>>>(
+            static_cast<Index>(count), static_cast<Index>(s.c), static_cast<Index>(gl.group_elems),
+            dy, x, mask_y, cfg.slope, cache.mean, cache.inv_std, a.k, a.mean_dz, a.mean_dz_xbn, dx);
   });
   MEDSEG_CUDA_CHECK_LAUNCH();
 }
@@ -471,8 +488,8 @@ void norm_forward_infer(CudaContext& ctx, const NormConfig& cfg, const Shape& s,
                     at_offset<float>(ws, off_r), at_offset<float>(ws, off_d)};
     float* scale = at_offset<float>(ws, off_scale);
     float* shift = at_offset<float>(ws, off_shift);
-    compute_train_statistics(ctx, cfg, s, gl, x, gamma, beta, nullptr, nullptr, cache, scale, shift, ws,
-                             off_partials, off_bmean, off_bsigma, rg, nullptr);
+    compute_train_statistics(ctx, cfg, s, gl, x, gamma, beta, nullptr, nullptr, cache, scale, shift,
+                             ws, off_partials, off_bmean, off_bsigma, rg, nullptr);
     launch_normalize(ctx, s, gl, x, cache.mean, scale, shift, cfg, y);
     return;
   }

@@ -1,8 +1,8 @@
-// Element-wise ops, the Dice + cross-entropy loss, the per-channel sum and the optimizer update on the
-// GPU (contracts: ops.hpp and kernels/cpu/ops.hpp).
+// Element-wise ops, the Dice + cross-entropy loss, the per-channel sum and the optimizer update on
+// the GPU (contracts: ops.hpp and kernels/cpu/ops.hpp).
 //
-// Element-wise kernels are grid-stride loops sized to fill the device once (common.cuh). The loss is
-// three launches: (1) one thread per voxel computes the softmax (written to probs if asked), the
+// Element-wise kernels are grid-stride loops sized to fill the device once (common.cuh). The loss
+// is three launches: (1) one thread per voxel computes the softmax (written to probs if asked), the
 // cross-entropy term and the per-(group, class) Dice sums (intersection, sum p, label count) into
 // per-block double partials, reduced in shared memory in a fixed order; (2) one block sums the
 // partials and derives the loss and the Dice gradient coefficients a, b (the same algebra as
@@ -36,7 +36,7 @@ using detail::at_offset;
 using detail::elementwise_blocks;
 using detail::kThreads;
 
-#define GRID_STRIDE(i, count)                                                                   \
+#define GRID_STRIDE(i, count)                                                                \
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < (count); \
        i += static_cast<int64_t>(gridDim.x) * blockDim.x)
 
@@ -98,10 +98,11 @@ __global__ void softmax_kernel(int64_t rows, int k, const float* logits, float* 
 // ---- Dice + CE ----
 constexpr int kLossThreads = 256;  // the finalize block; also the bound on groups * classes
 
-// Softmax into probs (the caller's buffer or workspace), recording the first voxel whose label is out
-// of range in *bad_row (initialized to all ones).
-__global__ void loss_softmax_kernel(int64_t rows, int k, const float* logits, const uint16_t* labels,
-                                    float* probs, unsigned long long* bad_row) {
+// Softmax into probs (the caller's buffer or workspace), recording the first voxel whose label is
+// out of range in *bad_row (initialized to all ones).
+__global__ void loss_softmax_kernel(int64_t rows, int k, const float* logits,
+                                    const uint16_t* labels, float* probs,
+                                    unsigned long long* bad_row) {
   GRID_STRIDE(r, rows) {
     const float* z = logits + r * k;
     float* p = probs + r * k;
@@ -187,8 +188,8 @@ __global__ void loss_finalize_kernel(LossFinalizeArgs a) {
 // d(scale * loss)/d logits, one thread per voxel (see cpu::dice_ce_loss_ref for the algebra).
 __global__ void loss_grad_kernel(int64_t rows, int k, int64_t per_group, bool batch_dice,
                                  const float* probs, const uint16_t* labels, const double* a,
-                                 const double* b, double ce_weight, double dice_weight, double scale,
-                                 float* dlogits) {
+                                 const double* b, double ce_weight, double dice_weight,
+                                 double scale, float* dlogits) {
   GRID_STRIDE(r, rows) {
     const int g = batch_dice ? 0 : static_cast<int>(r / per_group);
     const int lab = labels[r];
@@ -219,11 +220,15 @@ __global__ void channel_sum_finalize_kernel(const double* partials, int row_bloc
 
 struct ValueOp {
   const float* x;
-  __device__ void operator()(int64_t i, int64_t, int, int, double (&acc)[1]) const { acc[0] += x[i]; }
+  __device__ void operator()(int64_t i, int64_t, int, int, double (&acc)[1]) const {
+    acc[0] += x[i];
+  }
 };
 
 __global__ void add_bias_kernel(int64_t count, int channels, const float* bias, float* y) {
-  GRID_STRIDE(i, count) { y[i] += bias[i % channels]; }
+  GRID_STRIDE(i, count) {
+    y[i] += bias[i % channels];
+  }
 }
 
 __global__ void sgd_nesterov_kernel(int64_t count, float* w, const float* g, float* v, float lr,
@@ -243,39 +248,43 @@ __global__ void sgd_nesterov_kernel(int64_t count, float* w, const float* g, flo
 
 void leaky_relu_forward(CudaContext& ctx, int64_t count, const float* x, float slope, float* y) {
   if (count <= 0) return;
-  leaky_forward_kernel<<<elementwise_blocks(count), kThreads, 0, ctx.stream()>>>(count, x, slope, y);
+  leaky_forward_kernel<<<elementwise_blocks(count), kThreads, 0, ctx.stream()>>>(count, x, slope,
+                                                                                 y);
   MEDSEG_CUDA_CHECK_LAUNCH();
 }
 
-void leaky_relu_backward(CudaContext& ctx, int64_t count, const float* dy, const float* y, float slope,
-                         float* dx) {
+void leaky_relu_backward(CudaContext& ctx, int64_t count, const float* dy, const float* y,
+                         float slope, float* dx) {
   if (count <= 0) return;
-  leaky_backward_kernel<<<elementwise_blocks(count), kThreads, 0, ctx.stream()>>>(count, dy, y, slope,
-                                                                                   dx);
+  leaky_backward_kernel<<<elementwise_blocks(count), kThreads, 0, ctx.stream()>>>(count, dy, y,
+                                                                                  slope, dx);
   MEDSEG_CUDA_CHECK_LAUNCH();
 }
 
-void concat_channels_forward(CudaContext& ctx, int64_t rows, const float* a, int64_t ca, const float* b,
-                             int64_t cb, float* out) {
-  MEDSEG_CHECK(ca >= 0 && cb >= 0 && rows >= 0, "concat: bad sizes rows ", rows, " ca ", ca, " cb ", cb);
+void concat_channels_forward(CudaContext& ctx, int64_t rows, const float* a, int64_t ca,
+                             const float* b, int64_t cb, float* out) {
+  MEDSEG_CHECK(ca >= 0 && cb >= 0 && rows >= 0, "concat: bad sizes rows ", rows, " ca ", ca, " cb ",
+               cb);
   const int64_t count = rows * (ca + cb);
   if (count == 0) return;
-  concat_forward_kernel<<<elementwise_blocks(count), kThreads, 0, ctx.stream()>>>(count, a, ca, b, cb,
-                                                                                   out);
+  concat_forward_kernel<<<elementwise_blocks(count), kThreads, 0, ctx.stream()>>>(count, a, ca, b,
+                                                                                  cb, out);
   MEDSEG_CUDA_CHECK_LAUNCH();
 }
 
-void concat_channels_backward(CudaContext& ctx, int64_t rows, const float* dout, int64_t ca, int64_t cb,
-                              float* da, float* db) {
-  MEDSEG_CHECK(ca >= 0 && cb >= 0 && rows >= 0, "concat: bad sizes rows ", rows, " ca ", ca, " cb ", cb);
+void concat_channels_backward(CudaContext& ctx, int64_t rows, const float* dout, int64_t ca,
+                              int64_t cb, float* da, float* db) {
+  MEDSEG_CHECK(ca >= 0 && cb >= 0 && rows >= 0, "concat: bad sizes rows ", rows, " ca ", ca, " cb ",
+               cb);
   const int64_t count = rows * (ca + cb);
   if (count == 0 || (!da && !db)) return;
-  concat_backward_kernel<<<elementwise_blocks(count), kThreads, 0, ctx.stream()>>>(count, dout, ca, cb,
-                                                                                    da, db);
+  concat_backward_kernel<<<elementwise_blocks(count), kThreads, 0, ctx.stream()>>>(count, dout, ca,
+                                                                                   cb, da, db);
   MEDSEG_CUDA_CHECK_LAUNCH();
 }
 
-void softmax_channels(CudaContext& ctx, int64_t rows, int64_t k, const float* logits, float* probs) {
+void softmax_channels(CudaContext& ctx, int64_t rows, int64_t k, const float* logits,
+                      float* probs) {
   MEDSEG_CHECK(k >= 1 && k <= (1 << 20), "softmax over ", k, " channels");
   if (rows <= 0) return;
   softmax_kernel<<<elementwise_blocks(rows), kThreads, 0, ctx.stream()>>>(rows, static_cast<int>(k),
@@ -283,15 +292,17 @@ void softmax_channels(CudaContext& ctx, int64_t rows, int64_t k, const float* lo
   MEDSEG_CUDA_CHECK_LAUNCH();
 }
 
-DiceCeResult dice_ce_loss(CudaContext& ctx, const Shape& s, const float* logits, const uint16_t* labels,
-                          const DiceCeOptions& opt, float scale, float* dlogits, float* probs) {
+DiceCeResult dice_ce_loss(CudaContext& ctx, const Shape& s, const float* logits,
+                          const uint16_t* labels, const DiceCeOptions& opt, float scale,
+                          float* dlogits, float* probs) {
   MEDSEG_CHECK(s.c >= 2, "dice_ce_loss needs at least 2 classes, logits shape ", s);
   MEDSEG_CHECK(s.numel() > 0, "dice_ce_loss on an empty tensor ", s);
   MEDSEG_CHECK(labels != nullptr && logits != nullptr, "dice_ce_loss: null input");
   const int k = static_cast<int>(s.c);
   const int groups = opt.batch_dice ? 1 : static_cast<int>(s.n);
-  MEDSEG_CHECK(groups * k <= kLossThreads, "dice_ce_loss on the GPU supports groups * classes <= ",
-               kLossThreads, ", got ", groups, " * ", k);
+  MEDSEG_CHECK(groups * k <= kLossThreads,
+               "dice_ce_loss on the GPU supports groups * classes <= ", kLossThreads, ", got ",
+               groups, " * ", k);
   const int64_t rows = s.per_channel(), per = s.spatial();
   const int64_t groups_rows = opt.batch_dice ? rows : per;
   const detail::ReduceGrid rg = detail::reduce_grid(groups_rows, k, groups);
@@ -309,12 +320,12 @@ DiceCeResult dice_ce_loss(CudaContext& ctx, const Shape& s, const float* logits,
   double* result = at_offset<double>(ws, off_result);
 
   MEDSEG_CUDA_CHECK(cudaMemsetAsync(bad_row, 0xFF, sizeof(unsigned long long), ctx.stream()));
-  loss_softmax_kernel<<<elementwise_blocks(rows), kThreads, 0, ctx.stream()>>>(rows, k, logits, labels,
-                                                                               p, bad_row);
+  loss_softmax_kernel<<<elementwise_blocks(rows), kThreads, 0, ctx.stream()>>>(rows, k, logits,
+                                                                               labels, p, bad_row);
   MEDSEG_CUDA_CHECK_LAUNCH();
   double* partials = at_offset<double>(ws, off_partials);
-  detail::channel_partials_kernel<4, LossSumsOp><<<rg.grid, rg.block, 0, ctx.stream()>>>(
-      groups_rows, k, LossSumsOp{p, labels}, partials);
+  detail::channel_partials_kernel<4, LossSumsOp>
+      <<<rg.grid, rg.block, 0, ctx.stream()>>>(groups_rows, k, LossSumsOp{p, labels}, partials);
   MEDSEG_CUDA_CHECK_LAUNCH();
   LossFinalizeArgs fa{};
   fa.partials = partials;
@@ -341,7 +352,8 @@ DiceCeResult dice_ce_loss(CudaContext& ctx, const Shape& s, const float* logits,
   unsigned long long bad = 0;
   MEDSEG_CUDA_CHECK(cudaMemcpyAsync(host.data(), result, host.size() * sizeof(double),
                                     cudaMemcpyDeviceToHost, ctx.stream()));
-  MEDSEG_CUDA_CHECK(cudaMemcpyAsync(&bad, bad_row, sizeof(bad), cudaMemcpyDeviceToHost, ctx.stream()));
+  MEDSEG_CUDA_CHECK(
+      cudaMemcpyAsync(&bad, bad_row, sizeof(bad), cudaMemcpyDeviceToHost, ctx.stream()));
   ctx.synchronize();
   if (bad != ~0ull) {
     uint16_t lab = 0;
@@ -363,15 +375,16 @@ void channel_sum(CudaContext& ctx, int64_t rows, int64_t channels, const float* 
   const int c = static_cast<int>(channels);
   const detail::ReduceGrid rg = detail::reduce_grid(std::max<int64_t>(rows, 1), c, 1);
   double* partials = static_cast<double*>(ctx.workspace(sizeof(double) * rg.row_blocks * c));
-  detail::channel_partials_kernel<1, ValueOp><<<rg.grid, rg.block, 0, ctx.stream()>>>(rows, c, ValueOp{x},
-                                                                                       partials);
+  detail::channel_partials_kernel<1, ValueOp>
+      <<<rg.grid, rg.block, 0, ctx.stream()>>>(rows, c, ValueOp{x}, partials);
   MEDSEG_CUDA_CHECK_LAUNCH();
   channel_sum_finalize_kernel<<<(c + kThreads - 1) / kThreads, kThreads, 0, ctx.stream()>>>(
       partials, rg.row_blocks, c, out);
   MEDSEG_CUDA_CHECK_LAUNCH();
 }
 
-void add_channel_bias(CudaContext& ctx, int64_t rows, int64_t channels, const float* bias, float* y) {
+void add_channel_bias(CudaContext& ctx, int64_t rows, int64_t channels, const float* bias,
+                      float* y) {
   const int64_t count = rows * channels;
   if (count <= 0) return;
   add_bias_kernel<<<elementwise_blocks(count), kThreads, 0, ctx.stream()>>>(
@@ -379,11 +392,11 @@ void add_channel_bias(CudaContext& ctx, int64_t rows, int64_t channels, const fl
   MEDSEG_CUDA_CHECK_LAUNCH();
 }
 
-void sgd_nesterov_update(CudaContext& ctx, int64_t count, float* w, const float* g, float* v, float lr,
-                         float mu, float wd) {
+void sgd_nesterov_update(CudaContext& ctx, int64_t count, float* w, const float* g, float* v,
+                         float lr, float mu, float wd) {
   if (count <= 0) return;
-  sgd_nesterov_kernel<<<elementwise_blocks(count), kThreads, 0, ctx.stream()>>>(count, w, g, v, lr, mu,
-                                                                                  wd);
+  sgd_nesterov_kernel<<<elementwise_blocks(count), kThreads, 0, ctx.stream()>>>(count, w, g, v, lr,
+                                                                                mu, wd);
   MEDSEG_CUDA_CHECK_LAUNCH();
 }
 

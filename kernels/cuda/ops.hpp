@@ -1,7 +1,7 @@
-// CUDA versions of kernels/cpu/ops.hpp (same contracts, device pointers, one CudaContext whose stream
-// orders everything) plus the optimizer update and a per-channel sum used by the conv bias gradient.
-// Gradients are ASSIGNED, never accumulated. Nothing here synchronizes with the host except
-// dice_ce_loss, which returns the loss values (one stream synchronization per call).
+// CUDA versions of kernels/cpu/ops.hpp (same contracts, device pointers, one CudaContext whose
+// stream orders everything) plus the optimizer update and a per-channel sum used by the conv bias
+// gradient. Gradients are ASSIGNED, never accumulated. Nothing here synchronizes with the host
+// except dice_ce_loss, which returns the loss values (one stream synchronization per call).
 #pragma once
 #include <cstdint>
 
@@ -17,31 +17,33 @@ using cpu::DiceCeResult;
 // y = x > 0 ? x : slope * x   (y may alias x)
 void leaky_relu_forward(CudaContext& ctx, int64_t count, const float* x, float slope, float* y);
 // dx = y > 0 ? dy : slope * dy   (dx may alias dy)
-void leaky_relu_backward(CudaContext& ctx, int64_t count, const float* dy, const float* y, float slope,
-                         float* dx);
+void leaky_relu_backward(CudaContext& ctx, int64_t count, const float* dy, const float* y,
+                         float slope, float* dx);
 
 // out (.., ca + cb) = [a (.., ca), b (.., cb)]; rows = N*D*H*W.
-void concat_channels_forward(CudaContext& ctx, int64_t rows, const float* a, int64_t ca, const float* b,
-                             int64_t cb, float* out);
+void concat_channels_forward(CudaContext& ctx, int64_t rows, const float* a, int64_t ca,
+                             const float* b, int64_t cb, float* out);
 // da = dout[.., :ca], db = dout[.., ca:]; either may be null.
-void concat_channels_backward(CudaContext& ctx, int64_t rows, const float* dout, int64_t ca, int64_t cb,
-                              float* da, float* db);
+void concat_channels_backward(CudaContext& ctx, int64_t rows, const float* dout, int64_t ca,
+                              int64_t cb, float* da, float* db);
 
 // Softmax over the channel axis.
 void softmax_channels(CudaContext& ctx, int64_t rows, int64_t k, const float* logits, float* probs);
 
 // Same definition as cpu::dice_ce_loss (see kernels/cpu/ops.hpp); labels is a DEVICE array of
 // N*D*H*W class indices. probs and dlogits (device, may be null) are written like the CPU version.
-// Reductions run in double. Synchronizes the stream once to return the scalars; throws ArgumentError
-// when a label is >= K.
-DiceCeResult dice_ce_loss(CudaContext& ctx, const Shape& s, const float* logits, const uint16_t* labels,
-                          const DiceCeOptions& opt, float scale, float* dlogits, float* probs);
+// Reductions run in double. Synchronizes the stream once to return the scalars; throws
+// ArgumentError when a label is >= K.
+DiceCeResult dice_ce_loss(CudaContext& ctx, const Shape& s, const float* logits,
+                          const uint16_t* labels, const DiceCeOptions& opt, float scale,
+                          float* dlogits, float* probs);
 
 // out[c] = sum over rows of x[row * channels + c] (assigned), reduced in double in a fixed order
 // (deterministic). Used for the convolution bias gradient.
 void channel_sum(CudaContext& ctx, int64_t rows, int64_t channels, const float* x, float* out);
 // y[row, c] += bias[c]
-void add_channel_bias(CudaContext& ctx, int64_t rows, int64_t channels, const float* bias, float* y);
+void add_channel_bias(CudaContext& ctx, int64_t rows, int64_t channels, const float* bias,
+                      float* y);
 
 // SGD with Nesterov momentum and L2 weight decay, PyTorch's formulation (torch.optim.SGD with
 // nesterov=True, dampening 0):
@@ -49,7 +51,7 @@ void add_channel_bias(CudaContext& ctx, int64_t rows, int64_t channels, const fl
 //   v  = mu * v + g'
 //   w  = w - lr * (g' + mu * v)        (v is the UPDATED velocity)
 // Element-wise over `count` values; w and v are updated in place, g is read only.
-void sgd_nesterov_update(CudaContext& ctx, int64_t count, float* w, const float* g, float* v, float lr,
-                         float mu, float wd);
+void sgd_nesterov_update(CudaContext& ctx, int64_t count, float* w, const float* g, float* v,
+                         float lr, float mu, float wd);
 
 }  // namespace medseg::cuda
