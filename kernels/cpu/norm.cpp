@@ -7,9 +7,8 @@
 // thread order, so a result depends only on the thread count, never on scheduling.
 //
 // Passes (the fewest the math allows: the statistics must be complete before any output is known):
-//   forward : 1. statistics  (read x)             2. normalize + affine + LeakyReLU (read x, write
-//   y) backward: 1. reduction   (read dy, x, y)      2. dx                             (read dy, x,
-//   y, write dx)
+//   forward : 1. statistics (read x);  2. normalize + affine + LeakyReLU (read x, write y)
+//   backward: 1. reduction (read dy, x, y);  2. dx (read dy, x, y; write dx)
 //
 // Statistics: shifted sums in double. Each group (channel, or (n, c) for instance norm) is shifted
 // by its first value K, and sum(x - K), sum((x - K)^2) are accumulated in double. Why this and not
@@ -17,8 +16,8 @@
 // ~25 significant bits, its square at most ~50 < 53), so the only rounding is the accumulation
 // itself, and the shift removes the catastrophic cancellation of E[x^2] - E[x]^2 when |mean| >> std
 // (K is a sample of the same channel, so |mean - K| is of the order of the std). Welford needs a
-// division per element and does not vectorise across a row; shifted sums cost one subtraction and
-// one FMA per value.
+// division per element and does not vectorise across a row; shifted sums cost a subtraction, an add
+// and an FMA per value.
 //
 // The inner loops live in block functions whose pointers are __restrict PARAMETERS (g++ honours
 // __restrict on parameters, not on local variables), so they vectorise without aliasing checks.
