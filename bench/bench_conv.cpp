@@ -1,23 +1,23 @@
 // bench_conv: GFLOP/s of the CPU convolutions (kernels/cpu/conv.hpp) on the reference U-Net shapes.
 //
-// It first validates the fast path against the double-accumulating reference on small odd shapes (and
-// stops with exit code 1 if they disagree), then times forward, backward-data and backward-weights:
-// one untimed warm-up call (primitive creation, first touch of the buffers), then the median of
-// --reps timed calls. Each case is also timed through oneDNN called directly on the same channels-last
-// buffers, with weights already in oneDNN's preferred format and no wrapper: the "ratio" column is
-// medseg / direct, so the cost of our cache lookup, weight reorders and checks shows up as ratio < 1.
+// It first validates the fast path against the double-accumulating reference on small odd shapes
+// (and stops with exit code 1 if they disagree), then times forward, backward-data and
+// backward-weights: one untimed warm-up call (primitive creation, first touch of the buffers), then
+// the median of --reps timed calls. Each case is also timed through oneDNN called directly on the
+// same channels-last buffers, with weights already in oneDNN's preferred format and no wrapper: the
+// "ratio" column is medseg / direct, so the cost of our cache lookup, weight reorders and checks
+// shows up as ratio < 1.
 //
-//   bench_conv [--threads N (default 2)] [--reps N (default 7)] [--json] [--quick] [--case TEXT]
+// bench_conv [--threads N (default 2)] [--reps N (default 7)] [--json] [--quick] [--case TEXT]
 // --json prints one JSON object per line on stdout instead of the table; --quick times only the
 // 16->16 case; --case times only the cases whose name contains TEXT (e.g. "up", "s2").
-#include <dnnl.hpp>
-
 #include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <dnnl.hpp>
 #include <fstream>
 #include <iostream>
 #include <nlohmann/json.hpp>
@@ -37,7 +37,9 @@ namespace {
 
 enum class Pass { Forward, BackwardData, BackwardWeights };
 const char* pass_name(Pass p) {
-  return p == Pass::Forward ? "forward" : p == Pass::BackwardData ? "backward-data" : "backward-weights";
+  return p == Pass::Forward        ? "forward"
+         : p == Pass::BackwardData ? "backward-data"
+                                   : "backward-weights";
 }
 
 std::vector<float> random_values(int64_t count, Rng& rng) {
@@ -49,8 +51,8 @@ std::vector<float> random_values(int64_t count, Rng& rng) {
 // ---------------------------------------------------------------------------- validation
 
 // Same bound and reasoning as tests/kernels_conv.cpp: fp32 sums of up to ~1000 terms in oneDNN's
-// order err by a few u*sqrt(T) ~ 2e-6 of the output scale; 2e-5 of max|ref| leaves a 10x margin and is
-// ~1000x below the error of a wrong tap or a lost term.
+// order err by a few u*sqrt(T) ~ 2e-6 of the output scale; 2e-5 of max|ref| leaves a 10x margin and
+// is ~1000x below the error of a wrong tap or a lost term.
 constexpr double kRelTol = 2e-5;
 
 bool close_to_reference(const std::vector<float>& fast, const std::vector<float>& ref,
@@ -61,8 +63,8 @@ bool close_to_reference(const std::vector<float>& fast, const std::vector<float>
   for (size_t i = 0; i < fast.size(); ++i) {
     const double err = std::fabs(static_cast<double>(fast[i]) - ref[i]);
     if (!(err <= tol)) {
-      std::cerr << "bench_conv: VALIDATION FAILED " << what << ": index " << i << " fast " << fast[i]
-                << " reference " << ref[i] << " |diff| " << err << " > " << tol << "\n";
+      std::cerr << "bench_conv: VALIDATION FAILED " << what << ": index " << i << " fast "
+                << fast[i] << " reference " << ref[i] << " |diff| " << err << " > " << tol << "\n";
       return false;
     }
   }
@@ -94,8 +96,8 @@ bool validate_against_reference(const ConvGeometry& g, uint64_t seed) {
 
 // ---------------------------------------------------------------------------- direct oneDNN peer
 
-// oneDNN used the way its examples do: one primitive on our channels-last buffers, weights created in
-// the primitive's own format (no reorder), library-managed scratchpad. Timing-only: the weight
+// oneDNN used the way its examples do: one primitive on our channels-last buffers, weights created
+// in the primitive's own format (no reorder), library-managed scratchpad. Timing-only: the weight
 // contents are whatever oneDNN allocated.
 class DirectOneDnn {
  public:
@@ -212,8 +214,9 @@ Options parse(int argc, char** argv) {
     else if (a == "--case" && i + 1 < argc)
       o.only = argv[++i];
     else
-      MEDSEG_CHECK(false, "unknown option '", a,
-                   "' (usage: bench_conv [--threads N] [--reps N] [--json] [--quick] [--case TEXT])");
+      MEDSEG_CHECK(
+          false, "unknown option '", a,
+          "' (usage: bench_conv [--threads N] [--reps N] [--json] [--quick] [--case TEXT])");
   }
   MEDSEG_CHECK(o.reps >= 5, "--reps ", o.reps, ": the median needs at least 5 timed runs");
   return o;
@@ -256,7 +259,8 @@ int run(int argc, char** argv) {
   };
   if (opt.quick) cases.resize(1);
   if (!opt.only.empty())
-    std::erase_if(cases, [&](const BenchCase& c) { return c.name.find(opt.only) == std::string::npos; });
+    std::erase_if(cases,
+                  [&](const BenchCase& c) { return c.name.find(opt.only) == std::string::npos; });
   MEDSEG_CHECK(!cases.empty(), "--case '", opt.only, "' matches no benchmark case");
 
   const std::string cpu = cpu_model();
@@ -296,20 +300,13 @@ int run(int argc, char** argv) {
       }
       const double gf = g.flops() / ours * 1e-9, gf_direct = g.flops() / direct * 1e-9;
       if (opt.json) {
-        nlohmann::json j = {{"bench", "conv"},
-                            {"case", c.name},
-                            {"geometry", g.str()},
-                            {"pass", pass_name(pass)},
-                            {"threads", opt.threads},
-                            {"reps", opt.reps},
-                            {"ms", ours * 1e3},
-                            {"gflops", gf},
-                            {"direct_ms", direct * 1e3},
-                            {"direct_gflops", gf_direct},
-                            {"ratio", gf / gf_direct},
-                            {"cpu", cpu},
-                            {"isa", onednn_isa()},
-                            {"onednn", onednn_version()}};
+        nlohmann::json j = {{"bench", "conv"},           {"case", c.name},
+                            {"geometry", g.str()},       {"pass", pass_name(pass)},
+                            {"threads", opt.threads},    {"reps", opt.reps},
+                            {"ms", ours * 1e3},          {"gflops", gf},
+                            {"direct_ms", direct * 1e3}, {"direct_gflops", gf_direct},
+                            {"ratio", gf / gf_direct},   {"cpu", cpu},
+                            {"isa", onednn_isa()},       {"onednn", onednn_version()}};
         std::printf("%s\n", j.dump().c_str());
       } else {
         std::printf("%-16s %-17s %9.2f %9.1f %13.1f %6.2f\n", c.name.c_str(), pass_name(pass),

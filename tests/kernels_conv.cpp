@@ -1,6 +1,6 @@
-// 3-D convolutions: the reference against hand-derived semantics and central finite differences, the
-// oneDNN path against the reference on awkward shapes, the assign-not-accumulate rule, and the errors
-// for inconsistent geometry.
+// 3-D convolutions: the reference against hand-derived semantics and central finite differences,
+// the oneDNN path against the reference on awkward shapes, the assign-not-accumulate rule, and the
+// errors for inconsistent geometry.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -31,7 +31,8 @@ std::vector<float> random_values(int64_t count, Rng& rng) {
 class Guarded {
  public:
   explicit Guarded(int64_t count)
-      : count_(count), v_(static_cast<size_t>(count + kGuard), std::numeric_limits<float>::quiet_NaN()) {
+      : count_(count),
+        v_(static_cast<size_t>(count + kGuard), std::numeric_limits<float>::quiet_NaN()) {
     for (int64_t i = 0; i < kGuard; ++i) v_[static_cast<size_t>(count + i)] = kSentinel;
   }
   float* data() { return v_.data(); }
@@ -39,7 +40,9 @@ class Guarded {
   int64_t size() const { return count_; }
   float operator[](int64_t i) const { return v_[static_cast<size_t>(i)]; }
   // Resets the payload to NaN for the next call.
-  void poison() { std::fill(v_.begin(), v_.begin() + count_, std::numeric_limits<float>::quiet_NaN()); }
+  void poison() {
+    std::fill(v_.begin(), v_.begin() + count_, std::numeric_limits<float>::quiet_NaN());
+  }
   bool guard_intact() const {
     for (int64_t i = 0; i < kGuard; ++i)
       if (v_[static_cast<size_t>(count_ + i)] != kSentinel) return false;
@@ -54,12 +57,12 @@ class Guarded {
 };
 
 // Tolerance for fast (fp32, blocked sums in an order of oneDNN's choosing) against the reference
-// (double sums, one final rounding). A float sum of T products has a worst-case error of T*u*sum|a*b|
-// (u = 2^-24), but the rounding errors of a sum of random-signed terms add like a random walk, which
-// gives a few u*sqrt(T) times the scale of the outputs. Here T <= 27*Cin = 864
-// (forward, backward-data) and T <= N*spatial ~ 1000 (backward-weights), so u*sqrt(T) <= 2e-6 of the
-// largest output. We allow 2e-5 of max|ref| (a 10x margin for the summation order), which is still
-// ~1000x below what a wrong tap, a flipped kernel or a lost term causes (one term of T is
+// (double sums, one final rounding). A float sum of T products has a worst-case error of
+// T*u*sum|a*b| (u = 2^-24), but the rounding errors of a sum of random-signed terms add like a
+// random walk, which gives a few u*sqrt(T) times the scale of the outputs. Here T <= 27*Cin = 864
+// (forward, backward-data) and T <= N*spatial ~ 1000 (backward-weights), so u*sqrt(T) <= 2e-6 of
+// the largest output. We allow 2e-5 of max|ref| (a 10x margin for the summation order), which is
+// still ~1000x below what a wrong tap, a flipped kernel or a lost term causes (one term of T is
 // ~1/sqrt(T) ~ 3e-2 of the largest output).
 constexpr double kRelTol = 2e-5;
 
@@ -246,13 +249,15 @@ TEST(Conv3dReference, IsCrossCorrelationWithKrscWeights) {
       for (int64_t ww = 0; ww < 5; ++ww) {
         const size_t o = static_cast<size_t>(((d * 4 + h) * 5 + ww) * 2);
         EXPECT_EQ(y[o], X(d - 1, h, ww + 1)) << "channel 0 at " << d << "," << h << "," << ww;
-        EXPECT_EQ(y[o + 1], 2.f * X(d, h, ww) + 0.5f) << "channel 1 at " << d << "," << h << "," << ww;
+        EXPECT_EQ(y[o + 1], 2.f * X(d, h, ww) + 0.5f)
+            << "channel 1 at " << d << "," << h << "," << ww;
       }
 }
 
 TEST(Conv3dReference, TransposedWritesEachInputToTwoByTwoByTwoBlock) {
-  // y[2i+k, co] = sum_ci x[i, ci] * w[ci, k, co]: with one input channel and w[0, k, 0] = k+1 (k the
-  // flattened tap index), each input voxel is spread over its 2x2x2 output block scaled by tap+1.
+  // y[2i+k, co] = sum_ci x[i, ci] * w[ci, k, co]: with one input channel and w[0, k, 0] = k+1 (k
+  // the flattened tap index), each input voxel is spread over its 2x2x2 output block scaled by
+  // tap+1.
   const ConvGeometry g = ConvGeometry::transpose2(Shape{1, 2, 3, 2, 1}, 1);
   Rng rng(2);
   const auto x = random_values(g.in_shape().numel(), rng);
@@ -265,7 +270,8 @@ TEST(Conv3dReference, TransposedWritesEachInputToTwoByTwoByTwoBlock) {
       for (int64_t ww = 0; ww < 4; ++ww) {
         const float xi = x[static_cast<size_t>(((d / 2) * 3 + h / 2) * 2 + ww / 2)];
         const int tap = static_cast<int>(((d % 2) * 2 + h % 2) * 2 + ww % 2);
-        EXPECT_EQ(y[static_cast<size_t>((d * 6 + h) * 4 + ww)], xi * static_cast<float>(tap + 1) + 0.25f)
+        EXPECT_EQ(y[static_cast<size_t>((d * 6 + h) * 4 + ww)],
+                  xi * static_cast<float>(tap + 1) + 0.25f)
             << "at " << d << "," << h << "," << ww;
       }
 }
@@ -289,11 +295,11 @@ struct FdLoss {
   }
 };
 
-// Checks analytic[i] against the central difference of `loss` when values[i] moves by +-h. The conv is
-// linear in each argument, so the difference quotient has no truncation error and h can be large; the
-// only error is the float rounding of each y (<= u/2 |y|, u = 2^-24) inside both losses, which bounds
-// the quotient error by u/2 * (sum|y+ r| + sum|y- r|) / (x+ - x-), plus the float rounding of the
-// analytic gradient itself (u/2 |g|). We allow 4x that bound.
+// Checks analytic[i] against the central difference of `loss` when values[i] moves by +-h. The conv
+// is linear in each argument, so the difference quotient has no truncation error and h can be
+// large; the only error is the float rounding of each y (<= u/2 |y|, u = 2^-24) inside both losses,
+// which bounds the quotient error by u/2 * (sum|y+ r| + sum|y- r|) / (x+ - x-), plus the float
+// rounding of the analytic gradient itself (u/2 |g|). We allow 4x that bound.
 template <class Loss>
 void check_central_differences(std::vector<float>& values, const std::vector<float>& analytic,
                                const Loss& loss, const std::string& what) {
@@ -314,8 +320,8 @@ void check_central_differences(std::vector<float>& values, const std::vector<flo
     const double bound = 4.0 * (0.5 * u * (ap + am) / (xp - xm) + 0.5 * u * std::fabs(analytic[i]));
     const double err = std::fabs(fd - analytic[i]);
     if (!(err <= bound) && failures++ < 5)
-      ADD_FAILURE() << what << ": index " << i << " analytic " << analytic[i] << " central difference "
-                    << fd << " |diff| " << err << " > bound " << bound;
+      ADD_FAILURE() << what << ": index " << i << " analytic " << analytic[i]
+                    << " central difference " << fd << " |diff| " << err << " > bound " << bound;
   }
   EXPECT_EQ(failures, 0) << what;
 }
@@ -333,9 +339,12 @@ void check_reference_gradients(const ConvGeometry& g, uint64_t seed) {
   conv3d_backward_data_ref(g, r.data(), w.data(), dx.data());
   conv3d_backward_weights_ref(g, r.data(), x.data(), dw.data(), db.data());
 
-  check_central_differences(x, dx, [&](double* a) { return loss(x, w, b, a); }, g.str() + " dx");
-  check_central_differences(w, dw, [&](double* a) { return loss(x, w, b, a); }, g.str() + " dw");
-  check_central_differences(b, db, [&](double* a) { return loss(x, w, b, a); }, g.str() + " db");
+  check_central_differences(
+      x, dx, [&](double* a) { return loss(x, w, b, a); }, g.str() + " dx");
+  check_central_differences(
+      w, dw, [&](double* a) { return loss(x, w, b, a); }, g.str() + " dw");
+  check_central_differences(
+      b, db, [&](double* a) { return loss(x, w, b, a); }, g.str() + " db");
 }
 
 }  // namespace
@@ -351,7 +360,8 @@ TEST(Conv3dReference, BackwardMatchesCentralDifferencesForTransposedConv) {
   check_reference_gradients(ConvGeometry::transpose2(Shape{2, 1, 2, 2, 1}, 3), 21);
 }
 
-// ------------------------------------------------------------------------------------ fast (oneDNN)
+// ------------------------------------------------------------------------------------ fast
+// (oneDNN)
 
 TEST(Conv3d, FastMatchesReferenceOnOddShapes) {
   uint64_t seed = 100;
@@ -360,14 +370,16 @@ TEST(Conv3d, FastMatchesReferenceOnOddShapes) {
 
 TEST(Conv3d, BackwardAssignsRatherThanAccumulates) {
   // Calling each backward twice into the same buffers must give the same values: the second call
-  // overwrites. Buffers start as 1e30 so that any accumulation into the initial content is visible too.
+  // overwrites. Buffers start as 1e30 so that any accumulation into the initial content is visible
+  // too.
   for (const ConvGeometry& g : {ConvGeometry::conv(Shape{1, 4, 5, 3, 8}, 8, 3, 1, 1),
                                 ConvGeometry::transpose2(Shape{1, 2, 3, 2, 8}, 4)}) {
     Rng rng(7);
     const auto x = random_values(g.in_shape().numel(), rng);
     const auto w = random_values(g.weight_shape().numel(), rng);
     const auto dy = random_values(g.out_shape().numel(), rng);
-    std::vector<float> dx(x.size(), 1e30f), dw(w.size(), 1e30f), db(static_cast<size_t>(g.cout), 1e30f);
+    std::vector<float> dx(x.size(), 1e30f), dw(w.size(), 1e30f),
+        db(static_cast<size_t>(g.cout), 1e30f);
     conv3d_backward_data(g, dy.data(), w.data(), dx.data());
     conv3d_backward_weights(g, dy.data(), x.data(), dw.data(), db.data());
     const auto dx1 = dx, dw1 = dw, db1 = db;
@@ -395,8 +407,8 @@ TEST(Conv3d, CachedPrimitivesFollowThreadCountAndCacheClears) {
 }
 
 TEST(Conv3d, ConcurrentCallersGetCorrectResults) {
-  // Two application threads share one cached primitive (same geometry): each entry's mutex keeps one
-  // caller's pointers from leaking into the other's call.
+  // Two application threads share one cached primitive (same geometry): each entry's mutex keeps
+  // one caller's pointers from leaking into the other's call.
   const ConvGeometry g = ConvGeometry::conv(Shape{1, 6, 6, 6, 8}, 8, 3, 1, 1);
   Rng rng(9);
   const auto w = random_values(g.weight_shape().numel(), rng);
@@ -436,5 +448,6 @@ TEST(Conv3d, ReportsOneDnnIsaAndVersion) {
   const std::string version = onednn_version();
   EXPECT_FALSE(isa.empty());
   EXPECT_NE(isa, "unknown");
-  EXPECT_EQ(version.rfind("2.", 0), 0u) << "built against the oneDNN 2.x API, runtime says " << version;
+  EXPECT_EQ(version.rfind("2.", 0), 0u)
+      << "built against the oneDNN 2.x API, runtime says " << version;
 }

@@ -1,38 +1,40 @@
-// Fast 3-D convolutions through oneDNN 2.6 (v2 API: op descriptors), same contract as the references
-// in conv_ref.cpp.
+// Fast 3-D convolutions through oneDNN 2.6 (v2 API: op descriptors), same contract as the
+// references in conv_ref.cpp.
 //
 // Why it looks like this:
-//  - Activations stay in our channels-last layout (format_tag::ndhwc); oneDNN's JIT kernels read and
-//    write it directly, so no activation is ever reordered or copied.
-//  - Weights are small (at most Cout*27*Cin floats), so oneDNN picks its preferred blocked weight format
-//    (format_tag::any) and we reorder our KRSC weights into it (forward, backward-data) or out of it
-//    (backward-weights). When the chosen format is already ours, the reorder is skipped.
-//  - Building a primitive descriptor and JIT-compiling a primitive costs milliseconds, a U-Net step calls
-//    ~40 convolutions, so primitives, reordered-weight buffers and scratchpads are cached per
-//    (geometry, pass, bias, thread count). The thread count is part of the key because oneDNN splits the
-//    work for the OpenMP thread count it sees at creation and expects the same count at execution.
-//  - Scratchpads are owned by the cache entries (scratchpad_mode::user) and arguments are passed through
-//    the C API from cached arrays, so a call allocates nothing: it sets data handles and executes.
+//  - Activations stay in our channels-last layout (format_tag::ndhwc); oneDNN's JIT kernels read
+//    and write it directly, so no activation is ever reordered or copied.
+//  - Weights are small (at most Cout*27*Cin floats), so oneDNN picks its preferred blocked weight
+//    format (format_tag::any) and we reorder our KRSC weights into it (forward, backward-data) or
+//    out of it (backward-weights). When the chosen format is already ours, the reorder is skipped.
+//  - Building a primitive descriptor and JIT-compiling a primitive costs milliseconds, a U-Net step
+//    calls ~40 convolutions, so primitives, reordered-weight buffers and scratchpads are cached per
+//    (geometry, pass, bias, thread count). The thread count is part of the key because oneDNN
+//    splits the work for the OpenMP thread count it sees at creation and expects the same count at
+//    execution.
+//  - Scratchpads are owned by the cache entries (scratchpad_mode::user) and arguments are passed
+//    through the C API from cached arrays, so a call allocates nothing: it sets data handles and
+//    executes.
 //  - oneDNN 2.6 has no JIT backward-weights kernel for AVX2 when the DEPTH axis is padded (it falls
-//    back to im2col + GEMM, ~8x slower on the 64^3 U-Net shapes; padding in H and W is fine). When that
-//    happens and the unpadded-depth problem does get a JIT kernel, backward-weights runs on a copy of x
-//    with explicit zero planes in depth (one contiguous memcpy per sample into a per-thread workspace,
-//    ~5% of the pass). On ISAs whose JIT kernels handle depth padding nothing is copied.
-//  - Likewise the transposed conv's forward (a stride-2 backward-data for oneDNN) has no AVX2 JIT kernel
-//    on ndhwc and falls back to GEMM with col2im. Since k = stride = 2 taps never overlap, it is one
-//    GEMM, (N*D*H*W x Cin) * (Cin x 8*Cout), whose right factor is exactly our (Cin, 2, 2, 2, Cout)
-//    weight, followed by a scatter of the 8 taps into the 2x2x2 output blocks (with the bias). This
-//    runs through dnnl_sgemm into the per-thread workspace, only where oneDNN has no JIT kernel.
-//    The transposed conv's backward-weights is the same GEMM turned around, dw = x^T * gather(dy), with
-//    gather(dy) the (N*D*H*W x 8*Cout) matrix of each input voxel's 2x2x2 output block. On AVX2 oneDNN's
-//    JIT kernel for it reached ~1/8 of the GEMM's rate on the U-Net shapes, so below AVX-512 the GEMM is
-//    used; on AVX-512 oneDNN's kernel is kept (not measured here).
-//  - One engine and one stream for the process. A CPU stream with the OpenMP runtime executes in the
-//    calling thread; each cache entry has its own mutex because its memory objects carry the caller's
-//    pointers during a call.
-#include <dnnl.hpp>
-
+//    back to im2col + GEMM, ~8x slower on the 64^3 U-Net shapes; padding in H and W is fine). When
+//    that happens and the unpadded-depth problem does get a JIT kernel, backward-weights runs on a
+//    copy of x with explicit zero planes in depth (one contiguous memcpy per sample into a
+//    per-thread workspace, ~5% of the pass). On ISAs whose JIT kernels handle depth padding nothing
+//    is copied.
+//  - Likewise the transposed conv's forward (a stride-2 backward-data for oneDNN) has no AVX2 JIT
+//    kernel on ndhwc and falls back to GEMM with col2im. Since k = stride = 2 taps never overlap,
+//    it is one GEMM, (N*D*H*W x Cin) * (Cin x 8*Cout), whose right factor is exactly our (Cin, 2,
+//    2, 2, Cout) weight, followed by a scatter of the 8 taps into the 2x2x2 output blocks (with the
+//    bias). This runs through dnnl_sgemm into the per-thread workspace, only where oneDNN has no
+//    JIT kernel. The transposed conv's backward-weights is the same GEMM turned around, dw = x^T *
+//    gather(dy), with gather(dy) the (N*D*H*W x 8*Cout) matrix of each input voxel's 2x2x2 output
+//    block. On AVX2 oneDNN's JIT kernel for it reached ~40% of the GEMM's rate on the U-Net shape,
+//    so below AVX-512 the GEMM is used; on AVX-512 oneDNN's kernel is kept (not measured here).
+//  - One engine and one stream for the process. A CPU stream with the OpenMP runtime executes in
+//    the calling thread; each cache entry has its own mutex because its memory objects carry the
+//    caller's pointers during a call.
 #include <cstring>
+#include <dnnl.hpp>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -103,8 +105,8 @@ struct KeyHash {
   }
 };
 
-// A runnable primitive with the memory objects its arguments point to. "User" memories have no buffer
-// of their own: each call points them at the caller's arrays.
+// A runnable primitive with the memory objects its arguments point to. "User" memories have no
+// buffer of their own: each call points them at the caller's arrays.
 struct Entry {
   std::mutex mu;
   dnnl::primitive prim;
@@ -128,19 +130,24 @@ memory::desc activation_md(int64_t n, int64_t c, int64_t d, int64_t h, int64_t w
 }
 
 // Our weights as oneDNN sees them: logical dims (O, I, D, H, W) with O the output channels of the
-// (de)convolution. Conv: (Cout, k, k, k, Cin) in memory = odhwi. Transposed: (Cin, 2, 2, 2, Cout) in
-// memory = idhwo.
+// (de)convolution. Conv: (Cout, k, k, k, Cin) in memory = odhwi. Transposed: (Cin, 2, 2, 2, Cout)
+// in memory = idhwo.
 memory::desc user_weights_md(const ConvGeometry& g) {
-  return memory::desc({g.cout, g.cin, g.k, g.k, g.k}, dt::f32, g.transposed ? tag::idhwo : tag::odhwi);
+  return memory::desc({g.cout, g.cin, g.k, g.k, g.k}, dt::f32,
+                      g.transposed ? tag::idhwo : tag::odhwi);
 }
 
 memory::desc any_weights_md(const ConvGeometry& g) {
   return memory::desc({g.cout, g.cin, g.k, g.k, g.k}, dt::f32, tag::any);
 }
 
-memory::desc bias_md(const ConvGeometry& g) { return memory::desc({g.cout}, dt::f32, tag::a); }
+memory::desc bias_md(const ConvGeometry& g) {
+  return memory::desc({g.cout}, dt::f32, tag::a);
+}
 
-memory unbound(const memory::desc& md) { return memory(md, engine(), DNNL_MEMORY_NONE); }
+memory unbound(const memory::desc& md) {
+  return memory(md, engine(), DNNL_MEMORY_NONE);
+}
 
 struct Descs {
   memory::desc src, dst, weights_any, bias;
@@ -209,8 +216,8 @@ void bind_weights(Entry& e, const ConvGeometry& g, const memory::desc& prim_md, 
   push_arg(e.reorder_args, DNNL_ARG_TO, to);
 }
 
-// Whether oneDNN picked one of its direct JIT kernels ("jit:avx2", "brg:avx512_core", ...) rather than
-// im2col + GEMM ("x64:gemm:jit") or the reference ("ref:any").
+// Whether oneDNN picked one of its direct JIT kernels ("jit:avx2", "brg:avx512_core", ...) rather
+// than im2col + GEMM ("x64:gemm:jit") or the reference ("ref:any").
 bool is_jit(const dnnl::primitive_desc_base& pd) {
   const std::string impl = pd.impl_info_str();
   return (impl.rfind("jit:", 0) == 0 || impl.rfind("brg", 0) == 0);
@@ -288,8 +295,8 @@ std::shared_ptr<Entry> build(const Key& key) {
     push_arg(e->args, DNNL_ARG_DIFF_WEIGHTS, e->weights_prim);
     if (key.bias) push_arg(e->args, DNNL_ARG_DIFF_BIAS, e->bias);
   }
-  // The activation descriptors must be exactly ours: a primitive that wanted another activation layout
-  // would silently read our arrays wrongly.
+  // The activation descriptors must be exactly ours: a primitive that wanted another activation
+  // layout would silently read our arrays wrongly.
   MEDSEG_CHECK_T(Error, e->src.get_desc() == d.src && e->dst.get_desc() == d.dst,
                  "oneDNN chose a non-channels-last activation layout for ", g.str());
   e->scratch = memory(scratch_md, engine());
@@ -338,11 +345,13 @@ void execute(const ConvGeometry& g, const dnnl::primitive& prim,
                 std::to_string(static_cast<int>(st)) + ")");
 }
 
-void set(const memory& m, const float* p) { m.set_data_handle(const_cast<float*>(p)); }
+void set(const memory& m, const float* p) {
+  m.set_data_handle(const_cast<float*>(p));
+}
 
-// Per-thread buffer for the depth-padded copy of x and the transposed conv's GEMM result (never both
-// in one call). It grows to the largest geometry a thread meets and is then reused, so steady-state
-// training steps allocate nothing.
+// Per-thread buffer for the depth-padded copy of x and the transposed conv's GEMM result (never
+// both in one call). It grows to the largest geometry a thread meets and is then reused, so
+// steady-state training steps allocate nothing.
 float* thread_workspace(size_t floats) {
   struct Workspace {
     std::unique_ptr<float[]> data;
@@ -357,7 +366,8 @@ float* thread_workspace(size_t floats) {
   return ws.data.get();
 }
 
-// x (N, D, H, W, C) -> out (N, p + D + p, H, W, C) with zero planes in front and behind every sample.
+// x (N, D, H, W, C) -> out (N, p + D + p, H, W, C) with zero planes in front and behind every
+// sample.
 float* copy_depth_padded(const ConvGeometry& g, int64_t p, const float* x) {
   const int64_t plane = g.ih * g.iw * g.cin;
   const int64_t padded_depth = g.id + 2 * p;
@@ -437,10 +447,9 @@ void transposed_backward_weights_by_gemm(const ConvGeometry& g, const float* dy,
 }
 
 bool below_avx512() {
-  static const bool below =
-      static_cast<int>(dnnl::get_effective_cpu_isa()) <
-          static_cast<int>(dnnl::cpu_isa::avx512_core) ||
-      dnnl::get_effective_cpu_isa() == dnnl::cpu_isa::avx2_vnni;
+  static const bool below = static_cast<int>(dnnl::get_effective_cpu_isa()) <
+                                static_cast<int>(dnnl::cpu_isa::avx512_core) ||
+                            dnnl::get_effective_cpu_isa() == dnnl::cpu_isa::avx2_vnni;
   return below;
 }
 
@@ -528,8 +537,8 @@ const char* onednn_isa() {
 const char* onednn_version() {
   static const std::string text = [] {
     const dnnl_version_t* v = dnnl_version();
-    std::string s = std::to_string(v->major) + "." + std::to_string(v->minor) + "." +
-                    std::to_string(v->patch);
+    std::string s =
+        std::to_string(v->major) + "." + std::to_string(v->minor) + "." + std::to_string(v->patch);
     if (v->hash && std::strcmp(v->hash, "N/A") != 0) s += " (" + std::string(v->hash) + ")";
     return s;
   }();

@@ -1,12 +1,13 @@
 // Geometry helpers and the naive 3-D convolution references. Each reference loops over the
 // mathematical definition with double accumulators, so that its only rounding is the final cast to
-// float: it is the ground truth the oneDNN (and cuDNN) versions are tested against, not a fast path.
+// float: it is the ground truth the oneDNN (and cuDNN) versions are tested against, not a fast
+// path.
 //
-// Regular conv (cross-correlation, as cuDNN and PyTorch define it), input position i = o*stride-pad+k:
-//   y[n,o,co]   = b[co] + sum_{k,ci} x[n, o*s-p+k, ci] * w[co,k,ci]
-// Transposed conv (k = stride = 2), the backward-data of the conv with KRSC filter w[ci,k,co]:
-//   y[n,2i+k,co] = b[co] + sum_ci x[n,i,ci] * w[ci,k,co]
-// so every output voxel o receives exactly one tap per axis: i = o/2, k = o%2.
+// Regular conv (cross-correlation, as cuDNN and PyTorch define it), input position i =
+// o*stride-pad+k: y[n,o,co]   = b[co] + sum_{k,ci} x[n, o*s-p+k, ci] * w[co,k,ci] Transposed conv
+// (k = stride = 2), the backward-data of the conv with KRSC filter w[ci,k,co]: y[n,2i+k,co] = b[co]
+// + sum_ci x[n,i,ci] * w[ci,k,co] so every output voxel o receives exactly one tap per axis: i =
+// o/2, k = o%2.
 #include <algorithm>
 #include <sstream>
 #include <vector>
@@ -18,7 +19,8 @@ namespace medseg::cpu {
 
 namespace {
 
-// Offset of voxel (n, d, h, w) of a channels-last tensor with spatial size (D, H, W) and C channels.
+// Offset of voxel (n, d, h, w) of a channels-last tensor with spatial size (D, H, W) and C
+// channels.
 inline int64_t voxel(int64_t n, int64_t d, int64_t h, int64_t w, int64_t D, int64_t H, int64_t W,
                      int64_t C) {
   return (((n * D + d) * H + h) * W + w) * C;
@@ -33,8 +35,8 @@ int64_t conv_out_size(int64_t in, int k, int stride, int pad) {
 // ------------------------------------------------------------------------------------ geometry
 
 ConvGeometry ConvGeometry::conv(const Shape& in, int64_t cout, int k, int stride, int pad) {
-  MEDSEG_CHECK(in.n >= 1 && in.d >= 1 && in.h >= 1 && in.w >= 1 && in.c >= 1,
-               "conv input shape ", in, " has an empty dimension");
+  MEDSEG_CHECK(in.n >= 1 && in.d >= 1 && in.h >= 1 && in.w >= 1 && in.c >= 1, "conv input shape ",
+               in, " has an empty dimension");
   MEDSEG_CHECK(cout >= 1, "conv of input ", in, " with ", cout, " output channels");
   MEDSEG_CHECK((k == 1 || k == 3) && (stride == 1 || stride == 2) && pad >= 0 && pad < k,
                "conv of input ", in, " with unsupported k=", k, " stride=", stride, " pad=", pad,
@@ -85,8 +87,9 @@ Shape ConvGeometry::weight_shape() const {
 }
 
 double ConvGeometry::flops() const {
-  // Regular conv: every output value takes k^3 * Cin multiply-adds (padding taps included, the usual
-  // convention). Transposed: each output voxel receives one tap per axis, so Cin multiply-adds.
+  // Regular conv: every output value takes k^3 * Cin multiply-adds (padding taps included, the
+  // usual convention). Transposed: each output voxel receives one tap per axis, so Cin
+  // multiply-adds.
   const double taps = transposed ? 1.0 : static_cast<double>(k) * k * k;
   return 2.0 * static_cast<double>(n) * static_cast<double>(od * oh * ow) *
          static_cast<double>(cout) * static_cast<double>(cin) * taps;
@@ -110,10 +113,10 @@ void validate(const ConvGeometry& g) {
   if (g.transposed) {
     expected = ConvGeometry::transpose2(g.in_shape(), g.cout);
   } else {
-    MEDSEG_CHECK((g.k == 1 || g.k == 3) && (g.stride == 1 || g.stride == 2) && g.pad >= 0 &&
-                     g.pad < g.k,
-                 "conv geometry with unsupported k=", g.k, " stride=", g.stride, " pad=", g.pad,
-                 ": input ", g.in_shape(), ", output ", g.out_shape());
+    MEDSEG_CHECK(
+        (g.k == 1 || g.k == 3) && (g.stride == 1 || g.stride == 2) && g.pad >= 0 && g.pad < g.k,
+        "conv geometry with unsupported k=", g.k, " stride=", g.stride, " pad=", g.pad, ": input ",
+        g.in_shape(), ", output ", g.out_shape());
     expected = ConvGeometry::conv(g.in_shape(), g.cout, g.k, g.stride, g.pad);
   }
   MEDSEG_CHECK(g == expected, "inconsistent conv geometry: ", g.str(), " (k=", g.k,
@@ -127,8 +130,8 @@ void check_conv_shapes(const ConvGeometry& g, const Shape& x, const Shape& w, co
                g.in_shape());
   MEDSEG_CHECK(w == g.weight_shape(), "conv weight has shape ", w, ", geometry ", g.str(),
                " expects ", g.weight_shape());
-  MEDSEG_CHECK(y == g.out_shape(), "conv output has shape ", y, ", geometry ", g.str(),
-               " expects ", g.out_shape());
+  MEDSEG_CHECK(y == g.out_shape(), "conv output has shape ", y, ", geometry ", g.str(), " expects ",
+               g.out_shape());
 }
 
 // ------------------------------------------------------------------------------------ references
