@@ -20,12 +20,14 @@ io::Dataset synthetic_dataset(std::vector<std::string> channels, int classes = 3
   ds.name = "Synthetic";
   ds.channel_names = std::move(channels);
   for (int v = 0; v < classes; ++v)
-    ds.labels.push_back({v, v == 0 ? "background" : "structure" + std::to_string(v),
+    ds.labels.push_back({v,
+                         v == 0 ? "background" : "structure" + std::to_string(v),
                          {static_cast<uint8_t>(10 * v), 20, 30}});
   return ds;
 }
 
-// n cases with the given spacings (x, y, z) and shapes (x, y, z), channel samples 0..999 per channel.
+// n cases with the given spacings (x, y, z) and shapes (x, y, z), channel samples 0..999 per
+// channel.
 Fingerprint synthetic_fingerprint(const std::vector<std::array<double, 3>>& spacings,
                                   const std::vector<std::array<int64_t, 3>>& shapes,
                                   int channels = 1) {
@@ -49,10 +51,10 @@ void expect_valid_patch(const Plan& p, const PlanOptions& opt) {
   EXPECT_GE(p.levels, 1);
   EXPECT_LE(p.levels, opt.max_levels);
   for (int a = 0; a < 3; ++a) {
-    EXPECT_EQ(p.patch[a] % div, 0) << "axis " << a << " patch " << p.patch[a] << " levels "
-                                   << p.levels;
-    EXPECT_GE(p.patch[a] / div, 4) << "axis " << a << " patch " << p.patch[a] << " levels "
-                                   << p.levels;
+    EXPECT_EQ(p.patch[a] % div, 0)
+        << "axis " << a << " patch " << p.patch[a] << " levels " << p.levels;
+    EXPECT_GE(p.patch[a] / div, 4)
+        << "axis " << a << " patch " << p.patch[a] << " levels " << p.levels;
   }
   EXPECT_LE(p.patch[0] * p.patch[1] * p.patch[2], opt.max_patch_voxels);
 }

@@ -120,7 +120,8 @@ TEST(Orientation, CanonicalDirectionIsClosestToIdentity) {
 }
 
 TEST(Orientation, ReorientKeepsEveryVoxelAtItsPhysicalPoint) {
-  for (const auto& dir : {kIdentity, kFlipX, kPermutedFlipped, rotated_about_z(kPermutedFlipped, 25)}) {
+  for (const auto& dir :
+       {kIdentity, kFlipX, kPermutedFlipped, rotated_about_z(kPermutedFlipped, 25)}) {
     Volume v;
     v.geo = make_geo({5, 6, 7}, {0.5, 1.0, 2.0}, dir);
     for (int64_t i = 0; i < v.geo.voxels(); ++i) v.data.push_back(static_cast<float>(i));
@@ -139,7 +140,7 @@ TEST(Orientation, ReorientKeepsEveryVoxelAtItsPhysicalPoint) {
           for (int a = 0; a < 3; ++a)
             // Exact arithmetic up to double rounding of a few products of values <= 20.
             ASSERT_NEAR(pr[a], ps[a], 1e-9) << "canonical (" << x << "," << y << "," << z
-                                             << ") from source " << src << " axis " << a;
+                                            << ") from source " << src << " axis " << a;
         }
   }
 }
@@ -149,21 +150,22 @@ TEST(Resample, LinearReproducesALinearFieldAtThePhysicalPoints) {
   v.geo = make_geo({20, 9, 14}, {0.5, 2.0, 1.2}, kIdentity, {1, 2, 3});
   auto f = [](const std::array<double, 3>& p) { return 2 * p[0] + 3 * p[1] - p[2]; };
   LabelVolume unused;
-  fill(v.geo, v, unused, [&](const auto& p) { return static_cast<float>(f(p)); },
-       [](const auto&) { return uint16_t{0}; });
+  fill(
+      v.geo, v, unused, [&](const auto& p) { return static_cast<float>(f(p)); },
+      [](const auto&) { return uint16_t{0}; });
   const auto size = resampled_size(v.geo.size, v.geo.spacing, {1, 1, 1});
   EXPECT_EQ(size, (std::array<int64_t, 3>{10, 18, 17}));
   const Volume r = resample_linear(v, size);
   EXPECT_NEAR(r.geo.spacing[0], 1.0, 1e-12);
   EXPECT_NEAR(r.geo.spacing[2], 1.2 * 14 / 17, 1e-12);
   int checked = 0;
-  // Interior voxels only: at the edges the coordinate is clamped and the field is extrapolated flat.
+  // Interior voxels only: at the edges the coordinate is clamped and the field is extrapolated
+  // flat.
   for (int64_t z = 1; z + 1 < size[2]; ++z)
     for (int64_t y = 1; y + 1 < size[1]; ++y)
       for (int64_t x = 1; x + 1 < size[0]; ++x) {
-        const double expect = f(r.geo.index_to_physical(static_cast<double>(x),
-                                                        static_cast<double>(y),
-                                                        static_cast<double>(z)));
+        const double expect = f(r.geo.index_to_physical(
+            static_cast<double>(x), static_cast<double>(y), static_cast<double>(z)));
         // float32 values up to ~100: a few ulps of 1e-5 relative.
         ASSERT_NEAR(r.at(x, y, z), expect, 1e-3) << "(" << x << "," << y << "," << z << ")";
         ++checked;
@@ -184,8 +186,9 @@ TEST(Preprocess, LabelledCubeStaysAlignedAfterReorientationAndResampling) {
   const std::array<double, 3> hi{centre[0] + 8, centre[1] + 8, centre[2] + 8};
   Volume img;
   LabelVolume lab;
-  fill(g, img, lab, [&](const auto& p) { return inside_box(p, lo, hi) ? 100.0f : 10.0f; },
-       [&](const auto& p) { return uint16_t{inside_box(p, lo, hi)}; });
+  fill(
+      g, img, lab, [&](const auto& p) { return inside_box(p, lo, hi) ? 100.0f : 10.0f; },
+      [&](const auto& p) { return uint16_t{inside_box(p, lo, hi)}; });
   const Plan plan = test_plan({1, 1, 1});
   const PreprocessedCase pc = preprocess_case(plan, "cube", img, &lab, 7);
   EXPECT_TRUE(pc.map.resampled);
@@ -272,7 +275,8 @@ TEST(Preprocess, ZScoreGivesMeanZeroStdOne) {
     const int64_t n = pc.shape[0] * pc.shape[1] * pc.shape[2];
     for (int64_t v = 0; v < n; ++v) s += pc.image[v * 2 + c];
     const double mean = s / n;
-    for (int64_t v = 0; v < n; ++v) s2 += (pc.image[v * 2 + c] - mean) * (pc.image[v * 2 + c] - mean);
+    for (int64_t v = 0; v < n; ++v)
+      s2 += (pc.image[v * 2 + c] - mean) * (pc.image[v * 2 + c] - mean);
     // float32 values with ~7 significant digits over 2431 voxels.
     EXPECT_NEAR(mean, 0.0, 1e-5) << "channel " << c;
     EXPECT_NEAR(std::sqrt(s2 / n), 1.0, 1e-5) << "channel " << c;
@@ -328,7 +332,8 @@ TEST(ClassLocations, UniformCappedSeededSamples) {
   const std::array<int64_t, 3> shape{30, 40, 50};
   std::vector<uint16_t> lab(60000, 0);
   Rng rng(5);
-  for (auto& v : lab) v = static_cast<uint16_t>(rng.below(10) == 0 ? 1 : (rng.below(3) == 0 ? 2 : 0));
+  for (auto& v : lab)
+    v = static_cast<uint16_t>(rng.below(10) == 0 ? 1 : (rng.below(3) == 0 ? 2 : 0));
   int64_t count1 = 0;
   for (auto v : lab) count1 += v == 1;
   const auto a = sample_class_locations(lab.data(), shape, 4, 1000, 11);
@@ -360,10 +365,12 @@ TEST(GeometryMap, JsonRoundTripAndMalformedInput) {
   Volume img;
   LabelVolume lab;
   const Geometry g = make_geo({30, 10, 20}, {0.5, 2.0, 1.0}, kPermutedFlipped);
-  fill(g, img, lab, [](const auto& p) { return static_cast<float>(p[0] > 12 ? 1 : 0); },
-       [](const auto&) { return uint16_t{0}; });
+  fill(
+      g, img, lab, [](const auto& p) { return static_cast<float>(p[0] > 12 ? 1 : 0); },
+      [](const auto&) { return uint16_t{0}; });
   const PreprocessedCase pc = preprocess_case(test_plan({1, 1, 1}), "m", img, &lab, 1);
-  const CaseGeometryMap m = CaseGeometryMap::from_json(nlohmann::json::parse(pc.map.to_json().dump()));
+  const CaseGeometryMap m =
+      CaseGeometryMap::from_json(nlohmann::json::parse(pc.map.to_json().dump()));
   EXPECT_EQ(m.to_json(), pc.map.to_json());
   EXPECT_TRUE(m.source.same_grid(g));
   nlohmann::json bad = pc.map.to_json();
@@ -396,7 +403,8 @@ TEST(BackToSource, OneHotOfPreprocessedLabelsIsExactWithoutResampling) {
     ASSERT_EQ(back.size(), lab.data.size() * 3);
     for (size_t i = 0; i < lab.data.size(); ++i)
       for (int c = 0; c < 3; ++c)
-        ASSERT_EQ(back[i * 3 + c], lab.data[i] == c ? 1.0f : 0.0f) << "voxel " << i << " class " << c;
+        ASSERT_EQ(back[i * 3 + c], lab.data[i] == c ? 1.0f : 0.0f)
+            << "voxel " << i << " class " << c;
     const LabelVolume l1 = argmax_labels(back.data(), 3, pc.map.source);
     const LabelVolume l2 = labels_to_source(pc.map, onehot.data(), 3);
     EXPECT_EQ(l1.data, lab.data);
@@ -418,7 +426,8 @@ TEST(BackToSource, OneHotRoundTripThroughResamplingKeepsDiceAbove095) {
   auto cls = [&](const std::array<double, 3>& p) {
     return uint16_t(d2(p, c1) < 64 ? 1 : (d2(p, c2) < 49 ? 2 : 0));  // radii 8 and 7 mm
   };
-  fill(g, img, lab, [&](const auto& p) { return 5.0f + 10.0f * cls(p); }, cls);
+  fill(
+      g, img, lab, [&](const auto& p) { return 5.0f + 10.0f * cls(p); }, cls);
   const PreprocessedCase pc = preprocess_case(test_plan({1, 1, 1}), "spheres", img, &lab, 1);
   ASSERT_TRUE(pc.map.resampled);
   const std::vector<float> onehot = one_hot(pc.labels, 3);

@@ -26,7 +26,9 @@ namespace {
 
 constexpr int kCacheVersion = 1;
 
-std::string errno_text() { return std::strerror(errno); }
+std::string errno_text() {
+  return std::strerror(errno);
+}
 
 nlohmann::json source_stamp(const fs::path& p) {
   std::error_code ec;
@@ -36,10 +38,9 @@ nlohmann::json source_stamp(const fs::path& p) {
   if (ec) throw IoError(p.string() + ": cannot read the modification time (" + ec.message() + ")");
   return {{"path", p.string()},
           {"size", static_cast<uint64_t>(size)},
-          {"mtime_ns", static_cast<int64_t>(
-                           std::chrono::duration_cast<std::chrono::nanoseconds>(
-                               mtime.time_since_epoch())
-                               .count())}};
+          {"mtime_ns", static_cast<int64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(
+                                                mtime.time_since_epoch())
+                                                .count())}};
 }
 
 nlohmann::json source_stamps(const io::CaseEntry& e) {
@@ -150,7 +151,9 @@ MappedFile::MappedFile(const fs::path& path) {
   ::close(fd);  // the mapping keeps the file alive
 }
 
-MappedFile::~MappedFile() { release(); }
+MappedFile::~MappedFile() {
+  release();
+}
 
 MappedFile::MappedFile(MappedFile&& o) noexcept : data_(o.data_), size_(o.size_) {
   o.data_ = nullptr;
@@ -307,7 +310,8 @@ CaseView CachedCase::view() const {
 
 PreprocessedCase preprocess_entry(const Plan& plan, const io::CaseEntry& entry) {
   const Volume image = io::read_image_channels(entry.images);
-  if (entry.label.empty()) return preprocess_case(plan, entry.id, image, nullptr, id_seed(entry.id));
+  if (entry.label.empty())
+    return preprocess_case(plan, entry.id, image, nullptr, id_seed(entry.id));
   const LabelVolume labels = io::read_labels(entry.label);
   return preprocess_case(plan, entry.id, image, &labels, id_seed(entry.id));
 }
@@ -319,7 +323,8 @@ std::vector<CachedCase> prepare_cache(const Plan& plan, const io::Dataset& ds,
   for (const auto& c : cases) check_id(c.id);
   std::error_code ec;
   fs::create_directories(cache_dir, ec);
-  if (ec) throw IoError(cache_dir.string() + ": cannot create the cache folder (" + ec.message() + ")");
+  if (ec)
+    throw IoError(cache_dir.string() + ": cannot create the cache folder (" + ec.message() + ")");
 
   const int total_threads = num_threads();
   if (threads <= 0) threads = total_threads;

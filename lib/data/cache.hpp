@@ -90,9 +90,9 @@ void write_cached_case(const fs::path& cache_dir, const Plan& plan, const io::Ca
 PreprocessedCase preprocess_entry(const Plan& plan, const io::CaseEntry& entry);
 
 struct CacheProgress {
-  size_t done = 0;   // cases finished so far, this one included
+  size_t done = 0;  // cases finished so far, this one included
   size_t total = 0;
-  std::string id;    // the case just finished
+  std::string id;       // the case just finished
   bool reused = false;  // true: up to date in the cache; false: preprocessed now
 };
 using CacheProgressFn = std::function<void(const CacheProgress&)>;

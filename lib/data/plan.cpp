@@ -33,9 +33,13 @@ double percentile_sorted(const std::vector<float>& v, double q) {
   return (1.0 - w) * v[lo] + w * v[hi];
 }
 
-int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+int64_t round_up(int64_t v, int64_t m) {
+  return (v + m - 1) / m * m;
+}
 
-int64_t voxels_of(const std::array<int64_t, 3>& p) { return p[0] * p[1] * p[2]; }
+int64_t voxels_of(const std::array<int64_t, 3>& p) {
+  return p[0] * p[1] * p[2];
+}
 
 std::string join_shape(const std::array<int64_t, 3>& s) {
   return std::to_string(s[0]) + " x " + std::to_string(s[1]) + " x " + std::to_string(s[2]);
@@ -98,8 +102,10 @@ nlohmann::json Fingerprint::to_json() const {
                              {"samples", c.samples}});
   j["cases"] = nlohmann::json::array();
   for (const auto& c : cases)
-    j["cases"].push_back(
-        {{"id", c.id}, {"spacing", c.spacing}, {"shape", c.shape}, {"cropped_shape", c.cropped_shape}});
+    j["cases"].push_back({{"id", c.id},
+                          {"spacing", c.spacing},
+                          {"shape", c.shape},
+                          {"cropped_shape", c.cropped_shape}});
   return j;
 }
 
@@ -166,9 +172,9 @@ int Plan::filters_at(int level) const {
   return static_cast<int>(std::min<int64_t>(f, max_filters));
 }
 
-double estimate_training_memory_gb(const std::array<int64_t, 3>& patch, int levels, int base_filters,
-                                   int max_filters, int batch_size, int in_channels,
-                                   int num_classes) {
+double estimate_training_memory_gb(const std::array<int64_t, 3>& patch, int levels,
+                                   int base_filters, int max_filters, int batch_size,
+                                   int in_channels, int num_classes) {
   // Per level and voxel, in units of that level's filters f: the encoder keeps 2 x (conv, norm,
   // activation) outputs = 6f; the decoder keeps the upsampled map (f), the concatenation (2f) and
   // 2 x 3 outputs = 9f. Backward holds about as many gradient buffers at its peak, hence x2.
@@ -202,15 +208,15 @@ Plan make_plan(const io::Dataset& ds, const Fingerprint& fp, const PlanOptions& 
                "' has no case");
   MEDSEG_CHECK(opt.base_filters >= 1 && opt.max_filters >= opt.base_filters,
                "make_plan: filters base ", opt.base_filters, " max ", opt.max_filters);
-  MEDSEG_CHECK(opt.max_levels >= 1 && opt.max_levels <= 8, "make_plan: max_levels ", opt.max_levels);
+  MEDSEG_CHECK(opt.max_levels >= 1 && opt.max_levels <= 8, "make_plan: max_levels ",
+               opt.max_levels);
   MEDSEG_CHECK(opt.max_patch_voxels >= 64, "make_plan: max_patch_voxels ", opt.max_patch_voxels);
   MEDSEG_CHECK(opt.batch_size >= 1, "make_plan: batch_size ", opt.batch_size);
   if (ds.num_channels() < 1)
     throw ArgumentError("dataset '" + ds.name + "' (" + ds.root.string() + ") declares no channel");
   if (static_cast<int>(fp.channels.size()) != ds.num_channels())
     throw ArgumentError("dataset '" + ds.name + "' declares " + std::to_string(ds.num_channels()) +
-                        " channels but its fingerprint has " +
-                        std::to_string(fp.channels.size()));
+                        " channels but its fingerprint has " + std::to_string(fp.channels.size()));
   if (ds.labels.size() < 2)
     throw ArgumentError("dataset '" + ds.name + "' (" + ds.root.string() +
                         ") declares fewer than 2 labels (background and one structure needed)");
@@ -261,8 +267,8 @@ Plan make_plan(const io::Dataset& ds, const Fingerprint& fp, const PlanOptions& 
 
   auto fits = [&](const std::array<int64_t, 3>& p, int levels) {
     return voxels_of(p) <= opt.max_patch_voxels &&
-           estimate_training_memory_gb(p, levels, opt.base_filters, opt.max_filters,
-                                       opt.batch_size, plan.in_channels,
+           estimate_training_memory_gb(p, levels, opt.base_filters, opt.max_filters, opt.batch_size,
+                                       plan.in_channels,
                                        plan.num_classes()) <= opt.memory_budget_gb;
   };
 
@@ -436,8 +442,8 @@ Plan Plan::from_json(const nlohmann::json& j) {
 
   const auto& norm = need(j, "normalization");
   if (!norm.is_array() || static_cast<int>(norm.size()) != p.in_channels)
-    malformed("normalization", "must have one entry per channel (" +
-                                   std::to_string(p.in_channels) + "), found " + norm.dump());
+    malformed("normalization", "must have one entry per channel (" + std::to_string(p.in_channels) +
+                                   "), found " + norm.dump());
   for (const auto& n : norm) {
     ChannelNorm cn_;
     const auto& s = need(n, "scheme");
@@ -493,8 +499,8 @@ std::string Plan::describe() const {
     const auto& n = normalization[c];
     os << "    " << c << ": " << channel_names[c] << " -> ";
     if (n.scheme == "ct")
-      os << "CT: clip to [" << n.clip_lo << ", " << n.clip_hi << "], then (v - " << n.mean
-         << ") / " << n.std << "\n";
+      os << "CT: clip to [" << n.clip_lo << ", " << n.clip_hi << "], then (v - " << n.mean << ") / "
+         << n.std << "\n";
     else
       os << "z-score per image\n";
   }

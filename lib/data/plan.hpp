@@ -1,21 +1,21 @@
-// Experiment planning: a dataset fingerprint (spacings, shapes, foreground intensities) and the plan
-// derived from it (target spacing, per-channel normalisation, patch size, network depth), after
-// nnU-Net's recipe (see ../shared/docs/field-reference.md).
+// Experiment planning: a dataset fingerprint (spacings, shapes, foreground intensities) and the
+// plan derived from it (target spacing, per-channel normalisation, patch size, network depth),
+// after nnU-Net's recipe (see ../shared/docs/field-reference.md).
 //
 // Axis conventions (written once, used everywhere in lib/data):
 //  - spacings and Fingerprint shapes are (x, y, z), like medseg::Geometry;
-//  - Plan::patch and Plan::median_shape are (z, y, x), like the tensor layout (N, D=z, H=y, W=x, C);
+//  - Plan::patch and Plan::median_shape are (z, y, x), like the tensor layout (N, D=z, H=y, W=x,
+//  C);
 //  - all of them are in the canonical orientation (axes permuted/flipped so that the direction is
 //    closest to identity in LPS, see preprocess.hpp), not in the files' stored axis order.
 #pragma once
 #include <array>
 #include <cstdint>
 #include <filesystem>
+#include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
 #include <vector>
-
-#include <nlohmann/json.hpp>
 
 #include "io/dataset.hpp"
 
@@ -23,7 +23,8 @@ namespace medseg::data {
 
 // How one input channel is normalised.
 //  "zscore": per image, (v - mean) / std over the cropped region (mean/std fields unused);
-//  "ct":     clip to [clip_lo, clip_hi], then (v - mean) / std with the dataset's foreground statistics.
+//  "ct":     clip to [clip_lo, clip_hi], then (v - mean) / std with the dataset's foreground
+//  statistics.
 struct ChannelNorm {
   std::string scheme = "zscore";
   double clip_lo = 0, clip_hi = 0, mean = 0, std = 1;
@@ -45,9 +46,9 @@ struct CaseFingerprint {
 
 struct Fingerprint {
   std::vector<CaseFingerprint> cases;
-  std::vector<ChannelStats> channels;            // per channel, over sampled foreground voxels
+  std::vector<ChannelStats> channels;             // per channel, over sampled foreground voxels
   std::array<double, 3> median_spacing{1, 1, 1};  // (x, y, z)
-  std::array<int64_t, 3> median_shape{0, 0, 0};  // (x, y, z), median of cropped_shape
+  std::array<int64_t, 3> median_shape{0, 0, 0};   // (x, y, z), median of cropped_shape
   nlohmann::json to_json() const;
 };
 
@@ -58,9 +59,9 @@ Fingerprint summarize_fingerprint(std::vector<CaseFingerprint> cases,
                                   std::vector<std::vector<float>> samples);
 
 // Reads every training case (images and labels) of `ds`, or the first max_cases when max_cases > 0.
-// Samples at most kFingerprintSamplesPerCase foreground (label > 0) voxels per case, seeded, for the
-// intensity statistics; a case without foreground contributes none. Throws IoError on unreadable
-// files and ArgumentError when the dataset has no labelled training case.
+// Samples at most kFingerprintSamplesPerCase foreground (label > 0) voxels per case, seeded, for
+// the intensity statistics; a case without foreground contributes none. Throws IoError on
+// unreadable files and ArgumentError when the dataset has no labelled training case.
 constexpr int kFingerprintSamplesPerCase = 10000;
 Fingerprint fingerprint_dataset(const io::Dataset& ds, int max_cases = -1, uint64_t seed = 1234);
 
@@ -84,12 +85,13 @@ struct Plan {
   std::string dataset_name;
   int in_channels = 1;
   std::vector<std::string> channel_names;
-  std::vector<io::LabelInfo> labels;  // background (0) first; values are 0..K-1 (class index = value)
+  std::vector<io::LabelInfo>
+      labels;  // background (0) first; values are 0..K-1 (class index = value)
   int num_classes() const { return static_cast<int>(labels.size()); }
   std::array<double, 3> target_spacing{1, 1, 1};  // (x, y, z) mm
   std::vector<ChannelNorm> normalization;         // one per channel
-  std::array<int64_t, 3> patch{0, 0, 0};          // (z, y, x) voxels, each divisible by 2^(levels-1)
-  int levels = 1;                                 // resolution levels of the U-Net (pools = levels-1)
+  std::array<int64_t, 3> patch{0, 0, 0};  // (z, y, x) voxels, each divisible by 2^(levels-1)
+  int levels = 1;                         // resolution levels of the U-Net (pools = levels-1)
   int base_filters = 16;
   int max_filters = 320;
   int batch_size = 2;
@@ -115,9 +117,9 @@ std::array<double, 3> plan_target_spacing(const Fingerprint& fp);
 
 // A rough peak estimate of training memory (GB) for a U-Net: activations saved for backward plus
 // their gradients at all levels, float32. Used only to rank and bound patch sizes.
-double estimate_training_memory_gb(const std::array<int64_t, 3>& patch, int levels, int base_filters,
-                                   int max_filters, int batch_size, int in_channels,
-                                   int num_classes);
+double estimate_training_memory_gb(const std::array<int64_t, 3>& patch, int levels,
+                                   int base_filters, int max_filters, int batch_size,
+                                   int in_channels, int num_classes);
 
 // The number of levels a patch (z, y, x) supports: the largest L <= max_levels such that each axis
 // is divisible by 2^(L-1) and has >= 4 voxels at the bottleneck; at least 1.

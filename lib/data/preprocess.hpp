@@ -4,8 +4,8 @@
 // Forward (preprocess_case):
 //   source grid --reorient--> canonical grid --resample--> plan spacing --crop--> non-zero box
 //   --normalise--> preprocessed case, [z][y][x][c].
-// Backward (probabilities_to_source): un-crop, resample linearly back to the canonical grid, undo the
-// axis permutation/flips, giving values on the ORIGINAL source voxel grid.
+// Backward (probabilities_to_source): un-crop, resample linearly back to the canonical grid, undo
+// the axis permutation/flips, giving values on the ORIGINAL source voxel grid.
 //
 // Resampling maps voxel centres so that the extent of the volume is kept (the first and last voxel
 // edges coincide): target index i sits at source index (i + 0.5) * n / r - 0.5, where n and r are
@@ -13,10 +13,9 @@
 #pragma once
 #include <array>
 #include <cstdint>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
-
-#include <nlohmann/json.hpp>
 
 #include "data/case_view.hpp"
 #include "data/plan.hpp"
@@ -39,7 +38,8 @@ Geometry reoriented_geometry(const Geometry& geo, const Orientation& o);
 Volume reorient(const Volume& v, const Orientation& o);
 LabelVolume reorient(const LabelVolume& v, const Orientation& o);
 
-// Size (x, y, z) after resampling a grid of `size` and `spacing` to `target` spacing (rounded, >= 1).
+// Size (x, y, z) after resampling a grid of `size` and `spacing` to `target` spacing (rounded, >=
+// 1).
 std::array<int64_t, 3> resampled_size(const std::array<int64_t, 3>& size,
                                       const std::array<double, 3>& spacing,
                                       const std::array<double, 3>& target);
@@ -62,12 +62,12 @@ CropBox nonzero_box(const Volume& v);
 
 // Everything needed to bring a prediction on the preprocessed grid back to the source grid.
 struct CaseGeometryMap {
-  Geometry source;                         // the grid of the input file(s)
-  Orientation orientation;                 // source -> canonical
-  Geometry canonical;                      // reoriented source grid (before resampling)
-  bool resampled = false;                  // false: canonical grid kept (spacing already equal)
-  std::array<int64_t, 3> resampled_shape{0, 0, 0};  // (z, y, x)
-  CropBox crop;                            // in resampled space, (z, y, x)
+  Geometry source;          // the grid of the input file(s)
+  Orientation orientation;  // source -> canonical
+  Geometry canonical;       // reoriented source grid (before resampling)
+  bool resampled = false;   // false: canonical grid kept (spacing already equal)
+  std::array<int64_t, 3> resampled_shape{0, 0, 0};               // (z, y, x)
+  CropBox crop;                                                  // in resampled space, (z, y, x)
   std::array<int64_t, 3> shape() const { return crop.shape(); }  // preprocessed (z, y, x)
   // Physical geometry of the preprocessed grid (useful to write preprocessed volumes to look at).
   Geometry preprocessed_geometry() const;
@@ -82,7 +82,8 @@ struct PreprocessedCase {
   int channels = 1;
   std::vector<float> image;      // [z][y][x][c]
   std::vector<uint16_t> labels;  // [z][y][x]; empty when unlabelled
-  // Per class value (index = value, [0] left empty): up to kClassLocationsPerClass voxels (z, y, x).
+  // Per class value (index = value, [0] left empty): up to kClassLocationsPerClass voxels (z, y,
+  // x).
   std::vector<std::vector<Index3>> class_locations;
   CaseGeometryMap map;
   // Points into this object: valid while it lives and is not modified.
@@ -102,8 +103,8 @@ std::vector<std::vector<Index3>> sample_class_locations(const uint16_t* labels,
                                                         int num_classes, int max_per_class,
                                                         uint64_t seed);
 
-// Reorient, resample (image trilinear, labels nearest; skipped when the canonical spacing equals the
-// plan's within 1e-3 mm), crop to the non-zero image box, normalise, sample class locations.
+// Reorient, resample (image trilinear, labels nearest; skipped when the canonical spacing equals
+// the plan's within 1e-3 mm), crop to the non-zero image box, normalise, sample class locations.
 // `labels` may be null (inference): labels and class_locations stay empty. Throws ArgumentError
 // naming the case when the channel count or the label grid does not match, or a label value is not
 // a class of the plan.
