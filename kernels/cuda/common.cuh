@@ -89,7 +89,8 @@ inline ReduceGrid reduce_grid(int64_t rows_per_group, int64_t channels, int64_t 
 //   __device__ void operator()(int64_t index, int64_t row, int channel, int group,
 //                              double (&acc)[NV]) const
 // which adds the contributions of element `index` = row * C + channel (global row) to acc.
-// partials[((group * row_blocks + row_block) * C + c) * NV + i].
+// partials[((group * C + c) * row_blocks + row_block) * NV + i]: the row blocks of one (group,
+// channel) are contiguous, so that stage 2 reads them coalesced.
 template <int NV, typename Op>
 __global__ void channel_partials_kernel(int64_t rows_per_group, int channels, Op op,
                                         double* partials) {
@@ -117,7 +118,7 @@ __global__ void channel_partials_kernel(int64_t rows_per_group, int channels, Op
   __syncthreads();
   if (ty == 0 && c < channels) {
     double* out =
-        partials + ((static_cast<int64_t>(g) * gridDim.y + blockIdx.y) * channels + c) * NV;
+        partials + ((static_cast<int64_t>(g) * channels + c) * gridDim.y + blockIdx.y) * NV;
 #pragma unroll
     for (int i = 0; i < NV; ++i) {
       double s = 0.0;
@@ -127,17 +128,43 @@ __global__ void channel_partials_kernel(int64_t rows_per_group, int channels, Op
   }
 }
 
-// Stage 2 helper (device): the NV totals of (group g, channel c).
+// Stage 2: one warp per (group, channel) sums its row-block partials (lane-strided, coalesced),
+// then combines the lanes with a fixed shuffle tree: deterministic, and parallel enough that the
+// hundreds of partials per channel cost a few microseconds rather than a serial loop's hundreds.
+// totals[(group * C + c) * NV + i]; when out0 is not null it also receives component 0 as float.
 template <int NV>
-__device__ inline void sum_partials(const double* partials, int row_blocks, int channels, int g,
-                                    int c, double (&tot)[NV]) {
+__global__ void reduce_partials_kernel(const double* partials, int row_blocks, int group_channels,
+                                       double* totals, float* out0) {
+  const int warp =
+      static_cast<int>((static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32);
+  const int lane = threadIdx.x % 32;
+  if (warp >= group_channels) return;  // warp-uniform: whole warps leave together
+  double acc[NV];
 #pragma unroll
-  for (int i = 0; i < NV; ++i) tot[i] = 0.0;
-  for (int b = 0; b < row_blocks; ++b) {
-    const double* p = partials + ((static_cast<int64_t>(g) * row_blocks + b) * channels + c) * NV;
+  for (int i = 0; i < NV; ++i) acc[i] = 0.0;
+  const double* p = partials + static_cast<int64_t>(warp) * row_blocks * NV;
+  for (int b = lane; b < row_blocks; b += 32) {
 #pragma unroll
-    for (int i = 0; i < NV; ++i) tot[i] += p[i];
+    for (int i = 0; i < NV; ++i) acc[i] += p[static_cast<int64_t>(b) * NV + i];
   }
+#pragma unroll
+  for (int i = 0; i < NV; ++i)
+    for (int off = 16; off > 0; off /= 2) acc[i] += __shfl_down_sync(0xffffffffu, acc[i], off);
+  if (lane == 0) {
+#pragma unroll
+    for (int i = 0; i < NV; ++i) totals[static_cast<int64_t>(warp) * NV + i] = acc[i];
+    if (out0) out0[warp] = static_cast<float>(acc[0]);
+  }
+}
+
+template <int NV>
+inline void reduce_partials(cudaStream_t stream, const double* partials, int row_blocks,
+                            int64_t group_channels, double* totals, float* out0 = nullptr) {
+  const int64_t threads = group_channels * 32;
+  const unsigned blocks = static_cast<unsigned>((threads + kThreads - 1) / kThreads);
+  reduce_partials_kernel<NV><<<blocks, kThreads, 0, stream>>>(
+      partials, row_blocks, static_cast<int>(group_channels), totals, out0);
+  MEDSEG_CUDA_CHECK_LAUNCH();
 }
 
 inline bool aligned16(const void* p) {

@@ -2,7 +2,7 @@
 // ../shared/docs/batch-renorm.md).
 //
 // Training forward, three launches and two passes over x, no host synchronization:
-//   1. stats_partials: per (group, channel) double sums of x and x^2 (common.cuh stage 1);
+//   1. per (group, channel) double sums of x and x^2 (common.cuh, two stages);
 //   2. finalize_train (one block): mu_B, sigma_B = sqrt(var_B + eps) (biased), r and d from the
 //      PRE-update running statistics with sigma floored at sqrt(eps), clip counts, the NaN guard
 //      (one non-finite statistic in any channel skips the running update of all channels), the
@@ -72,8 +72,8 @@ struct BackwardSumsOp {
 };
 
 struct FinalizeTrainArgs {
-  const double* partials;
-  int row_blocks, groups, channels;
+  const double* totals;  // [(group * C + c) * 2 + i]: sum x, sum x^2
+  int groups, channels;
   double m;  // values per statistic
   int kind;  // NormKind as int
   double eps, alpha, r_max, d_max;
@@ -94,9 +94,8 @@ __global__ void finalize_train_kernel(FinalizeTrainArgs a) {
   int bad = 0;
   const int total = a.groups * a.channels;
   for (int gc = threadIdx.x; gc < total; gc += blockDim.x) {
-    const int g = gc / a.channels, c = gc % a.channels;
-    double tot[2];
-    detail::sum_partials<2>(a.partials, a.row_blocks, a.channels, g, c, tot);
+    const int c = gc % a.channels;
+    const double* tot = a.totals + 2 * gc;
     const double mean = tot[0] / a.m;
     double var = tot[1] / a.m - mean * mean;
     if (var < 0.0) var = 0.0;  // rounding; a NaN stays NaN (the comparison is false)
@@ -210,8 +209,8 @@ __global__ void normalize4_kernel(Index count4, Index channels, Index group_elem
 }
 
 struct FinalizeBackwardArgs {
-  const double* partials;
-  int row_blocks, groups, channels;
+  const double* totals;  // [(group * C + c) * 2 + i]: sum dz, sum dz x_bn
+  int groups, channels;
   double m;
   const float* gamma;
   const float *cache_inv_std, *cache_r, *cache_d;
@@ -224,8 +223,7 @@ __global__ void finalize_backward_kernel(FinalizeBackwardArgs a) {
     double dgamma = 0.0, dbeta = 0.0;
     for (int g = 0; g < a.groups; ++g) {
       const int gc = g * a.channels + c;
-      double tot[2];
-      detail::sum_partials<2>(a.partials, a.row_blocks, a.channels, g, c, tot);
+      const double* tot = a.totals + 2 * gc;
       const double r = a.cache_r[gc], d = a.cache_d[gc];
       dbeta += tot[0];
       dgamma += r * tot[1] + d * tot[0];
@@ -314,20 +312,34 @@ void launch_normalize(CudaContext& ctx, const Shape& s, const GroupLayout& gl, c
   MEDSEG_CUDA_CHECK_LAUNCH();
 }
 
+// Workspace pieces of the statistics pass.
+struct StatsOffsets {
+  size_t partials, totals, batch_mean, batch_sigma;
+};
+StatsOffsets add_stats_scratch(WorkspaceCarver& wc, const detail::ReduceGrid& rg, int64_t gcs) {
+  StatsOffsets o{};
+  o.partials = wc.add<double>(static_cast<int64_t>(rg.row_blocks) * gcs * 2);
+  o.totals = wc.add<double>(gcs * 2);
+  o.batch_mean = wc.add<double>(gcs);
+  o.batch_sigma = wc.add<double>(gcs);
+  return o;
+}
+
 // Statistics + finalize for training (and instance-norm inference). Fills cache, scale and shift.
 void compute_train_statistics(CudaContext& ctx, const NormConfig& cfg, const Shape& s,
                               const GroupLayout& gl, const float* x, const float* gamma,
                               const float* beta, float* running_mean, float* running_std,
-                              NormCache cache, float* scale, float* shift, void* ws_base,
-                              size_t off_partials, size_t off_bmean, size_t off_bsigma,
-                              const detail::ReduceGrid& rg, unsigned long long* counters) {
-  double* partials = at_offset<double>(ws_base, off_partials);
+                              NormCache cache, float* scale, float* shift, void* ws,
+                              const StatsOffsets& so, const detail::ReduceGrid& rg,
+                              unsigned long long* counters) {
+  double* partials = at_offset<double>(ws, so.partials);
+  double* totals = at_offset<double>(ws, so.totals);
   detail::channel_partials_kernel<2, StatsOp><<<rg.grid, rg.block, 0, ctx.stream()>>>(
       gl.rows_per_group, static_cast<int>(s.c), StatsOp{x}, partials);
   MEDSEG_CUDA_CHECK_LAUNCH();
+  detail::reduce_partials<2>(ctx.stream(), partials, rg.row_blocks, gl.groups * s.c, totals);
   FinalizeTrainArgs a{};
-  a.partials = partials;
-  a.row_blocks = rg.row_blocks;
+  a.totals = totals;
   a.groups = gl.groups;
   a.channels = static_cast<int>(s.c);
   a.m = static_cast<double>(gl.rows_per_group);
@@ -346,8 +358,8 @@ void compute_train_statistics(CudaContext& ctx, const NormConfig& cfg, const Sha
   a.cache_d = cache.d;
   a.scale = scale;
   a.shift = shift;
-  a.batch_mean = at_offset<double>(ws_base, off_bmean);
-  a.batch_sigma = at_offset<double>(ws_base, off_bsigma);
+  a.batch_mean = at_offset<double>(ws, so.batch_mean);
+  a.batch_sigma = at_offset<double>(ws, so.batch_sigma);
   a.counters = counters;
   finalize_train_kernel<<<1, kThreads, 0, ctx.stream()>>>(a);
   MEDSEG_CUDA_CHECK_LAUNCH();
@@ -398,17 +410,14 @@ void norm_forward_train(CudaContext& ctx, const NormConfig& cfg, const Shape& s,
   const detail::ReduceGrid rg = detail::reduce_grid(gl.rows_per_group, s.c, gl.groups);
   const int64_t gcs = gl.groups * s.c;
   WorkspaceCarver wc;
-  const size_t off_partials = wc.add<double>(static_cast<int64_t>(rg.row_blocks) * gcs * 2);
-  const size_t off_bmean = wc.add<double>(gcs);
-  const size_t off_bsigma = wc.add<double>(gcs);
+  const StatsOffsets so = add_stats_scratch(wc, rg, gcs);
   const size_t off_scale = wc.add<float>(gcs);
   const size_t off_shift = wc.add<float>(gcs);
   void* ws = ctx.workspace(wc.total());
   float* scale = at_offset<float>(ws, off_scale);
   float* shift = at_offset<float>(ws, off_shift);
   compute_train_statistics(ctx, cfg, s, gl, x, gamma, beta, batch_kind ? running_mean : nullptr,
-                           batch_kind ? running_std : nullptr, cache, scale, shift, ws,
-                           off_partials, off_bmean, off_bsigma, rg,
+                           batch_kind ? running_std : nullptr, cache, scale, shift, ws, so, rg,
                            counters ? counters->device_slots() : nullptr);
   launch_normalize(ctx, s, gl, x, cache.mean, scale, shift, cfg, y);
 }
@@ -426,6 +435,7 @@ void norm_backward(CudaContext& ctx, const NormConfig& cfg, const Shape& s, cons
   const int64_t gcs = gl.groups * s.c;
   WorkspaceCarver wc;
   const size_t off_partials = wc.add<double>(static_cast<int64_t>(rg.row_blocks) * gcs * 2);
+  const size_t off_totals = wc.add<double>(gcs * 2);
   const size_t off_k = wc.add<float>(gcs);
   const size_t off_mdz = wc.add<float>(gcs);
   const size_t off_mdzx = wc.add<float>(gcs);
@@ -436,9 +446,10 @@ void norm_backward(CudaContext& ctx, const NormConfig& cfg, const Shape& s, cons
   detail::channel_partials_kernel<2, BackwardSumsOp><<<rg.grid, rg.block, 0, ctx.stream()>>>(
       gl.rows_per_group, static_cast<int>(s.c), op, partials);
   MEDSEG_CUDA_CHECK_LAUNCH();
+  double* totals = at_offset<double>(ws, off_totals);
+  detail::reduce_partials<2>(ctx.stream(), partials, rg.row_blocks, gcs, totals);
   FinalizeBackwardArgs a{};
-  a.partials = partials;
-  a.row_blocks = rg.row_blocks;
+  a.totals = totals;
   a.groups = gl.groups;
   a.channels = static_cast<int>(s.c);
   a.m = static_cast<double>(gl.rows_per_group);
@@ -474,9 +485,7 @@ void norm_forward_infer(CudaContext& ctx, const NormConfig& cfg, const Shape& s,
     // Per-sample statistics as in training; the cache lives in the workspace and is dropped.
     const detail::ReduceGrid rg = detail::reduce_grid(gl.rows_per_group, s.c, gl.groups);
     WorkspaceCarver wc;
-    const size_t off_partials = wc.add<double>(static_cast<int64_t>(rg.row_blocks) * gcs * 2);
-    const size_t off_bmean = wc.add<double>(gcs);
-    const size_t off_bsigma = wc.add<double>(gcs);
+    const StatsOffsets so = add_stats_scratch(wc, rg, gcs);
     const size_t off_mean = wc.add<float>(gcs);
     const size_t off_inv = wc.add<float>(gcs);
     const size_t off_r = wc.add<float>(gcs);
@@ -489,7 +498,7 @@ void norm_forward_infer(CudaContext& ctx, const NormConfig& cfg, const Shape& s,
     float* scale = at_offset<float>(ws, off_scale);
     float* shift = at_offset<float>(ws, off_shift);
     compute_train_statistics(ctx, cfg, s, gl, x, gamma, beta, nullptr, nullptr, cache, scale, shift,
-                             ws, off_partials, off_bmean, off_bsigma, rg, nullptr);
+                             ws, so, rg, nullptr);
     launch_normalize(ctx, s, gl, x, cache.mean, scale, shift, cfg, y);
     return;
   }

@@ -2,13 +2,12 @@
 // the GPU (contracts: ops.hpp and kernels/cpu/ops.hpp).
 //
 // Element-wise kernels are grid-stride loops sized to fill the device once (common.cuh). The loss
-// is three launches: (1) one thread per voxel computes the softmax (written to probs if asked), the
-// cross-entropy term and the per-(group, class) Dice sums (intersection, sum p, label count) into
-// per-block double partials, reduced in shared memory in a fixed order; (2) one block sums the
-// partials and derives the loss and the Dice gradient coefficients a, b (the same algebra as
-// cpu::dice_terms); (3) one thread per voxel writes the gradient, recomputing the softmax from the
-// logits rather than storing it (cheaper than a write and a re-read when probs is not requested).
-// The loss scalars are copied to the host once per call.
+// makes three passes over the voxels: (1) softmax into probs (the caller's buffer, or workspace),
+// flagging the first out-of-range label; (2) per-(group, class) sums of p, p [label == k],
+// [label == k] and -log p [label == k] as a channel reduction of probs (common.cuh: deterministic,
+// double); a one-block kernel then derives the loss and the Dice gradient coefficients a, b (the
+// algebra of cpu::dice_terms); (3) the gradient from the stored probabilities. The loss scalars are
+// copied to the host once per call.
 #include <cuda_runtime.h>
 
 #include <cmath>
@@ -139,8 +138,8 @@ struct LossSumsOp {
 // Layout of the result block (doubles): [loss, ce, soft_dice, dice_per_class[K]], then a and b
 // (groups * K each).
 struct LossFinalizeArgs {
-  const double* partials;
-  int row_blocks, groups, k;
+  const double* totals;  // [(group * K + k) * 4 + i], the LossSumsOp sums
+  int groups, k;
   double rows, smooth, ce_weight, dice_weight;
   int k0;  // first included class
   double* result;
@@ -154,8 +153,7 @@ __global__ void loss_finalize_kernel(LossFinalizeArgs a) {
   const int n = a.groups * a.k;
   const int t = threadIdx.x;
   if (t < n) {
-    double tot[4];
-    detail::sum_partials<4>(a.partials, a.row_blocks, a.k, t / a.k, t % a.k, tot);
+    const double* tot = a.totals + 4 * t;
     psum[t] = tot[0];
     inter[t] = tot[1];
     gsum[t] = tot[2];
@@ -209,15 +207,6 @@ __global__ void loss_grad_kernel(int64_t rows, int k, int64_t per_group, bool ba
 }
 
 // ---- channel sum / bias ----
-__global__ void channel_sum_finalize_kernel(const double* partials, int row_blocks, int channels,
-                                            float* out) {
-  const int c = blockIdx.x * blockDim.x + threadIdx.x;
-  if (c >= channels) return;
-  double tot[1];
-  detail::sum_partials<1>(partials, row_blocks, channels, 0, c, tot);
-  out[c] = static_cast<float>(tot[0]);
-}
-
 struct ValueOp {
   const float* x;
   __device__ void operator()(int64_t i, int64_t, int, int, double (&acc)[1]) const {
@@ -310,6 +299,7 @@ DiceCeResult dice_ce_loss(CudaContext& ctx, const Shape& s, const float* logits,
   detail::WorkspaceCarver wc;
   const size_t off_probs = probs ? 0 : wc.add<float>(rows * k);
   const size_t off_partials = wc.add<double>(static_cast<int64_t>(rg.row_blocks) * groups * k * 4);
+  const size_t off_totals = wc.add<double>(groups * k * 4);
   const size_t off_result = wc.add<double>(3 + k);
   const size_t off_a = wc.add<double>(groups * k);
   const size_t off_b = wc.add<double>(groups * k);
@@ -327,9 +317,10 @@ DiceCeResult dice_ce_loss(CudaContext& ctx, const Shape& s, const float* logits,
   detail::channel_partials_kernel<4, LossSumsOp>
       <<<rg.grid, rg.block, 0, ctx.stream()>>>(groups_rows, k, LossSumsOp{p, labels}, partials);
   MEDSEG_CUDA_CHECK_LAUNCH();
+  double* totals = at_offset<double>(ws, off_totals);
+  detail::reduce_partials<4>(ctx.stream(), partials, rg.row_blocks, groups * k, totals);
   LossFinalizeArgs fa{};
-  fa.partials = partials;
-  fa.row_blocks = rg.row_blocks;
+  fa.totals = totals;
   fa.groups = groups;
   fa.k = k;
   fa.rows = static_cast<double>(rows);
@@ -374,13 +365,16 @@ void channel_sum(CudaContext& ctx, int64_t rows, int64_t channels, const float* 
                " channels ", channels);
   const int c = static_cast<int>(channels);
   const detail::ReduceGrid rg = detail::reduce_grid(std::max<int64_t>(rows, 1), c, 1);
-  double* partials = static_cast<double*>(ctx.workspace(sizeof(double) * rg.row_blocks * c));
+  detail::WorkspaceCarver wc;
+  const size_t off_partials = wc.add<double>(static_cast<int64_t>(rg.row_blocks) * c);
+  const size_t off_totals = wc.add<double>(c);
+  void* ws = ctx.workspace(wc.total());
+  double* partials = at_offset<double>(ws, off_partials);
   detail::channel_partials_kernel<1, ValueOp>
       <<<rg.grid, rg.block, 0, ctx.stream()>>>(rows, c, ValueOp{x}, partials);
   MEDSEG_CUDA_CHECK_LAUNCH();
-  channel_sum_finalize_kernel<<<(c + kThreads - 1) / kThreads, kThreads, 0, ctx.stream()>>>(
-      partials, rg.row_blocks, c, out);
-  MEDSEG_CUDA_CHECK_LAUNCH();
+  detail::reduce_partials<1>(ctx.stream(), partials, rg.row_blocks, c,
+                             at_offset<double>(ws, off_totals), out);
 }
 
 void add_channel_bias(CudaContext& ctx, int64_t rows, int64_t channels, const float* bias,
