@@ -105,7 +105,9 @@ if [[ -z "$cudart_dir" ]]; then
   say "no CUDA 13 runtime on this machine: using the bundled libcudart.so.13"
 fi
 [[ "$cudart_dir" != "(system)" ]] && ld_path="$ld_path:$cudart_dir"
-for d in /usr/local/cuda/lib64 /usr/lib/x86_64-linux-gnu; do [[ -d "$d" ]] && ld_path="$ld_path:$d"; done
+for d in /usr/local/cuda/lib64 /usr/lib/x86_64-linux-gnu; do
+  [[ -d "$d" && ":$ld_path:" != *":$d:"* ]] && ld_path="$ld_path:$d"
+done
 export LD_LIBRARY_PATH="$ld_path${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 say "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
 
