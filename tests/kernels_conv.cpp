@@ -231,7 +231,8 @@ TEST(ConvGeometry, InconsistentGeometryThrowsArgumentErrorNamingTheShapes) {
 TEST(Conv3dReference, IsCrossCorrelationWithKrscWeights) {
   // One input channel, two output channels. Output channel 0 has a single tap at (kd,kh,kw) =
   // (0,1,2): with pad 1 it reads x[d-1, h, w+1] (no kernel flip, as in cuDNN and PyTorch). Output
-  // channel 1 is 2*x at the centre tap plus the bias 0.5.
+  // channel 1 is 2*x at the centre tap plus the bias 0.5. Expected values are the exact result
+  // rounded once to float, which is what double accumulation yields.
   const ConvGeometry g = ConvGeometry::conv(Shape{1, 3, 4, 5, 1}, 2, 3, 1, 1);
   Rng rng(1);
   const auto x = random_values(g.in_shape().numel(), rng);
@@ -249,7 +250,7 @@ TEST(Conv3dReference, IsCrossCorrelationWithKrscWeights) {
       for (int64_t ww = 0; ww < 5; ++ww) {
         const size_t o = static_cast<size_t>(((d * 4 + h) * 5 + ww) * 2);
         EXPECT_EQ(y[o], X(d - 1, h, ww + 1)) << "channel 0 at " << d << "," << h << "," << ww;
-        EXPECT_EQ(y[o + 1], 2.f * X(d, h, ww) + 0.5f)
+        EXPECT_EQ(y[o + 1], static_cast<float>(2.0 * X(d, h, ww) + 0.5))
             << "channel 1 at " << d << "," << h << "," << ww;
       }
 }
@@ -271,7 +272,7 @@ TEST(Conv3dReference, TransposedWritesEachInputToTwoByTwoByTwoBlock) {
         const float xi = x[static_cast<size_t>(((d / 2) * 3 + h / 2) * 2 + ww / 2)];
         const int tap = static_cast<int>(((d % 2) * 2 + h % 2) * 2 + ww % 2);
         EXPECT_EQ(y[static_cast<size_t>((d * 6 + h) * 4 + ww)],
-                  xi * static_cast<float>(tap + 1) + 0.25f)
+                  static_cast<float>(static_cast<double>(xi) * (tap + 1) + 0.25))
             << "at " << d << "," << h << "," << ww;
       }
 }
