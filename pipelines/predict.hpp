@@ -1,0 +1,24 @@
+// `medseg predict`: masks for new scans on their own grid, optional probability maps and review export.
+#pragma once
+#include <filesystem>
+#include <string>
+
+namespace medseg::pipelines {
+
+namespace fs = std::filesystem;
+
+struct PredictConfig {
+  fs::path model, input, output;
+  bool tta = true;
+  double step = 0.5;
+  std::string device = "auto";
+  bool probabilities = false;
+  fs::path export_dir;        // empty: no review package
+  int keep_largest = -1;      // -1: as recorded in the model, 0: off, 1: on
+  bool fold_norms = true;     // inference-mode normalisation folded into the convolutions
+  int tiles_per_batch = 2;
+};
+
+int run_predict(const PredictConfig& cfg);
+
+}  // namespace medseg::pipelines

@@ -1,0 +1,522 @@
+// The training pipeline: dataset -> validation -> plan -> preprocessing cache -> U-Net training with
+// Batch Renormalization -> model bundle. Stages talk through files in the output folder.
+#include "pipelines/train.hpp"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <fstream>
+#include <iomanip>
+#include <iostream>
+#include <numeric>
+#include <sstream>
+
+#include <nlohmann/json.hpp>
+
+#include "core/atomic_file.hpp"
+#include "core/error.hpp"
+#include "core/log.hpp"
+#include "core/rng.hpp"
+#include "core/threads.hpp"
+#include "data/cache.hpp"
+#include "data/loader.hpp"
+#include "data/plan.hpp"
+#include "infer/sliding_window.hpp"
+#include "io/dataset.hpp"
+#include "kernels/cpu/conv.hpp"
+#include "kernels/cpu/ops.hpp"
+#include "nn/model_bundle.hpp"
+#include "nn/safetensors.hpp"
+#include "pipelines/device.hpp"
+#include "pipelines/progress.hpp"
+#include "pipelines/train_log.hpp"
+
+namespace medseg::pipelines {
+
+namespace {
+using json = nlohmann::json;
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point t) {
+  return std::chrono::duration<double>(Clock::now() - t).count();
+}
+
+struct Split {
+  std::vector<io::CaseEntry> train, val;
+};
+
+Split split_cases(const std::vector<io::CaseEntry>& cases, const TrainConfig& cfg) {
+  std::vector<size_t> order(cases.size());
+  std::iota(order.begin(), order.end(), 0);
+  Rng rng(cfg.seed ^ 0x5eedf01dULL);
+  for (size_t i = order.size(); i > 1; --i) std::swap(order[i - 1], order[rng.below(i)]);
+  Split s;
+  if (cfg.fold >= 0) {
+    if (cfg.folds < 2 || cfg.fold >= cfg.folds)
+      throw ArgumentError("--fold " + std::to_string(cfg.fold) + " needs 0 <= fold < --folds (" +
+                          std::to_string(cfg.folds) + ")");
+    for (size_t i = 0; i < order.size(); ++i)
+      (static_cast<int>(i % cfg.folds) == cfg.fold ? s.val : s.train).push_back(cases[order[i]]);
+  } else {
+    if (cfg.val_fraction < 0 || cfg.val_fraction >= 1)
+      throw ArgumentError("--val-fraction must be in [0, 1), got " + std::to_string(cfg.val_fraction));
+    size_t nval = static_cast<size_t>(std::llround(cfg.val_fraction * static_cast<double>(cases.size())));
+    if (cfg.val_fraction > 0 && nval == 0 && cases.size() >= 2) nval = 1;
+    for (size_t i = 0; i < order.size(); ++i) (i < nval ? s.val : s.train).push_back(cases[order[i]]);
+  }
+  if (s.train.empty()) throw ArgumentError("no training cases left after the validation split");
+  return s;
+}
+
+// The state that exact resume needs besides the tensors.
+struct TrainState {
+  int64_t step = 0;
+  int64_t planned_steps = 0;
+  int64_t epoch_length = 0;
+  double elapsed_s = 0;  // training wall time before this process
+  double best_dice = -1;
+  int64_t best_step = -1;
+  int64_t skipped_steps = 0;
+  int64_t consecutive_bad = 0;
+  json to_json() const {
+    return {{"step", step},           {"planned_steps", planned_steps}, {"epoch_length", epoch_length},
+            {"elapsed_s", elapsed_s}, {"best_dice", best_dice},         {"best_step", best_step},
+            {"skipped_steps", skipped_steps}};
+  }
+  static TrainState from_json(const json& j) {
+    TrainState s;
+    s.step = j.at("step");
+    s.planned_steps = j.at("planned_steps");
+    s.epoch_length = j.at("epoch_length");
+    s.elapsed_s = j.at("elapsed_s");
+    s.best_dice = j.at("best_dice");
+    s.best_step = j.at("best_step");
+    s.skipped_steps = j.at("skipped_steps");
+    return s;
+  }
+};
+
+nn::RenormSchedule schedule_from(const TrainConfig& cfg) {
+  nn::RenormSchedule s;
+  s.warmup_fraction = cfg.renorm_warmup;
+  s.r_ramp_end_fraction = cfg.renorm_r_end;
+  s.d_ramp_end_fraction = cfg.renorm_d_end;
+  s.r_max_final = cfg.r_max;
+  s.d_max_final = cfg.d_max;
+  s.warmup_steps = cfg.renorm_warmup_steps;
+  s.r_ramp_end_step = cfg.renorm_r_end_step;
+  s.d_ramp_end_step = cfg.renorm_d_end_step;
+  return s;
+}
+
+nn::UNetConfig network_from(const data::Plan& plan, const TrainConfig& cfg) {
+  nn::UNetConfig u;
+  u.in_channels = plan.in_channels;
+  u.num_classes = plan.num_classes();
+  u.levels = plan.levels;
+  u.base_filters = plan.base_filters;
+  u.max_filters = plan.max_filters;
+  u.norm.kind = nn::parse_norm_kind(cfg.norm);
+  return u;
+}
+
+// Per-label hard Dice on the preprocessed grid of each validation case (inference mode, sliding window
+// without TTA). Labels 1..K-1; a label absent from both prediction and reference counts as 1.
+std::vector<double> validate(nn::UNet& net, const std::vector<data::CachedCase>& cases,
+                             const data::Plan& plan, int batch) {
+  const int K = plan.num_classes();
+  std::vector<double> inter(K, 0), psum(K, 0), rsum(K, 0), dice_sum(K, 0);
+  infer::SlidingWindowOptions opt;
+  opt.patch = plan.patch;
+  opt.step = 0.5;
+  opt.tta = false;
+  opt.max_batch = batch;
+  auto forward = [&](const Tensor& x, Tensor& logits) { net.forward_infer(x, logits); };
+  for (const auto& c : cases) {
+    const auto v = c.view();
+    const auto probs = infer::sliding_window_probabilities(v.image, v.shape, v.channels, K, forward, opt);
+    std::vector<int64_t> i(K, 0), p(K, 0), r(K, 0);
+    const int64_t n = v.voxels();
+    for (int64_t q = 0; q < n; ++q) {
+      const float* pr = probs.data() + q * K;
+      const int arg = static_cast<int>(std::max_element(pr, pr + K) - pr);
+      const int ref = v.labels[q];
+      p[arg]++;
+      r[ref]++;
+      if (arg == ref) i[arg]++;
+    }
+    for (int k = 1; k < K; ++k)
+      dice_sum[k] += (p[k] + r[k] == 0) ? 1.0 : 2.0 * static_cast<double>(i[k]) / static_cast<double>(p[k] + r[k]);
+  }
+  std::vector<double> dice(K, 0);
+  for (int k = 1; k < K; ++k) dice[k] = cases.empty() ? 0 : dice_sum[k] / static_cast<double>(cases.size());
+  return dice;
+}
+
+std::string versions_string() {
+  return std::string("medseg ") + MEDSEG_VERSION + "; oneDNN " + cpu::onednn_version();
+}
+
+}  // namespace
+
+int run_train(const TrainConfig& cfg) {
+  const auto t_start = Clock::now();
+  set_num_threads(cfg.threads);
+  const DeviceChoice device = resolve_device(cfg.device, false);
+  log_info(device.description);
+  if (cfg.out.empty()) throw ArgumentError("--out is required");
+  if (cfg.batch_size < 0) throw ArgumentError("--batch-size must be >= 1");
+  if (cfg.iterations < 0) throw ArgumentError("--iterations must be >= 0");
+  if (cfg.time_limit_minutes < 0) throw ArgumentError("--time-limit must be > 0");
+
+  // ---- dataset and validation
+  io::Dataset ds = io::discover_dataset(cfg.data);
+  log_info("dataset: ", ds.name.empty() ? cfg.data.string() : ds.name, " (", ds.layout, " layout, ",
+           ds.training.size(), " labelled cases, ", ds.num_channels(), " channel(s))");
+  io::ValidationOptions vopt;
+  auto report = io::validate_dataset(ds, vopt);
+  if (!report.problems.empty()) std::cerr << report.text();
+  if (!report.ok()) {
+    if (!cfg.exclude_bad_cases) {
+      log_error(report.bad_cases.size(), " case(s) failed validation; fix them or pass "
+                "--exclude-bad-cases to train without them");
+      return 2;
+    }
+    std::vector<io::CaseEntry> kept;
+    for (auto& c : ds.training)
+      if (std::find(report.bad_cases.begin(), report.bad_cases.end(), c.id) == report.bad_cases.end())
+        kept.push_back(c);
+    log_warn("excluding ", ds.training.size() - kept.size(), " case(s): ", [&] {
+      std::string s;
+      for (auto& b : report.bad_cases) s += (s.empty() ? "" : ", ") + b;
+      return s;
+    }());
+    ds.training = kept;
+  }
+  if (ds.training.size() < 1) throw ArgumentError("no usable training cases in " + cfg.data.string());
+
+  std::filesystem::create_directories(cfg.out);
+  const fs::path plan_path = cfg.out / "plan.json";
+  const fs::path last_dir = nn::find_directory(cfg.out, "checkpoint_last");
+  const bool resuming = cfg.resume && !last_dir.empty();
+  if (cfg.resume && !resuming) log_warn("--resume: no checkpoint in ", cfg.out, ", starting fresh");
+
+  // ---- plan
+  data::Plan plan;
+  json bundle;
+  if (resuming) {
+    bundle = json::parse(read_file(plan_path));
+    plan = data::Plan::from_json(bundle.at("plan"));
+  } else {
+    data::PlanOptions popt;
+    popt.base_filters = cfg.base_filters;
+    popt.max_filters = cfg.max_filters;
+    if (cfg.batch_size > 0) popt.batch_size = cfg.batch_size;
+    popt.patch_override = cfg.patch;
+    log_info("fingerprinting ", ds.training.size(), " cases...");
+    auto fp = data::fingerprint_dataset(ds);
+    plan = data::make_plan(ds, fp, popt);
+  }
+  const int batch = cfg.batch_size > 0 ? cfg.batch_size : plan.batch_size;
+  nn::UNetConfig ucfg = resuming ? nn::unet_config_from_json(bundle.at("network")) : network_from(plan, cfg);
+  std::cerr << plan.describe();
+
+  Split split = split_cases(ds.training, cfg);
+  nn::UNet net(ucfg, cfg.seed);
+  log_info("network: ", ucfg.levels, " levels, ", ucfg.base_filters, " base filters, ",
+           nn::norm_kind_name(ucfg.norm.kind), ", ", net.parameter_count(), " parameters; batch ",
+           batch, ", patch ", plan.patch[0], "x", plan.patch[1], "x", plan.patch[2]);
+  log_info("split: ", split.train.size(), " training, ", split.val.size(), " validation cases",
+           cfg.fold >= 0 ? " (fold " + std::to_string(cfg.fold) + "/" + std::to_string(cfg.folds) + ")" : "");
+
+  if (cfg.dry_run) {
+    const double gb = data::estimate_training_memory_gb(plan.patch, plan.levels, plan.base_filters,
+                                                        plan.max_filters, batch, plan.in_channels,
+                                                        plan.num_classes());
+    // Time one step on random data for the estimate.
+    Tensor x(Shape{batch, plan.patch[0], plan.patch[1], plan.patch[2], plan.in_channels});
+    Rng r(1);
+    for (int64_t i = 0; i < x.numel(); ++i) x.data()[i] = static_cast<float>(r.normal());
+    std::vector<uint16_t> labels(x.shape().per_channel(), 0);
+    Tensor dl(Shape{batch, plan.patch[0], plan.patch[1], plan.patch[2], plan.num_classes()});
+    double step_s = 0;
+    for (int i = 0; i < 3; ++i) {
+      auto t = Clock::now();
+      const Tensor& lg = net.forward_train(x);
+      cpu::dice_ce_loss(lg.shape(), lg.data(), labels.data(), {}, 1.f, dl.data(), nullptr);
+      net.backward(dl);
+      step_s = seconds_since(t);
+    }
+    const int64_t steps = cfg.iterations > 0 ? cfg.iterations
+                          : cfg.time_limit_minutes > 0
+                              ? static_cast<int64_t>(cfg.time_limit_minutes * 60 / step_s)
+                              : 10000;
+    std::cout << "dry run: " << net.parameter_count() << " parameters; activation memory "
+              << std::fixed << std::setprecision(2) << static_cast<double>(net.activation_bytes()) / 1e9
+              << " GB measured (" << gb << " GB planned); " << std::setprecision(3) << step_s
+              << " s per step here; " << steps << " steps take about "
+              << format_duration(static_cast<double>(steps) * step_s) << "\n";
+    return 0;
+  }
+
+  // ---- preprocessing cache
+  const fs::path cache_dir = cfg.out / "preprocessed";
+  std::vector<io::CaseEntry> all = split.train;
+  all.insert(all.end(), split.val.begin(), split.val.end());
+  Progress prep_progress(10.0);
+  auto cached = data::prepare_cache(plan, ds, all, cache_dir, std::max(1, num_threads()),
+                                    [&](const data::CacheProgress& p) {
+                                      prep_progress.update("preprocessing " + std::to_string(p.done) +
+                                                           "/" + std::to_string(p.total) + " " + p.id);
+                                    });
+  prep_progress.finish();
+  std::vector<data::CachedCase> val_cases;
+  std::vector<data::CaseView> train_views;
+  for (size_t i = 0; i < cached.size(); ++i) {
+    if (i < split.train.size())
+      train_views.push_back(cached[i].view());
+    else if (cfg.max_validation_cases <= 0 || static_cast<int>(val_cases.size()) < cfg.max_validation_cases)
+      val_cases.push_back(std::move(cached[i]));
+  }
+  // train_views point into `cached`, which stays alive (moved-from entries are validation cases only).
+
+  // ---- optimiser, state, resume
+  nn::OptimizerConfig ocfg;
+  ocfg.kind = cfg.optimizer;
+  ocfg.lr = cfg.lr;
+  nn::Optimizer opt(ocfg, net.parameters());
+  TrainState st;
+  if (resuming) {
+    nn::load_model(last_dir / "model.safetensors", net);
+    load_safetensors(last_dir / "optimizer.safetensors", opt.state());
+    st = TrainState::from_json(json::parse(read_file(last_dir / "state.json")));
+    opt.set_steps(st.step);
+    log_info("resuming at step ", st.step, " of ", st.planned_steps, " from ", last_dir);
+  }
+  const nn::RenormSchedule schedule = schedule_from(cfg);
+  const bool timed = cfg.time_limit_minutes > 0;
+  const double limit_s = cfg.time_limit_minutes * 60.0;
+  if (!resuming) {
+    st.planned_steps = cfg.iterations > 0 ? cfg.iterations : (timed ? 0 : 10000);
+    st.epoch_length = cfg.epoch_length;
+  }
+
+  data::SamplerConfig scfg;
+  scfg.patch = plan.patch;
+  scfg.max_overhang = 0;  // nnU-Net v2: random patches stay inside cases larger than the patch
+  data::AugmentConfig acfg;
+  acfg.enabled = cfg.augment;
+  data::BatchLoader loader(train_views, scfg, acfg, batch, std::max(1, cfg.workers), cfg.seed, 4,
+                           static_cast<uint64_t>(st.step));
+  TrainLog tlog(cfg.out, resuming);
+
+  // ---- bundle description (rewritten at every checkpoint with the training summary)
+  bundle["format"] = "medseg-model-bundle/1";
+  bundle["plan"] = plan.to_json();
+  bundle["network"] = nn::unet_config_to_json(ucfg);
+  bundle["versions"] = versions_string();
+  bundle["optimizer"] = {{"kind", ocfg.kind}, {"lr", ocfg.lr}, {"momentum", ocfg.momentum},
+                         {"weight_decay", ocfg.weight_decay}, {"grad_clip", ocfg.grad_clip},
+                         {"lr_schedule", "poly 0.9"}};
+  bundle["renorm_schedule"] = {{"warmup_fraction", schedule.warmup_fraction},
+                               {"r_ramp_end_fraction", schedule.r_ramp_end_fraction},
+                               {"d_ramp_end_fraction", schedule.d_ramp_end_fraction},
+                               {"r_max", schedule.r_max_final}, {"d_max", schedule.d_max_final}};
+  json val_ids = json::array();
+  for (auto& c : split.val) val_ids.push_back(c.id);
+  bundle["validation_cases"] = val_ids;
+
+  // `elapsed` is the total training wall time so far (earlier processes included).
+  auto save_checkpoint = [&](bool also_final, double elapsed) {
+    TrainState saved = st;
+    saved.elapsed_s = elapsed;
+    bundle["training"] = {{"steps", st.step}, {"planned_steps", st.planned_steps},
+                          {"best_mean_dice", st.best_dice}, {"best_step", st.best_step},
+                          {"skipped_steps", st.skipped_steps}, {"elapsed_s", elapsed},
+                          {"batch_size", batch}, {"seed", cfg.seed}, {"threads", num_threads()},
+                          {"norm_skipped_updates", net.diagnostics().skipped_updates}};
+    const std::map<std::string, std::string> meta{{"format", "medseg"}, {"step", std::to_string(st.step)}};
+    nn::write_directory_atomic(cfg.out, "checkpoint_last", [&](const fs::path& d) {
+      nn::save_model(d / "model.safetensors", net, meta);
+      nn::save_safetensors(d / "optimizer.safetensors", opt.state(), meta);
+      write_text_file_atomic(d / "state.json", saved.to_json().dump(2));
+    });
+    write_text_file_atomic(plan_path, bundle.dump(2));
+    if (also_final) nn::save_model(cfg.out / "model.safetensors", net, meta);
+  };
+
+  // ---- the loop
+  Tensor dlogits;
+  Progress progress(30.0);
+  std::vector<double> recent_step_s;
+  double loss_avg = 0;
+  int64_t loss_count = 0;
+  const auto t_loop = Clock::now();
+  const int64_t first_step = st.step;
+  double val_seconds = 0;
+  int64_t validations = 0;
+  auto elapsed_total = [&] { return st.elapsed_s + seconds_since(t_loop); };
+  bool stopped_by_signal = false;
+
+  while (true) {
+    if (stop_requested()) {
+      stopped_by_signal = true;
+      break;
+    }
+    if (cfg.stop_after_steps > 0 && st.step - first_step >= cfg.stop_after_steps) break;
+    // Re-estimate the plan of a timed run from measured step times.
+    if (timed && (st.planned_steps == 0 || (st.step % 20 == 0 && recent_step_s.size() >= 5))) {
+      if (recent_step_s.size() >= 3) {
+        std::vector<double> sorted = recent_step_s;
+        std::sort(sorted.begin(), sorted.end());
+        const double step_s = sorted[sorted.size() / 2];
+        const double per_val = validations > 0 ? val_seconds / static_cast<double>(validations) : 0;
+        const double left = limit_s - elapsed_total();
+        // Remaining validations cost time too: one per epoch.
+        const double epoch_steps = static_cast<double>(std::max<int64_t>(st.epoch_length, 1));
+        const double per_step = step_s + per_val / epoch_steps;
+        st.planned_steps = std::max<int64_t>(st.step + 1, st.step + static_cast<int64_t>(left / per_step));
+        if (st.epoch_length == 0)
+          st.epoch_length = std::clamp<int64_t>(st.planned_steps / 20, 50, 250);
+      } else if (st.planned_steps == 0) {
+        st.planned_steps = st.step + 1000000;  // provisional until 3 steps are timed
+      }
+    }
+    if (st.epoch_length == 0) st.epoch_length = std::clamp<int64_t>(st.planned_steps / 20, 25, 250);
+    if (st.step >= st.planned_steps) break;
+    if (timed && elapsed_total() >= limit_s && recent_step_s.size() >= 3) break;
+
+    const auto t_step = Clock::now();
+    const auto [r_max, d_max] = schedule.clips_at(st.step, st.planned_steps);
+    net.set_renorm_clips(r_max, d_max);
+    const double lr = nn::poly_lr(ocfg.lr, st.step, st.planned_steps, ocfg.poly_exponent);
+    data::Batch b = loader.next();
+    // Snapshot the running statistics: a non-finite loss must leave them untouched.
+    auto buffers = net.buffers();
+    std::vector<std::vector<float>> saved;
+    saved.reserve(buffers.size());
+    for (auto& bf : buffers) saved.push_back(bf.value->to_vector());
+    const Tensor& logits = net.forward_train(b.image);
+    if (!dlogits.defined() || !(dlogits.shape() == logits.shape())) dlogits = Tensor(logits.shape());
+    const auto res = cpu::dice_ce_loss(logits.shape(), logits.data(), b.labels.data(), {}, 1.f,
+                                       dlogits.data(), nullptr);
+    double gnorm = 0;
+    bool bad = !std::isfinite(res.loss);
+    if (!bad) {
+      net.backward(dlogits);
+      gnorm = opt.step(lr);
+      bad = !std::isfinite(gnorm);
+    }
+    if (bad) {
+      for (size_t k = 0; k < buffers.size(); ++k)
+        std::copy(saved[k].begin(), saved[k].end(), buffers[k].value->data());
+      st.skipped_steps++;
+      st.consecutive_bad++;
+      log_warn("step ", st.step, ": non-finite loss or gradient (cases ",
+               b.case_ids.empty() ? "?" : b.case_ids[0], "...), step skipped");
+      if (st.consecutive_bad >= 20)
+        throw NumericError("training diverged: 20 consecutive steps with a non-finite loss or "
+                           "gradient at step " + std::to_string(st.step) +
+                           "; lower --lr or check the data");
+    } else {
+      st.consecutive_bad = 0;
+    }
+    st.step++;
+    const double step_s = seconds_since(t_step);
+    recent_step_s.push_back(step_s);
+    if (recent_step_s.size() > 50) recent_step_s.erase(recent_step_s.begin());
+    if (!bad) {
+      loss_avg += res.loss;
+      loss_count++;
+    }
+    if (st.step % 10 == 0 || st.step == 1) {
+      const auto diag = net.diagnostics();
+      tlog.step({{"step", st.step}, {"loss", res.loss}, {"ce", res.ce}, {"soft_dice", res.soft_dice},
+                 {"lr", lr}, {"r_max", r_max}, {"d_max", d_max}, {"grad_norm", gnorm},
+                 {"step_s", step_s}, {"r_clipped", diag.r_clipped_fraction},
+                 {"d_clipped", diag.d_clipped_fraction}, {"mean_abs_log_r", diag.mean_abs_log_r},
+                 {"mean_abs_d", diag.mean_abs_d}, {"elapsed_s", elapsed_total()}});
+    }
+    {
+      std::ostringstream line;
+      const double its = 1.0 / std::max(1e-9, step_s);
+      const double eta = timed ? limit_s - elapsed_total()
+                               : static_cast<double>(st.planned_steps - st.step) * step_s;
+      line << "step " << st.step << "/" << st.planned_steps << "  " << std::fixed << std::setprecision(2)
+           << its << " it/s  loss " << std::setprecision(4) << res.loss << "  lr " << std::scientific
+           << std::setprecision(2) << lr << std::fixed << "  r_max " << std::setprecision(2) << r_max
+           << " d_max " << d_max << "  ETA " << format_duration(eta);
+      progress.update(line.str());
+    }
+    const bool epoch_end = st.step % st.epoch_length == 0;
+    const bool last = st.step >= st.planned_steps || (timed && elapsed_total() >= limit_s);
+    if (epoch_end || last) {
+      const auto t_val = Clock::now();
+      std::vector<double> dice;
+      double mean = 0;
+      if (!val_cases.empty()) {
+        dice = validate(net, val_cases, plan, batch);
+        for (int k = 1; k < plan.num_classes(); ++k) mean += dice[k] / (plan.num_classes() - 1);
+      }
+      val_seconds += seconds_since(t_val);
+      validations++;
+      const auto diag = net.diagnostics();
+      json jd = json::object();
+      for (int k = 1; k < plan.num_classes() && !dice.empty(); ++k) jd[plan.labels[k].name] = dice[k];
+      tlog.epoch({{"step", st.step}, {"train_loss", loss_count ? loss_avg / loss_count : NAN},
+                  {"val_dice", jd}, {"mean_val_dice", val_cases.empty() ? json(nullptr) : json(mean)},
+                  {"lr", lr}, {"r_max", r_max}, {"d_max", d_max},
+                  {"r_clipped", diag.r_clipped_fraction}, {"d_clipped", diag.d_clipped_fraction},
+                  {"mean_abs_log_r", diag.mean_abs_log_r}, {"mean_abs_d", diag.mean_abs_d},
+                  {"skipped_norm_updates", diag.skipped_updates}, {"skipped_steps", st.skipped_steps},
+                  {"elapsed_s", elapsed_total()}});
+      progress.finish();
+      std::ostringstream msg;
+      msg << "step " << st.step << ": train loss " << std::fixed << std::setprecision(4)
+          << (loss_count ? loss_avg / loss_count : NAN);
+      if (!val_cases.empty()) {
+        msg << ", validation Dice";
+        for (int k = 1; k < plan.num_classes(); ++k) msg << " " << plan.labels[k].name << " " << dice[k];
+        msg << " (mean " << mean << ")";
+      }
+      log_info(msg.str());
+      loss_avg = 0;
+      loss_count = 0;
+      const bool best = !val_cases.empty() && mean > st.best_dice;
+      if (best) {
+        st.best_dice = mean;
+        st.best_step = st.step;
+      }
+      save_checkpoint(last, elapsed_total());
+      if (best)
+        nn::write_directory_atomic(cfg.out, "checkpoint_best", [&](const fs::path& d) {
+          nn::save_model(d / "model.safetensors", net, {{"format", "medseg"}, {"step", std::to_string(st.step)}});
+        });
+      tlog.write_curves();
+      if (last) break;
+    }
+  }
+  progress.finish();
+  loader.stop();
+  save_checkpoint(!stopped_by_signal && st.step >= st.planned_steps, elapsed_total());
+  tlog.write_curves();
+  if (stopped_by_signal) {
+    log_info("stopped by signal at step ", st.step, "; checkpoint saved in ", cfg.out / "checkpoint_last",
+             " (continue with --resume)");
+    return 0;
+  }
+  if (st.step < st.planned_steps && cfg.stop_after_steps > 0) {
+    log_info("paused at step ", st.step, " of ", st.planned_steps, " (--stop-after)");
+    return 0;
+  }
+  // A timed run ends fully decayed: the final weights are what the last step produced.
+  nn::save_model(cfg.out / "model.safetensors", net, {{"format", "medseg"}, {"step", std::to_string(st.step)}});
+  log_info("training done: ", st.step, " steps in ", format_duration(seconds_since(t_start)),
+           st.best_step >= 0 ? ", best mean validation Dice " + std::to_string(st.best_dice) + " at step " +
+                                   std::to_string(st.best_step)
+                             : std::string(),
+           "; model bundle: ", cfg.out);
+  return 0;
+}
+
+}  // namespace medseg::pipelines

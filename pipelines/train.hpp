@@ -1,0 +1,49 @@
+// `medseg train`: from a folder of labelled scans to a model bundle (see lib/nn/model_bundle.hpp).
+#pragma once
+#include <array>
+#include <cstdint>
+#include <filesystem>
+#include <optional>
+#include <string>
+
+namespace medseg::pipelines {
+
+namespace fs = std::filesystem;
+
+struct TrainConfig {
+  fs::path data;
+  fs::path out;
+  std::string norm = "batchrenorm";
+  int batch_size = 0;                              // 0: from the plan (2)
+  std::optional<std::array<int64_t, 3>> patch;     // (z, y, x); default from the plan
+  int64_t iterations = 0;                          // 0: from --time-limit, else 250 x 40
+  double val_fraction = 0.2;
+  int fold = -1, folds = 5;                        // fold >= 0 selects k-fold validation
+  std::string device = "auto";
+  int threads = 0;                                 // 0: all cores
+  uint64_t seed = 42;
+  double time_limit_minutes = 0;                   // > 0: fit the whole schedule into this wall time
+  bool resume = false;
+  bool dry_run = false;
+  bool exclude_bad_cases = false;
+  int base_filters = 16;
+  int max_filters = 320;
+  std::string optimizer = "sgd";
+  double lr = 1e-2;
+  int64_t epoch_length = 0;                        // steps between validations; 0: automatic
+  int workers = 1;                                 // loader threads
+  bool augment = true;
+  int max_validation_cases = 0;                    // 0: all
+  // Batch renorm schedule (fractions of the planned steps; overrides when >= 0).
+  double renorm_warmup = 0.05, renorm_r_end = 0.25, renorm_d_end = 0.15;
+  float r_max = 3, d_max = 5;
+  int64_t renorm_warmup_steps = -1, renorm_r_end_step = -1, renorm_d_end_step = -1;
+  // Stop after this many steps of this process (tests of resume); 0: no limit.
+  int64_t stop_after_steps = 0;
+};
+
+// Returns the exit code: 0 done (or stopped by a signal after saving), 2 invalid dataset or options.
+// Throws medseg::Error subclasses for runtime failures.
+int run_train(const TrainConfig& cfg);
+
+}  // namespace medseg::pipelines
