@@ -47,8 +47,7 @@ std::vector<Pair> match(const EvaluateConfig& cfg) {
   const bool pred_dir = fs::is_directory(cfg.pred), ref_dir = fs::is_directory(cfg.ref);
   if (!fs::exists(cfg.pred)) throw IoError(cfg.pred.string() + ": predictions not found");
   if (!fs::exists(cfg.ref)) throw IoError(cfg.ref.string() + ": references not found");
-  if (!pred_dir && !ref_dir)
-    return {{io::case_id_from_path(cfg.pred, false), cfg.pred, cfg.ref}};
+  if (!pred_dir && !ref_dir) return {{io::case_id_from_path(cfg.pred, false), cfg.pred, cfg.ref}};
   if (pred_dir != ref_dir)
     throw ArgumentError("evaluate: --pred " + cfg.pred.string() + " and --ref " + cfg.ref.string() +
                         " must both be folders or both be files");
@@ -152,15 +151,17 @@ int run_evaluate(const EvaluateConfig& cfg) {
     found.erase(0);
     labels.assign(found.begin(), found.end());
     if (labels.empty())
-      throw ArgumentError("evaluate: every prediction and reference is empty (background only); "
-                          "name the labels to evaluate with --labels");
+      throw ArgumentError(
+          "evaluate: every prediction and reference is empty (background only); "
+          "name the labels to evaluate with --labels");
     for (size_t i = 0; i < results.size(); ++i)
       results[i].metrics = infer::evaluate_case(preds[i], refs[i], labels);
   }
 
   // Table, JSON and CSV.
   std::ostringstream table;
-  table << "case                       label      dice       iou   hd95_mm    msd_mm   pred_vox    ref_vox\n";
+  table << "case                       label      dice       iou   hd95_mm    msd_mm   pred_vox    "
+           "ref_vox\n";
   nlohmann::ordered_json j;
   j["pred"] = cfg.pred.string();
   j["ref"] = cfg.ref.string();
@@ -170,7 +171,8 @@ int run_evaluate(const EvaluateConfig& cfg) {
       {"iou", "|P n R| / |P u R|"},
       {"hd95_mm", "max of the 95th percentiles of the directed surface distances (mm)"},
       {"msd_mm", "average symmetric surface distance (mm), surfaces = 6-connected borders"},
-      {"empty", "both empty: dice 1, iou 1, hd95 0, msd 0; one empty: dice 0, iou 0, hd95/msd null"},
+      {"empty",
+       "both empty: dice 1, iou 1, hd95 0, msd 0; one empty: dice 0, iou 0, hd95/msd null"},
       {"std", "population standard deviation over the cases where the value is defined"}};
   j["cases"] = nlohmann::ordered_json::array();
   std::ostringstream csv;
@@ -236,7 +238,8 @@ int run_evaluate(const EvaluateConfig& cfg) {
     std::error_code ec;
     fs::create_directories(cfg.out_json.parent_path(), ec);
     if (ec)
-      throw IoError(cfg.out_json.parent_path().string() + ": cannot create folder: " + ec.message());
+      throw IoError(cfg.out_json.parent_path().string() +
+                    ": cannot create folder: " + ec.message());
   }
   io::write_text_atomic(cfg.out_json, j.dump(2) + "\n");
   io::write_text_atomic(csv_path, csv.str());

@@ -14,12 +14,12 @@ struct EvaluateConfig {
 };
 
 // Per case and label: Dice, IoU, HD95 and mean surface distance (mm) as defined in
-// lib/infer/metrics.hpp; per label: mean and std (population, ddof 0) over the cases where the value
-// is defined (HD95/MSD are undefined, NaN, where exactly one mask is empty; they are null in JSON,
-// empty in CSV and left out of the means, and the number of cases used is reported).
-// Prints the table to stdout and writes JSON and CSV. Errors: a prediction without a reference, or a
-// reference without a prediction -> IoError naming the missing file; mismatched geometry -> IoError
-// naming both files and the difference. Returns 0.
+// lib/infer/metrics.hpp; per label: mean and std (population, ddof 0) over the cases where the
+// value is defined (HD95/MSD are undefined, NaN, where exactly one mask is empty; they are null in
+// JSON, empty in CSV and left out of the means, and the number of cases used is reported).
+// Prints the table to stdout and writes JSON and CSV. Errors: a prediction without a reference, or
+// a reference without a prediction -> IoError naming the missing file; mismatched geometry ->
+// IoError naming both files and the difference. Returns 0.
 int run_evaluate(const EvaluateConfig& cfg);
 
 }  // namespace medseg::pipelines

@@ -13,8 +13,8 @@ int run_export(const ExportConfig& cfg) {
   const Volume image = io::read_image(cfg.image);
   const LabelVolume mask = io::read_labels(cfg.mask);
   if (!image.geo.same_grid(mask.geo))
-    throw IoError("mask " + cfg.mask.string() + " is not on the grid of image " + cfg.image.string() +
-                  ": " + io::geometry_difference(mask.geo, image.geo));
+    throw IoError("mask " + cfg.mask.string() + " is not on the grid of image " +
+                  cfg.image.string() + ": " + io::geometry_difference(mask.geo, image.geo));
   std::vector<io::LabelInfo> labels = cfg.labels;
   if (labels.empty()) {
     const std::set<uint16_t> values(mask.data.begin(), mask.data.end());

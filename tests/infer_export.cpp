@@ -1,5 +1,4 @@
 #include <gtest/gtest.h>
-
 #include <unistd.h>
 
 #include <fstream>
@@ -16,8 +15,8 @@ namespace {
 namespace fs = std::filesystem;
 
 fs::path fresh_dir(const std::string& name) {
-  const fs::path p = fs::temp_directory_path() / ("medseg_test_" + name + "_" +
-                                                   std::to_string(::getpid()));
+  const fs::path p =
+      fs::temp_directory_path() / ("medseg_test_" + name + "_" + std::to_string(::getpid()));
   fs::remove_all(p);
   return p;
 }
@@ -50,7 +49,7 @@ Case test_case() {
         const size_t i = static_cast<size_t>((z * n[1] + y) * n[0] + x);
         c.image.data[i] = static_cast<float>(x * 3 + y * 2 + z);
         if (x >= 3 && x < 9 && y >= 2 && y < 7 && z >= 1 && z < 4) c.mask.data[i] = 1;  // 90 voxels
-        if (x >= 12 && x < 14 && y >= 10 && y < 13 && z == 2) c.mask.data[i] = 2;          // 6 voxels
+        if (x >= 12 && x < 14 && y >= 10 && y < 13 && z == 2) c.mask.data[i] = 2;       // 6 voxels
         if (x == 19 && y == 15 && z == 5) c.mask.data[i] = 5;  // a value the label list lacks
       }
   c.labels = {{0, "background", {0, 0, 0}},

@@ -18,7 +18,8 @@ LabelVolume blank(int64_t nx, int64_t ny, int64_t nz, std::array<double, 3> spac
   return m;
 }
 
-void fill_box(LabelVolume& m, std::array<int64_t, 3> lo, std::array<int64_t, 3> hi_excl, uint16_t v) {
+void fill_box(LabelVolume& m, std::array<int64_t, 3> lo, std::array<int64_t, 3> hi_excl,
+              uint16_t v) {
   for (int64_t z = lo[2]; z < hi_excl[2]; ++z)
     for (int64_t y = lo[1]; y < hi_excl[1]; ++y)
       for (int64_t x = lo[0]; x < hi_excl[0]; ++x)
@@ -39,9 +40,9 @@ TEST(Metrics, DiceAndIouOnOverlappingBoxes) {
 }
 
 // A = the 4x4x4 cube [2,6)^3, B = A shifted by one slice along z; spacing 0.8 x 0.8 x 2.5 mm.
-// Surfaces have 56 voxels each. A -> B: A's bottom slice z=2 (16 voxels) is one slice below B: 2.5 mm;
-// A's top slice z=5 has 4 voxels inside B's interior column whose nearest B surface is one voxel
-// away in-plane: 0.8 mm; the other 36 are on B's surface: 0. B -> A mirrors this.
+// Surfaces have 56 voxels each. A -> B: A's bottom slice z=2 (16 voxels) is one slice below B: 2.5
+// mm; A's top slice z=5 has 4 voxels inside B's interior column whose nearest B surface is one
+// voxel away in-plane: 0.8 mm; the other 36 are on B's surface: 0. B -> A mirrors this.
 // HD95: sorted A->B = 36 x 0, 4 x 0.8, 16 x 2.5; position 0.95 * 55 = 52.25 lies among the 2.5s.
 // MSD = (2 * (16 * 2.5 + 4 * 0.8)) / 112 = 86.4 / 112. Dice = 2 * 48 / 128, IoU = 48 / 80.
 TEST(Metrics, ShiftedCubeWithAnisotropicSpacing) {

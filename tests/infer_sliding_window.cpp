@@ -11,9 +11,9 @@ namespace {
 
 using Shape3 = std::array<int64_t, 3>;
 
-// An analytic "model": logit k at patch position (z, y, x) is a fixed function of the voxel's channels
-// and of the position inside the patch, so the exact output of the whole pipeline can be computed
-// voxel by voxel without tiles or batches.
+// An analytic "model": logit k at patch position (z, y, x) is a fixed function of the voxel's
+// channels and of the position inside the patch, so the exact output of the whole pipeline can be
+// computed voxel by voxel without tiles or batches.
 struct AnalyticModel {
   int channels = 2, classes = 3;
   bool use_position = true;
@@ -29,9 +29,12 @@ struct AnalyticModel {
     }
     const double pos = use_position ? (0.3 * pz - 0.2 * py + 0.15 * px) : 0.0;
     switch (k) {
-      case 0: return 0.0;
-      case 1: return 1.5 * in[0] - 0.5 * in[1] + pos;
-      default: return -in[0] + 0.7 * in[1] - 0.5 * pos;
+      case 0:
+        return 0.0;
+      case 1:
+        return 1.5 * in[0] - 0.5 * in[1] + pos;
+      default:
+        return -in[0] + 0.7 * in[1] - 0.5 * pos;
     }
   }
 
@@ -57,8 +60,8 @@ std::vector<float> random_image(Shape3 shape, int channels, uint64_t seed) {
 
 // Independent reference: per voxel, the Gaussian-weighted mean over covering tiles of the mean over
 // mirrors of softmax(model at the mirrored patch position), computed in double.
-std::vector<double> reference(const AnalyticModel& model, const std::vector<float>& img, Shape3 shape,
-                              const SlidingWindowOptions& opt) {
+std::vector<double> reference(const AnalyticModel& model, const std::vector<float>& img,
+                              Shape3 shape, const SlidingWindowOptions& opt) {
   const Shape3 P = opt.patch;
   Shape3 padded{}, before{};
   for (int a = 0; a < 3; ++a) {
@@ -80,7 +83,8 @@ std::vector<double> reference(const AnalyticModel& model, const std::vector<floa
         for (int64_t tz : sz)
           for (int64_t ty : sy)
             for (int64_t tx : sx) {
-              const int64_t pz = z + before[0] - tz, py = y + before[1] - ty, px = x + before[2] - tx;
+              const int64_t pz = z + before[0] - tz, py = y + before[1] - ty,
+                            px = x + before[2] - tx;
               if (pz < 0 || pz >= P[0] || py < 0 || py >= P[1] || px < 0 || px >= P[2]) continue;
               const double w = g[static_cast<size_t>((pz * P[1] + py) * P[2] + px)];
               const int mirrors = opt.tta ? 8 : 1;
@@ -89,7 +93,8 @@ std::vector<double> reference(const AnalyticModel& model, const std::vector<floa
                 const int64_t my = (m & 2) ? P[1] - 1 - py : py;
                 const int64_t mx = (m & 1) ? P[2] - 1 - px : px;
                 double l[8], mxl = -1e300, s = 0;
-                for (int k = 0; k < K; ++k) mxl = std::max(mxl, l[k] = model.logit(k, in, mz, my, mx));
+                for (int k = 0; k < K; ++k)
+                  mxl = std::max(mxl, l[k] = model.logit(k, in, mz, my, mx));
                 for (int k = 0; k < K; ++k) s += (l[k] = std::exp(l[k] - mxl));
                 for (int k = 0; k < K; ++k) acc[static_cast<size_t>(k)] += w * l[k] / s / mirrors;
               }
@@ -122,8 +127,8 @@ void expect_matches_reference(Shape3 shape, Shape3 patch, bool tta, bool symmetr
     EXPECT_LE(b.shape().n, max_batch);
     model.forward(b, l);
   };
-  const auto got = sliding_window_probabilities(img.data(), shape, model.channels, model.classes, fwd,
-                                                opt);
+  const auto got =
+      sliding_window_probabilities(img.data(), shape, model.channels, model.classes, fwd, opt);
   const auto want = reference(model, img, shape, opt);
   ASSERT_EQ(got.size(), want.size());
   // float32 accumulation of at most a few dozen weighted terms in [0, 1]: relative rounding ~1e-6.
@@ -149,7 +154,9 @@ TEST(GaussianImportanceMap, PeaksAtCentreWithMaximumOneAndNoZeros) {
   for (float v : g) mx = std::max(mx, v), mn = std::min(mn, v);
   EXPECT_EQ(mx, 1.0f);
   EXPECT_GT(mn, 0.0f);
-  auto at = [&](int64_t z, int64_t y, int64_t x) { return g[static_cast<size_t>((z * 8 + y) * 9 + x)]; };
+  auto at = [&](int64_t z, int64_t y, int64_t x) {
+    return g[static_cast<size_t>((z * 8 + y) * 9 + x)];
+  };
   // Centre (2, 3.5, 4): the two voxels y = 3, 4 straddle it and share the peak.
   EXPECT_EQ(at(2, 3, 4), 1.0f);
   EXPECT_EQ(at(2, 4, 4), 1.0f);
@@ -158,7 +165,8 @@ TEST(GaussianImportanceMap, PeaksAtCentreWithMaximumOneAndNoZeros) {
   // Mirror-symmetric on every axis.
   for (int64_t z = 0; z < 5; ++z)
     for (int64_t y = 0; y < 8; ++y)
-      for (int64_t x = 0; x < 9; ++x) ASSERT_EQ(at(z, y, x), at(4 - z, 7 - y, 8 - x)) << z << y << x;
+      for (int64_t x = 0; x < 9; ++x)
+        ASSERT_EQ(at(z, y, x), at(4 - z, 7 - y, 8 - x)) << z << y << x;
 }
 
 TEST(GaussianImportanceMap, UnderflowedCornersTakeTheSmallestNonZeroValue) {
@@ -217,7 +225,8 @@ TEST(SlidingWindow, MirroringLeavesAMirrorSymmetricModelUnchanged) {
   opt.tta = true;
   const auto mirrored = sliding_window_probabilities(img.data(), shape, 2, 3, fwd, opt);
   // Same values summed in a different order: float rounding only.
-  for (size_t i = 0; i < plain.size(); ++i) ASSERT_NEAR(plain[i], mirrored[i], 1e-6) << "value " << i;
+  for (size_t i = 0; i < plain.size(); ++i)
+    ASSERT_NEAR(plain[i], mirrored[i], 1e-6) << "value " << i;
 }
 
 TEST(SlidingWindow, PointwiseModelGivesItsSoftmaxEverywhere) {
@@ -235,7 +244,8 @@ TEST(SlidingWindow, PointwiseModelGivesItsSoftmaxEverywhere) {
     double l[3], s = 0;
     for (int k = 0; k < 3; ++k) s += (l[k] = std::exp(model.logit(k, img.data() + v * 2, 0, 0, 0)));
     for (int k = 0; k < 3; ++k)
-      ASSERT_NEAR(got[static_cast<size_t>(v * 3 + k)], l[k] / s, 1e-6) << "voxel " << v << " k " << k;
+      ASSERT_NEAR(got[static_cast<size_t>(v * 3 + k)], l[k] / s, 1e-6)
+          << "voxel " << v << " k " << k;
   }
 }
 

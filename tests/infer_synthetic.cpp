@@ -67,8 +67,8 @@ TEST(Synthetic, CasesLookLikeAnisotropicScansWithBothStructures) {
       ++count[l];
       sum[l] += x;
     }
-    // Sizes in the ranges the header promises (organ 9-17 x 8-13 x 12-20 mm semi-axes, clipped by the
-    // body; lesion 4.5-8 x 4.5-8 x 6-10 mm), as voxel counts of 0.8 * 0.8 * 2.5 = 1.6 mm^3.
+    // Sizes in the ranges the header promises (organ 9-15 x 8-13 x 12-20 mm semi-axes, clipped by
+    // the body; lesion 4.5-8 x 4.5-8 x 6-10 mm), as voxel counts of 0.8 * 0.8 * 2.5 = 1.6 mm^3.
     EXPECT_GT(count[1], 1000) << "case " << i;
     EXPECT_GT(count[2], 200) << "case " << i;
     EXPECT_LT(count[2], count[1] + count[2]) << "case " << i;
@@ -98,7 +98,8 @@ TEST(Synthetic, WritesAnMsdDatasetThatDiscoveryAccepts) {
   const LabelVolume lab = io::read_labels(dir / "labelsTr" / "synth_001.nii.gz");
   EXPECT_EQ(img.data, c.image.data);
   EXPECT_EQ(lab.data, c.labels.data);
-  EXPECT_TRUE(img.geo.same_grid(c.image.geo)) << img.geo.describe() << " vs " << c.image.geo.describe();
+  EXPECT_TRUE(img.geo.same_grid(c.image.geo))
+      << img.geo.describe() << " vs " << c.image.geo.describe();
   // Origins are multiples of 1/64 mm, exact in the float32 NIfTI header.
   EXPECT_EQ(img.geo.origin, c.image.geo.origin);
   const auto report = io::validate_dataset(ds, io::ValidationOptions{});
@@ -107,8 +108,8 @@ TEST(Synthetic, WritesAnMsdDatasetThatDiscoveryAccepts) {
 }
 
 TEST(Synthetic, DatasetFilesAreByteIdenticalForTheSameSeed) {
-  // zlib's gzip header carries MTIME 0 when written through gzopen/gzwrite (as ITK's NIfTI IO does),
-  // and NIfTI headers hold no timestamps, so whole files must match, not just voxels.
+  // zlib's gzip header carries MTIME 0 when written through gzopen/gzwrite (as ITK's NIfTI IO
+  // does), and NIfTI headers hold no timestamps, so whole files must match, not just voxels.
   const fs::path a = fresh_dir("synthetic_a"), b = fresh_dir("synthetic_b");
   generate_synthetic_dataset(a, small(5));
   generate_synthetic_dataset(b, small(5));

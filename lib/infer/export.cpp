@@ -29,7 +29,8 @@ std::vector<Entry> build_table(const LabelVolume& mask, const std::vector<io::La
   for (const auto& l : labels) {
     MEDSEG_CHECK(l.value >= 0 && l.value < 65536, "label value ", l.value, " (", l.name, ")");
     MEDSEG_CHECK(!table.count(l.value), "label value ", l.value, " given twice");
-    table[l.value] = {l.value, l.name.empty() ? "label_" + std::to_string(l.value) : l.name, l.color};
+    table[l.value] = {l.value, l.name.empty() ? "label_" + std::to_string(l.value) : l.name,
+                      l.color};
   }
   if (!table.count(0)) table[0] = {0, "background", {0, 0, 0}};
   std::set<int> present(mask.data.begin(), mask.data.end());
@@ -176,9 +177,9 @@ Window percentile_window(const Volume& image) {
   return w;
 }
 
-// One view: the slice `slice` along patient axis `normal`; columns run along patient axis `col_axis`
-// (increasing to the right when col_increasing), rows along `row_axis` (increasing downwards when
-// row_increasing).
+// One view: the slice `slice` along patient axis `normal`; columns run along patient axis
+// `col_axis` (increasing to the right when col_increasing), rows along `row_axis` (increasing
+// downwards when row_increasing).
 Image8 render_view(const Volume& image, const LabelVolume& mask, const std::vector<Entry>& table,
                    const AxisMap& am, const Window& win, int normal, int64_t slice, int col_axis,
                    bool col_increasing, int row_axis, bool row_increasing) {
@@ -218,15 +219,15 @@ Image8 render_view(const Volume& image, const LabelVolume& mask, const std::vect
     for (int64_t c = 0; c < nc; ++c) {
       const int64_t v = voxel_index(c, r);
       lab[static_cast<size_t>(r * nc + c)] = mask.data[static_cast<size_t>(v)];
-      const float t =
-          std::clamp((image.data[static_cast<size_t>(v * image.channels)] - win.lo) / span, 0.f, 1.f);
+      const float t = std::clamp(
+          (image.data[static_cast<size_t>(v * image.channels)] - win.lo) / span, 0.f, 1.f);
       grey[static_cast<size_t>(r * nc + c)] = static_cast<uint8_t>(std::lround(t * 255.0f));
     }
   std::map<int, std::array<uint8_t, 3>> colour;
   for (const auto& e : table) colour[e.value] = e.rgb;
-  // Outline: output pixels of a label whose neighbours up to `w` pixels away (4-neighbourhood) map to
-  // another source label or leave the slice; w = half the smaller repeat factor, so outlines stay
-  // thin but visible after upscaling.
+  // Outline: output pixels of a label whose neighbours up to `w` pixels away (4-neighbourhood) map
+  // to another source label or leave the slice; w = half the smaller repeat factor, so outlines
+  // stay thin but visible after upscaling.
   const int64_t w = std::max<int64_t>(1, std::min(fc, fr) / 2);
   const int64_t W = out.width, H = out.height;
   auto src_label = [&](int64_t x, int64_t y) -> int {
@@ -258,9 +259,9 @@ const char* kReadme = R"(medseg review package
 
 Files per case (CASE = the case name):
 
-  CASE_mask.nii.gz         The segmentation: one integer label per voxel, same grid (size, spacing,
-                           origin, direction) as the scan it was predicted from. The scan itself is not
-                           copied here: open it from where it is.
+  CASE_mask.nii.gz         The segmentation: one integer label per voxel, same grid (size,
+                           spacing, origin, direction) as the scan it was predicted from. The
+                           scan itself is not copied here: open it from where it is.
   CASE_slicer.ctbl         3D Slicer colour table (names and colours of the labels).
   CASE_slicer.csv          The same table in Slicer's newer CSV colour-table format.
   CASE_itksnap.txt         ITK-SNAP label description file.
@@ -268,8 +269,9 @@ Files per case (CASE = the case name):
   CASE_volumes.csv/.json   Per structure: voxel count, volume in mL (voxels x voxel volume / 1000),
                            bounding box (voxel indices x, y, z, inclusive) and centroid (LPS mm, the
                            physical coordinates ITK and Slicer's "LPS" mode show).
-  CASE_overlay_*.png       Axial, coronal and sagittal slices through each structure's centroid, the scan
-                           in grey (1st-99th percentile window) with the label outlines in colour.
+  CASE_overlay_*.png       Axial, coronal and sagittal slices through each structure's centroid,
+                           the scan in grey (1st-99th percentile window) with the label outlines
+                           in colour.
                            Radiological convention: patient left on the image right.
 
 3D Slicer
@@ -433,11 +435,11 @@ std::vector<fs::path> write_review_package(const fs::path& out_dir, const std::s
       pngs.emplace_back(base + "axial.png",
                         render_view(image, mask, table, am, win, 2, slice_of(2), 0, true, 1, true));
       // coronal: normal P, columns L to the right, rows S upwards
-      pngs.emplace_back(base + "coronal.png",
-                        render_view(image, mask, table, am, win, 1, slice_of(1), 0, true, 2, false));
+      pngs.emplace_back(base + "coronal.png", render_view(image, mask, table, am, win, 1,
+                                                          slice_of(1), 0, true, 2, false));
       // sagittal: normal L, columns P to the right (anterior left), rows S upwards
-      pngs.emplace_back(base + "sagittal.png",
-                        render_view(image, mask, table, am, win, 0, slice_of(0), 1, true, 2, false));
+      pngs.emplace_back(base + "sagittal.png", render_view(image, mask, table, am, win, 0,
+                                                           slice_of(0), 1, true, 2, false));
     }
   }
 
@@ -479,7 +481,8 @@ namespace {
 }
 
 uint8_t colour_value(const fs::path& path, int line, long v) {
-  if (v < 0 || v > 255) parse_fail(path, line, "colour component " + std::to_string(v) + " outside 0-255");
+  if (v < 0 || v > 255)
+    parse_fail(path, line, "colour component " + std::to_string(v) + " outside 0-255");
   return static_cast<uint8_t>(v);
 }
 

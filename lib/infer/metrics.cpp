@@ -55,11 +55,13 @@ void edt_line(const double* f, int64_t stride, int64_t n, double s2, double* d_o
 struct Box {
   std::array<int64_t, 3> lo{0, 0, 0}, hi{-1, -1, -1};  // inclusive, (x, y, z)
   bool empty() const { return hi[0] < lo[0]; }
-  std::array<int64_t, 3> size() const { return {hi[0] - lo[0] + 1, hi[1] - lo[1] + 1, hi[2] - lo[2] + 1}; }
+  std::array<int64_t, 3> size() const {
+    return {hi[0] - lo[0] + 1, hi[1] - lo[1] + 1, hi[2] - lo[2] + 1};
+  }
 };
 
-// Surface voxels of (mask == label) inside the box, as a box-sized 0/1 array. Voxels outside the box
-// are never in the mask (the box bounds it), matching "outside the volume counts as outside".
+// Surface voxels of (mask == label) inside the box, as a box-sized 0/1 array. Voxels outside the
+// box are never in the mask (the box bounds it), matching "outside the volume counts as outside".
 std::vector<uint8_t> surface_in_box(const LabelVolume& m, uint16_t label, const Box& box) {
   const auto bs = box.size();
   const auto& n = m.geo.size;
@@ -106,7 +108,8 @@ std::vector<double> squared_distance_transform(const std::vector<uint8_t>& featu
   std::vector<double> d(features.size());
   for (size_t i = 0; i < d.size(); ++i) d[i] = features[i] ? 0.0 : kInf;
   const int64_t nmax = std::max({nx, ny, nz});
-  // One pass per axis; each pass reads and writes the same line, through a copy (edt_line's `line`).
+  // One pass per axis; each pass reads and writes the same line, through a copy (edt_line's
+  // `line`).
   const std::array<int64_t, 3> n{nx, ny, nz};
   const std::array<int64_t, 3> stride{1, nx, nx * ny};
   for (int axis = 0; axis < 3; ++axis) {

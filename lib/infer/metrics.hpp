@@ -14,8 +14,8 @@
 //    statistics (numpy's default).
 //  - MSD (average symmetric surface distance) = (sum d(P->R) + sum d(R->P)) / (|S(P)| + |S(R)|).
 //  - Empty cases: both masks empty -> Dice 1, IoU 1, HD95 0, MSD 0 (a correct "absent" call);
-//    exactly one empty -> Dice 0, IoU 0, HD95 and MSD NaN (undefined: no surface to measure to), written
-//    as null in JSON and left out of means.
+//    exactly one empty -> Dice 0, IoU 0, HD95 and MSD NaN (undefined: no surface to measure to),
+//    written as null in JSON and left out of means.
 #pragma once
 #include <array>
 #include <cstdint>
@@ -42,7 +42,8 @@ std::vector<double> squared_distance_transform(const std::vector<uint8_t>& featu
                                                std::array<int64_t, 3> size,
                                                std::array<double, 3> spacing);
 
-// q-th percentile (q in [0, 100]) with linear interpolation between order statistics; NaN when empty.
+// q-th percentile (q in [0, 100]) with linear interpolation between order statistics; NaN when
+// empty.
 double percentile(std::vector<double> values, double q);
 
 }  // namespace medseg::infer

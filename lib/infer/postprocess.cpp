@@ -29,7 +29,8 @@ int64_t keep_largest_component(LabelVolume& mask, int label) {
   MEDSEG_CHECK(label > 0 && label < 65536, "label = ", label, " (background cannot be filtered)");
   const auto target = static_cast<uint16_t>(label);
   const int64_t total = mask.geo.voxels();
-  // Component id per voxel (0 = not the label / not visited yet); flood fill with an explicit stack.
+  // Component id per voxel (0 = not the label / not visited yet); flood fill with an explicit
+  // stack.
   std::vector<int32_t> comp(static_cast<size_t>(total), 0);
   std::vector<int64_t> sizes{0};  // sizes[id]
   std::vector<int64_t> stack;
@@ -48,7 +49,8 @@ int64_t keep_largest_component(LabelVolume& mask, int label) {
       const int64_t nb[6][3] = {{x - 1, y, z}, {x + 1, y, z}, {x, y - 1, z},
                                 {x, y + 1, z}, {x, y, z - 1}, {x, y, z + 1}};
       for (const auto& q : nb) {
-        if (q[0] < 0 || q[0] >= n[0] || q[1] < 0 || q[1] >= n[1] || q[2] < 0 || q[2] >= n[2]) continue;
+        if (q[0] < 0 || q[0] >= n[0] || q[1] < 0 || q[1] >= n[1] || q[2] < 0 || q[2] >= n[2])
+          continue;
         const int64_t w = (q[2] * n[1] + q[1]) * n[0] + q[0];
         if (mask.data[static_cast<size_t>(w)] == target && comp[static_cast<size_t>(w)] == 0) {
           comp[static_cast<size_t>(w)] = id;

@@ -14,9 +14,10 @@ std::vector<uint16_t> argmax_labels(const std::vector<float>& probabilities, int
                                     int num_classes);
 
 // Sets every voxel of `label` that is not in its largest connected component to background (0).
-// Connectivity is 6 (face neighbours), as in nnU-Net's post-processing: two blobs that only touch at an
-// edge or a corner are separate structures. Among equally large components, the one whose first
-// voxel comes first in memory order (x fastest) is kept. Returns the number of voxels removed.
+// Connectivity is 6 (face neighbours), as in nnU-Net's post-processing: two blobs that only touch
+// at an edge or a corner are separate structures. Among equally large components, the one whose
+// first voxel comes first in memory order (x fastest) is kept. Returns the number of voxels
+// removed.
 int64_t keep_largest_component(LabelVolume& mask, int label);
 
 }  // namespace medseg::infer

@@ -52,8 +52,8 @@ std::vector<int64_t> tile_starts(int64_t size, int64_t patch, double step) {
   const int64_t n = static_cast<int64_t>(std::ceil(span / (step * static_cast<double>(patch)))) + 1;
   std::vector<int64_t> starts(static_cast<size_t>(n));
   for (int64_t i = 0; i < n; ++i)
-    starts[static_cast<size_t>(i)] =
-        static_cast<int64_t>(std::llround(static_cast<double>(i) * span / static_cast<double>(n - 1)));
+    starts[static_cast<size_t>(i)] = static_cast<int64_t>(
+        std::llround(static_cast<double>(i) * span / static_cast<double>(n - 1)));
   return starts;
 }
 
@@ -111,8 +111,8 @@ std::vector<float> sliding_window_probabilities(const float* image, std::array<i
   for (int64_t t = 0; t < num_tiles; ++t)
     for (int m = 0; m < num_mirrors; ++m) items.push_back({t, m});
 
-  // Position inside the (possibly mirrored) patch of tile voxel (z, y, x): mirroring is its own inverse,
-  // so the same map takes the input into the mirrored frame and the output back out of it.
+  // Position inside the (possibly mirrored) patch of tile voxel (z, y, x): mirroring is its own
+  // inverse, so the same map takes the input into the mirrored frame and the output back out of it.
   auto mirrored = [&](int m, int64_t z, int64_t y, int64_t x) {
     if (m & 4) z = patch[0] - 1 - z;
     if (m & 2) y = patch[1] - 1 - y;
@@ -133,7 +133,8 @@ std::vector<float> sliding_window_probabilities(const float* image, std::array<i
           const float w = importance[static_cast<size_t>(p)];
           weight[static_cast<size_t>(g)] += w;
           for (int64_t k = 0; k < K; ++k)
-            acc[static_cast<size_t>(g * K + k)] += w * tile_prob[static_cast<size_t>(p * K + k)] * inv;
+            acc[static_cast<size_t>(g * K + k)] +=
+                w * tile_prob[static_cast<size_t>(p * K + k)] * inv;
         }
     std::fill(tile_prob.begin(), tile_prob.end(), 0.0f);
     if (options.progress) options.progress(t + 1, num_tiles);
@@ -210,15 +211,15 @@ std::vector<float> sliding_window_probabilities(const float* image, std::array<i
   }
   if (current_tile >= 0) flush_tile(current_tile);
 
-  // Normalise and crop the padding away. Every voxel is covered by at least one tile and the map has
-  // no zeros, so weight > 0 everywhere.
+  // Normalise and crop the padding away. Every voxel is covered by at least one tile and the map
+  // has no zeros, so weight > 0 everywhere.
   std::vector<float> out(static_cast<size_t>(shape[0] * shape[1] * shape[2] * K));
 #pragma omp parallel for if (shape[0] * shape[1] * shape[2] >= (int64_t{1} << 15))
   for (int64_t z = 0; z < shape[0]; ++z)
     for (int64_t y = 0; y < shape[1]; ++y)
       for (int64_t x = 0; x < shape[2]; ++x) {
-        const int64_t g =
-            ((z + pad_before[0]) * padded[1] + (y + pad_before[1])) * padded[2] + (x + pad_before[2]);
+        const int64_t g = ((z + pad_before[0]) * padded[1] + (y + pad_before[1])) * padded[2] +
+                          (x + pad_before[2]);
         const float inv = 1.0f / weight[static_cast<size_t>(g)];
         float* o = out.data() + ((z * shape[1] + y) * shape[2] + x) * K;
         for (int64_t k = 0; k < K; ++k) o[k] = acc[static_cast<size_t>(g * K + k)] * inv;

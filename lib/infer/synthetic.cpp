@@ -14,7 +14,8 @@ namespace medseg::infer {
 namespace {
 
 constexpr double kSpacing[3] = {0.8, 0.8, 2.5};  // mm: a typical thick-slice abdominal series
-constexpr int kSub[3] = {2, 2, 3};  // partial-volume sub-samples per voxel along x, y, z (z is thick)
+constexpr int kSub[3] = {2, 2,
+                         3};  // partial-volume sub-samples per voxel along x, y, z (z is thick)
 // Intensity unit: the values below are in "reference units"; the stored value is kUnit times that.
 // Half-size units keep every contrast-to-noise ratio and make the integers half as wide, which gzip
 // turns into about one bit less per voxel (the committed sample set must stay small).
@@ -32,8 +33,8 @@ Mat3 multiply(const Mat3& a, const Mat3& b) {
   return r;
 }
 
-// Random orientation: any turn about z, then a tilt of up to max_tilt radians about x and y, so that
-// structures stay roughly aligned with the slices as organs in axial scans do.
+// Random orientation: any turn about z, then a tilt of up to max_tilt radians about x and y, so
+// that structures stay roughly aligned with the slices as organs in axial scans do.
 Mat3 random_rotation(Rng& rng, double max_tilt) {
   const double yaw = rng.uniform(0, 2 * M_PI), tx = rng.uniform(-max_tilt, max_tilt),
                ty = rng.uniform(-max_tilt, max_tilt);
@@ -100,8 +101,11 @@ struct Waves {
   }
 };
 
-// Rounds to a multiple of 1/64 mm, exact in the float32 NIfTI header, so origins read back unchanged.
-double header_exact(double v) { return std::round(v * 64.0) / 64.0; }
+// Rounds to a multiple of 1/64 mm, exact in the float32 NIfTI header, so origins read back
+// unchanged.
+double header_exact(double v) {
+  return std::round(v * 64.0) / 64.0;
+}
 
 std::string case_id(int index) {
   char buf[32];
@@ -113,8 +117,8 @@ std::string case_id(int index) {
 
 SyntheticCase generate_synthetic_case(const SyntheticOptions& opt, int index) {
   const auto& n = opt.size;
-  MEDSEG_CHECK(n[0] >= 16 && n[1] >= 16 && n[2] >= 8, "synthetic volume size ", n[0], "x", n[1], "x",
-               n[2], " is too small for the structures (at least 16x16x8)");
+  MEDSEG_CHECK(n[0] >= 16 && n[1] >= 16 && n[2] >= 8, "synthetic volume size ", n[0], "x", n[1],
+               "x", n[2], " is too small for the structures (at least 16x16x8)");
   MEDSEG_CHECK(index >= 0, "case index ", index);
   Rng rng = Rng(opt.seed).split(static_cast<uint64_t>(index));
 
@@ -132,7 +136,8 @@ SyntheticCase generate_synthetic_case(const SyntheticOptions& opt, int index) {
     geo.origin[a] = header_exact(world_centre[a] - geo.direction[a * 3 + a] * half[a]);
 
   // Anatomy, in mm relative to the volume centre (index frame, before the direction flip).
-  const double body_a = half[0] * rng.uniform(0.80, 0.92), body_b = half[1] * rng.uniform(0.70, 0.85);
+  const double body_a = half[0] * rng.uniform(0.80, 0.92),
+               body_b = half[1] * rng.uniform(0.70, 0.85);
   const Vec3 body_c{rng.uniform(-2, 2), rng.uniform(-2, 2), 0};
   const double fat = rng.uniform(2.5, 4.5);
   const double inner_a = body_a - fat, inner_b = body_b - fat;
@@ -142,7 +147,8 @@ SyntheticCase generate_synthetic_case(const SyntheticOptions& opt, int index) {
   const Blob organ = random_blob(rng, organ_c, {9, 8, 12}, {15, 13, 20}, 0.08);
   Vec3 dir{rng.normal(), rng.normal(), rng.normal()};
   const double dn = std::sqrt(dir[0] * dir[0] + dir[1] * dir[1] + dir[2] * dir[2]) + 1e-12;
-  const double reach = rng.uniform(0, 0.7);  // 0 = centred in the organ; 0.7 often touches its border
+  const double reach =
+      rng.uniform(0, 0.7);  // 0 = centred in the organ; 0.7 often touches its border
   Vec3 lesion_c = organ.centre;
   for (int i = 0; i < 3; ++i)
     for (int j = 0; j < 3; ++j)
@@ -156,11 +162,16 @@ SyntheticCase generate_synthetic_case(const SyntheticOptions& opt, int index) {
   Waves tissue_tex, organ_tex;
   tissue_tex.init(rng, 6);
   organ_tex.init(rng, 4);
-  struct Spot { Vec3 c; double r, amp; };
+  struct Spot {
+    Vec3 c;
+    double r, amp;
+  };
   std::vector<Spot> spots(6);  // small bright structures (vessels in cross-section) in the tissue
   for (auto& s : spots)
-    s = {{rng.uniform(-body_a, body_a), rng.uniform(-body_b, body_b), rng.uniform(-half[2], half[2])},
-         rng.uniform(1.2, 2.5), rng.uniform(30, 55)};
+    s = {{rng.uniform(-body_a, body_a), rng.uniform(-body_b, body_b),
+          rng.uniform(-half[2], half[2])},
+         rng.uniform(1.2, 2.5),
+         rng.uniform(30, 55)};
   std::array<double, 5> bias{};
   for (double& b : bias) b = rng.uniform(-1, 1);
 
@@ -173,7 +184,8 @@ SyntheticCase generate_synthetic_case(const SyntheticOptions& opt, int index) {
   for (int64_t z = 0; z < n[2]; ++z)
     for (int64_t y = 0; y < n[1]; ++y)
       for (int64_t x = 0; x < n[0]; ++x) {
-        const Vec3 p{x * kSpacing[0] - half[0], y * kSpacing[1] - half[1], z * kSpacing[2] - half[2]};
+        const Vec3 p{x * kSpacing[0] - half[0], y * kSpacing[1] - half[1],
+                     z * kSpacing[2] - half[2]};
         double f_air = 0, f_fat = 0, f_tissue = 0, f_organ = 0, f_lesion = 0;
         for (int sz = 0; sz < kSub[2]; ++sz)
           for (int sy = 0; sy < kSub[1]; ++sy)
@@ -185,11 +197,16 @@ SyntheticCase generate_synthetic_case(const SyntheticOptions& opt, int index) {
               const double outer = (bx / body_a) * (bx / body_a) + (by / body_b) * (by / body_b);
               const double inner =
                   (bx / inner_a) * (bx / inner_a) + (by / inner_b) * (by / inner_b);
-              if (outer >= 1) f_air += 1;
-              else if (inner >= 1) f_fat += 1;
-              else if (lesion.inside(q)) f_lesion += 1;
-              else if (organ.inside(q)) f_organ += 1;
-              else f_tissue += 1;
+              if (outer >= 1)
+                f_air += 1;
+              else if (inner >= 1)
+                f_fat += 1;
+              else if (lesion.inside(q))
+                f_lesion += 1;
+              else if (organ.inside(q))
+                f_organ += 1;
+              else
+                f_tissue += 1;
             }
         f_air /= subs, f_fat /= subs, f_tissue /= subs, f_organ /= subs, f_lesion /= subs;
         double tissue = v_tissue + 10 * tissue_tex(p);
@@ -251,9 +268,10 @@ void generate_synthetic_dataset(const fs::path& out_dir, const SyntheticOptions&
   }
   nlohmann::ordered_json j;
   j["name"] = "SyntheticOrganLesion";
-  j["description"] =
-      "Synthetic MRI-like scans generated by medseg (seed " + std::to_string(opt.seed) +
-      "): a lobulated organ with a hypointense lesion, bias field and Rician noise. Not patient data.";
+  j["description"] = "Synthetic MRI-like scans generated by medseg (seed " +
+                     std::to_string(opt.seed) +
+                     "): a lobulated organ with a hypointense lesion, bias field and Rician noise. "
+                     "Not patient data.";
   j["reference"] = "medseg synthetic generator";
   j["licence"] = "CC0";
   j["tensorImageSize"] = "3D";
