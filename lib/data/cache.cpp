@@ -356,6 +356,15 @@ std::vector<CachedCase> prepare_cache(const Plan& plan, const io::Dataset& ds,
       }
     }
   };
+  if (threads > 1 && !cases.empty() && !cases.front().images.empty()) {
+    // One header read on this thread first: it runs ITK's lazy IO-factory registration before
+    // several threads could race into it.
+    try {
+      io::read_geometry(cases.front().images.front());
+    } catch (const Error&) {
+      // A bad file is reported by the worker that reads it, with the case it belongs to.
+    }
+  }
   if (threads == 1) {
     const int saved = total_threads;
     worker();
