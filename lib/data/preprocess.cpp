@@ -217,28 +217,39 @@ void map_back(const CaseGeometryMap& map, const float* probs, int k, Sink sink) 
     for (int64_t zy = 0; zy < nz * ny; ++zy) {
       const BackTap& tz = tabs[2][zy / ny];
       const BackTap& ty = tabs[1][zy % ny];
+      // The (z, y) corners of this row with non-zero weight, in the same order (and so with the
+      // same floating-point sums) as a per-voxel loop over all 8 corners.
+      struct Corner {
+        int64_t off;
+        float w;
+        bool in;
+      };
+      Corner corners[4];
+      int nc = 0;
+      for (int cz = 0; cz < 2; ++cz) {
+        const float wz = cz ? tz.w1 : tz.w0;
+        if (wz == 0.0f) continue;
+        for (int cy = 0; cy < 2; ++cy) {
+          const float wzy = wz * (cy ? ty.w1 : ty.w0);
+          if (wzy == 0.0f) continue;
+          corners[nc++] = {(cz ? tz.off1 : tz.off0) + (cy ? ty.off1 : ty.off0), wzy,
+                           (cz ? tz.in1 : tz.in0) && (cy ? ty.in1 : ty.in0)};
+        }
+      }
       for (int64_t x = 0; x < nx; ++x) {
         const BackTap& tx = tabs[0][x];
         std::fill(acc.begin(), acc.end(), 0.0f);
-        for (int cz = 0; cz < 2; ++cz) {
-          const float wz = cz ? tz.w1 : tz.w0;
-          if (wz == 0.0f) continue;
-          for (int cy = 0; cy < 2; ++cy) {
-            const float wzy = wz * (cy ? ty.w1 : ty.w0);
-            if (wzy == 0.0f) continue;
-            for (int cx = 0; cx < 2; ++cx) {
-              const float w = wzy * (cx ? tx.w1 : tx.w0);
-              if (w == 0.0f) continue;
-              const bool inside =
-                  (cz ? tz.in1 : tz.in0) && (cy ? ty.in1 : ty.in0) && (cx ? tx.in1 : tx.in0);
-              if (!inside) {
-                acc[0] += w;  // outside the crop: background with probability 1
-                continue;
-              }
-              const float* p = probs + (cz ? tz.off1 : tz.off0) + (cy ? ty.off1 : ty.off0) +
-                               (cx ? tx.off1 : tx.off0);
-              for (int c = 0; c < k; ++c) acc[c] += w * p[c];
+        for (int i = 0; i < nc; ++i) {
+          const Corner& c = corners[i];
+          for (int cx = 0; cx < 2; ++cx) {
+            const float w = c.w * (cx ? tx.w1 : tx.w0);
+            if (w == 0.0f) continue;
+            if (!(c.in && (cx ? tx.in1 : tx.in0))) {
+              acc[0] += w;  // outside the crop: background with probability 1
+              continue;
             }
+            const float* p = probs + c.off + (cx ? tx.off1 : tx.off0);
+            for (int cl = 0; cl < k; ++cl) acc[cl] += w * p[cl];
           }
         }
         sink(zy * nx + x, acc.data());
