@@ -20,10 +20,11 @@ build="$root/build-gpu"
 bundle="$root/gpu-bundle"
 
 if [[ ! -f "$build/CMakeCache.txt" ]]; then
+  mkdir -p "$build"
   cmake -S "$root" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DMEDSEG_CUDA=ON \
-    -DMEDSEG_CPU_ARCH=x86-64-v3 >"$root/build-gpu-configure.log" 2>&1 ||
-    { cat "$root/build-gpu-configure.log"; exit 1; }
-  grep -E "medseg:" "$root/build-gpu-configure.log" || true
+    -DMEDSEG_CPU_ARCH=x86-64-v3 >"$build/configure.log" 2>&1 ||
+    { cat "$build/configure.log"; exit 1; }
+  grep -E "medseg:" "$build/configure.log" || true
 fi
 
 targets=(bench_cuda)
