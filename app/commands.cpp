@@ -51,6 +51,7 @@ int run_predict_cmd(const std::vector<std::string>& args);
 int run_export_cmd(const std::vector<std::string>& args);
 int run_evaluate_cmd(const std::vector<std::string>& args);
 int run_sample_data_cmd(const std::vector<std::string>& args);
+int run_bench_cmd(const std::vector<std::string>& args);
 
 namespace {
 const std::map<std::string, Command>& commands() {
@@ -62,6 +63,7 @@ const std::map<std::string, Command>& commands() {
       {"export", {"write a review package for a scan and its mask", run_export_cmd}},
       {"evaluate", {"Dice, IoU, HD95 and surface distance of predictions", run_evaluate_cmd}},
       {"sample-data", {"generate the synthetic sample dataset", run_sample_data_cmd}},
+      {"bench", {"U-Net step and inference timings against the PyTorch peer", run_bench_cmd}},
   };
   return c;
 }

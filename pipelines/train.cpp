@@ -295,7 +295,9 @@ int run_train(const TrainConfig& cfg) {
   }
   const nn::RenormSchedule schedule = schedule_from(cfg);
   const bool timed = cfg.time_limit_minutes > 0;
-  const double limit_s = cfg.time_limit_minutes * 60.0;
+  // The time limit covers the whole command: setup (validation, planning, preprocessing) counts too.
+  const double limit_s =
+      cfg.time_limit_minutes * 60.0 - (resuming ? 0.0 : seconds_since(t_start));
   if (!resuming) {
     st.planned_steps = cfg.iterations > 0 ? cfg.iterations : (timed ? 0 : 10000);
     st.epoch_length = cfg.epoch_length;
