@@ -109,6 +109,10 @@ nn::RenormSchedule schedule_from(const TrainConfig& cfg) {
   return s;
 }
 
+// About ten validation passes per run (nnU-Net validates every 250 steps of a 250k-step run; ours are
+// short, and a pass over whole validation cases costs as much as dozens of training steps).
+int64_t default_epoch_length(int64_t planned) { return std::clamp<int64_t>(planned / 10, 25, 1000); }
+
 nn::UNetConfig network_from(const data::Plan& plan, const TrainConfig& cfg) {
   nn::UNetConfig u;
   u.in_channels = plan.in_channels;
@@ -378,13 +382,13 @@ int run_train(const TrainConfig& cfg) {
         const double epoch_steps = static_cast<double>(std::max<int64_t>(st.epoch_length, 1));
         const double per_step = step_s + per_val / epoch_steps;
         st.planned_steps = std::max<int64_t>(st.step + 1, st.step + static_cast<int64_t>(left / per_step));
-        if (st.epoch_length == 0)
-          st.epoch_length = std::clamp<int64_t>(st.planned_steps / 20, 50, 250);
+        if (st.epoch_length == 0) st.epoch_length = default_epoch_length(st.planned_steps);
       } else if (st.planned_steps == 0) {
         st.planned_steps = st.step + 1000000;  // provisional until 3 steps are timed
       }
     }
-    if (st.epoch_length == 0) st.epoch_length = std::clamp<int64_t>(st.planned_steps / 20, 25, 250);
+    // A timed run fixes its epoch length with its first estimate of the planned steps (above).
+    if (!timed && st.epoch_length == 0) st.epoch_length = default_epoch_length(st.planned_steps);
     if (st.step >= st.planned_steps) break;
     if (timed && elapsed_total() >= limit_s && recent_step_s.size() >= 3) break;
 
@@ -450,7 +454,7 @@ int run_train(const TrainConfig& cfg) {
            << " d_max " << d_max << "  ETA " << format_duration(eta);
       progress.update(line.str());
     }
-    const bool epoch_end = st.step % st.epoch_length == 0;
+    const bool epoch_end = st.epoch_length > 0 && st.step % st.epoch_length == 0;
     const bool last = st.step >= st.planned_steps || (timed && elapsed_total() >= limit_s);
     if (epoch_end || last) {
       const auto t_val = Clock::now();

@@ -153,12 +153,12 @@ SyntheticCase generate_synthetic_case(const SyntheticOptions& opt, int index) {
   for (int i = 0; i < 3; ++i)
     for (int j = 0; j < 3; ++j)
       lesion_c[i] += organ.rot[i * 3 + j] * (dir[j] / dn) * reach * organ.axes[j];
-  const Blob lesion = random_blob(rng, lesion_c, {4.5, 4.5, 6}, {8, 8, 10}, 0.05);
+  const Blob lesion = random_blob(rng, lesion_c, {6, 6, 7.5}, {9, 9, 11}, 0.05);
 
   // Intensities (arbitrary MRI-like units); the contrast varies per case as between scanners.
   const double gain = rng.uniform(0.85, 1.15);
   const double v_tissue = rng.normal(120, 6), v_fat = rng.normal(260, 10),
-               v_organ = rng.normal(200, 10), v_lesion = rng.normal(70, 8);
+               v_organ = rng.normal(200, 10), v_lesion = rng.normal(45, 6);
   Waves tissue_tex, organ_tex;
   tissue_tex.init(rng, 6);
   organ_tex.init(rng, 4);
