@@ -109,6 +109,31 @@ nn::RenormSchedule schedule_from(const TrainConfig& cfg) {
   return s;
 }
 
+// Batch renorm may only lean on the running statistics once they have converged: the warm-up (plain
+// batch norm, r = 1, d = 0) lasts at least three time constants of the moving average (3 / alpha steps,
+// 95% converged), capped at half of the planned steps; the ramps keep their lengths after it. Without
+// this, a short run relaxes the clips while the running statistics are still far from the batch
+// statistics, r and d sit at their clips, and training neither normalises like batch norm nor matches
+// inference (measured on sample_data, 6-7.5 min runs: final validation Dice organ/lesion 0.85/0.15 with
+// the plain 5% warm-up, 0.88/0.94 with this floor).
+nn::RenormSchedule effective_schedule(const nn::RenormSchedule& base, int64_t planned, float alpha) {
+  if (base.warmup_steps >= 0 || planned <= 0 || alpha <= 0) return base;
+  const int64_t floor_steps =
+      std::min<int64_t>(static_cast<int64_t>(std::ceil(3.0 / alpha)), planned / 2);
+  const int64_t w = std::llround(base.warmup_fraction * static_cast<double>(planned));
+  if (w >= floor_steps) return base;
+  nn::RenormSchedule s = base;
+  const int64_t shift = floor_steps - w;
+  s.warmup_steps = floor_steps;
+  if (s.r_ramp_end_step < 0)
+    s.r_ramp_end_step = std::min<int64_t>(
+        planned, std::llround(base.r_ramp_end_fraction * static_cast<double>(planned)) + shift);
+  if (s.d_ramp_end_step < 0)
+    s.d_ramp_end_step = std::min<int64_t>(
+        planned, std::llround(base.d_ramp_end_fraction * static_cast<double>(planned)) + shift);
+  return s;
+}
+
 // About ten validation passes per run (nnU-Net validates every 250 steps of a 250k-step run; ours are
 // short, and a pass over whole validation cases costs as much as dozens of training steps).
 int64_t default_epoch_length(int64_t planned) { return std::clamp<int64_t>(planned / 10, 25, 1000); }
@@ -327,7 +352,8 @@ int run_train(const TrainConfig& cfg) {
   bundle["renorm_schedule"] = {{"warmup_fraction", schedule.warmup_fraction},
                                {"r_ramp_end_fraction", schedule.r_ramp_end_fraction},
                                {"d_ramp_end_fraction", schedule.d_ramp_end_fraction},
-                               {"r_max", schedule.r_max_final}, {"d_max", schedule.d_max_final}};
+                               {"r_max", schedule.r_max_final}, {"d_max", schedule.d_max_final},
+                               {"warmup_floor", "at least 3/alpha steps, at most half the planned steps"}};
   json val_ids = json::array();
   for (auto& c : split.val) val_ids.push_back(c.id);
   bundle["validation_cases"] = val_ids;
@@ -393,7 +419,8 @@ int run_train(const TrainConfig& cfg) {
     if (timed && elapsed_total() >= limit_s && recent_step_s.size() >= 3) break;
 
     const auto t_step = Clock::now();
-    const auto [r_max, d_max] = schedule.clips_at(st.step, st.planned_steps);
+    const auto [r_max, d_max] = effective_schedule(schedule, st.planned_steps, ucfg.norm.alpha)
+                                    .clips_at(st.step, st.planned_steps);
     net.set_renorm_clips(r_max, d_max);
     const double lr = nn::poly_lr(ocfg.lr, st.step, st.planned_steps, ocfg.poly_exponent);
     data::Batch b = loader.next();

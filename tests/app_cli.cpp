@@ -68,8 +68,8 @@ TEST(Cli, MainJobTrainsPredictsExportsAndEvaluates) {
   const fs::path w = scratch("main");
   ASSERT_EQ(run("sample-data --out " + (w / "data").string() + " --cases 8 --seed 3").code, 0);
   auto r = run("train --data " + (w / "data").string() + " --out " + (w / "model").string() +
-               " --iterations 150 --patch 16,32,32 --base-filters 8 --device cpu --threads 2 "
-               "--val-fraction 0.25 --epoch-length 75");
+               " --iterations 300 --patch 16,32,32 --base-filters 8 --device cpu --threads 2 "
+               "--val-fraction 0.25 --epoch-length 150");
   ASSERT_EQ(r.code, 0) << r.output;
   r = run("predict --model " + (w / "model").string() + " --input " + (w / "data/imagesTs").string() +
           " --output " + (w / "pred").string() + " --export " + (w / "review").string() +
