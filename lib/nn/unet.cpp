@@ -145,14 +145,11 @@ void UNet::stage_backward(Stage& st, const Tensor& x, Tensor* dx) {
   }
 }
 
-const Tensor& UNet::forward_train(const Tensor& x) {
-  folded_ = false;
-  allocate(x.shape());
-  input_ = &x;
+void UNet::run_forward(const Tensor& x, bool train, Tensor& logits) {
   const int L = cfg_.levels;
   const Tensor* in = &x;
   for (int l = 0; l < L; ++l) {
-    stage_forward(enc_[l], *in, true);
+    stage_forward(enc_[l], *in, train);
     in = &enc_[l].blocks.back().y;
   }
   for (int l = L - 2; l >= 0; --l) {
@@ -160,10 +157,17 @@ const Tensor& UNet::forward_train(const Tensor& x) {
     const Tensor& skip = enc_[l].blocks.back().y;
     cpu::concat_channels_forward(skip.shape().per_channel(), up_out_[l].data(), skip.shape().c,
                                  skip.data(), skip.shape().c, cat_[l].data());
-    stage_forward(dec_[l], cat_[l], true);
+    stage_forward(dec_[l], cat_[l], train);
     in = &dec_[l].blocks.back().y;
   }
-  head_.forward(*in, logits_);
+  head_.forward(*in, logits);
+}
+
+const Tensor& UNet::forward_train(const Tensor& x) {
+  folded_ = false;  // the weights are about to change; fold_norms() must run again
+  allocate(x.shape());
+  input_ = &x;
+  run_forward(x, true, logits_);
   return logits_;
 }
 
@@ -204,22 +208,8 @@ void UNet::backward(const Tensor& dlogits) {
 
 void UNet::forward_infer(const Tensor& x, Tensor& logits) {
   allocate(x.shape());
-  const int L = cfg_.levels;
-  const Tensor* in = &x;
-  for (int l = 0; l < L; ++l) {
-    stage_forward(enc_[l], *in, false);
-    in = &enc_[l].blocks.back().y;
-  }
-  for (int l = L - 2; l >= 0; --l) {
-    up_[l].forward(*in, up_out_[l]);
-    const Tensor& skip = enc_[l].blocks.back().y;
-    cpu::concat_channels_forward(skip.shape().per_channel(), up_out_[l].data(), skip.shape().c,
-                                 skip.data(), skip.shape().c, cat_[l].data());
-    stage_forward(dec_[l], cat_[l], false);
-    in = &dec_[l].blocks.back().y;
-  }
   ensure(logits, logits_.shape());
-  head_.forward(*in, logits);
+  run_forward(x, false, logits);
 }
 
 void UNet::fold_norms() {

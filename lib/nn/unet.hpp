@@ -79,6 +79,7 @@ class UNet {
     std::vector<Block> blocks;
   };
   void allocate(const Shape& in);
+  void run_forward(const Tensor& x, bool train, Tensor& logits);
   void stage_forward(Stage& st, const Tensor& x, bool train);
   // Returns the gradient w.r.t. the stage input in `dx` (may be null).
   void stage_backward(Stage& st, const Tensor& x, Tensor* dx);
