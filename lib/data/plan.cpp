@@ -175,19 +175,19 @@ int Plan::filters_at(int level) const {
 double estimate_training_memory_gb(const std::array<int64_t, 3>& patch, int levels,
                                    int base_filters, int max_filters, int batch_size,
                                    int in_channels, int num_classes) {
-  // Per level and voxel, in units of that level's filters f: the encoder keeps 2 x (conv, norm,
-  // activation) outputs = 6f; the decoder keeps the upsampled map (f), the concatenation (2f) and
-  // 2 x 3 outputs = 9f. Backward holds about as many gradient buffers at its peak, hence x2.
+  // Per level and voxel, in units of that level's filters f (what nn::UNet holds): the encoder's tape
+  // is 2 x (conv output, norm output) = 4f; the decoder's is the concatenation (2f) and 4f; the
+  // backward adds the concatenation's gradient (2f), the skip gradient (f) and the pool of three
+  // short-lived gradient buffers (3f). The bottleneck has the encoder's 4f and the pool.
   double floats = 0;
   int64_t f = base_filters;
   double vox = static_cast<double>(voxels_of(patch));
   for (int l = 0; l < levels; ++l) {
     const bool bottleneck = l == levels - 1;
-    floats += vox * static_cast<double>(f) * (bottleneck ? 6.0 : 15.0);
+    floats += vox * static_cast<double>(f) * (bottleneck ? 7.0 : 16.0);
     vox /= 8.0;
     f = std::min<int64_t>(f * 2, max_filters);
   }
-  floats *= 2.0;
   floats += static_cast<double>(voxels_of(patch)) * (in_channels + 3.0 * num_classes);
   return floats * 4.0 * batch_size / 1e9;
 }

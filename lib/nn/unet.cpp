@@ -53,7 +53,7 @@ UNet::UNet(const UNetConfig& cfg, uint64_t seed)
     Stage st;
     for (int j = 0; j < cfg_.convs_per_stage; ++j) {
       Block b{ConvLayer(j == 0 ? cin : cout, cout, 3, j == 0 ? first_stride : 1, false),
-              NormLayer(cout, cfg_.norm), Tensor(), Tensor(), Tensor(), Tensor(), nullptr};
+              NormLayer(cout, cfg_.norm), Tensor(), Tensor(), nullptr};
       b.conv.init_he(rng);
       st.blocks.push_back(std::move(b));
     }
@@ -88,14 +88,13 @@ void UNet::allocate(const Shape& in) {
     }
   }
   const int L = cfg_.levels;
-  up_out_.resize(L > 1 ? L - 1 : 0);
-  cat_.resize(up_out_.size());
-  dcat_.resize(up_out_.size());
-  dup_.resize(up_out_.size());
-  dskip_.resize(up_out_.size());
+  const size_t ups = L > 1 ? L - 1 : 0;
+  cat_.resize(ups);
+  dcat_.resize(ups);
+  dskip_.resize(ups);
+  grad_pool_.clear();
   for (int l = L - 2; l >= 0; --l) {
     const Shape skip = enc_[l].blocks.back().y.shape();
-    ensure(up_out_[l], skip);
     Shape cs = skip;
     cs.c = 2 * skip.c;
     ensure(cat_[l], cs);
@@ -128,20 +127,26 @@ void UNet::stage_forward(Stage& st, const Tensor& x, bool train) {
   }
 }
 
-void UNet::stage_backward(Stage& st, const Tensor& x, Tensor* dx) {
+Tensor& UNet::grad_buffer(const Shape& s, const Tensor* a, const Tensor* b) {
+  auto& pool = grad_pool_[{s.n, s.d, s.h, s.w, s.c}];
+  for (auto& t : pool)
+    if (&t != a && &t != b) return t;
+  MEDSEG_CHECK(pool.size() < 3, "gradient pool: a fourth live buffer of shape ", s);
+  pool.emplace_back(s);
+  return pool.back();
+}
+
+void UNet::stage_backward(Stage& st, const Tensor& x, const Tensor& dy, Tensor* dx) {
+  const Tensor* g = &dy;
   for (int j = static_cast<int>(st.blocks.size()) - 1; j >= 0; --j) {
     Block& b = st.blocks[j];
-    ensure(b.dz, b.z.shape());
-    b.norm.backward(b.dy, b.z, b.y, b.dz);
+    Tensor& dz = grad_buffer(b.z.shape(), g, dx);
+    b.norm.backward(*g, b.z, b.y, dz);
+    // g is dead now; the gradient w.r.t. this block's input may take its buffer, not dz's.
     const Tensor& in = j == 0 ? x : st.blocks[j - 1].y;
-    Tensor* din = nullptr;
-    if (j > 0) {
-      ensure(st.blocks[j - 1].dy, st.blocks[j - 1].y.shape());
-      din = &st.blocks[j - 1].dy;
-    } else {
-      din = dx;
-    }
-    b.conv.backward(b.dz, in, din);
+    Tensor* din = j > 0 ? &grad_buffer(in.shape(), &dz, dx) : dx;
+    b.conv.backward(dz, in, din);
+    g = din;
   }
 }
 
@@ -153,9 +158,12 @@ void UNet::run_forward(const Tensor& x, bool train, Tensor& logits) {
     in = &enc_[l].blocks.back().y;
   }
   for (int l = L - 2; l >= 0; --l) {
-    up_[l].forward(*in, up_out_[l]);
+    // The up-conv's output only lives until the concat: a pooled gradient buffer serves (no
+    // gradient is live during a forward).
     const Tensor& skip = enc_[l].blocks.back().y;
-    cpu::concat_channels_forward(skip.shape().per_channel(), up_out_[l].data(), skip.shape().c,
+    Tensor& up = grad_buffer(skip.shape(), nullptr, nullptr);
+    up_[l].forward(*in, up);
+    cpu::concat_channels_forward(skip.shape().per_channel(), up.data(), skip.shape().c,
                                  skip.data(), skip.shape().c, cat_[l].data());
     stage_forward(dec_[l], cat_[l], train);
     in = &dec_[l].blocks.back().y;
@@ -175,33 +183,32 @@ void UNet::backward(const Tensor& dlogits) {
   check_same_shape(dlogits.shape(), logits_.shape(), "logits gradient");
   MEDSEG_CHECK(input_ != nullptr, "UNet::backward without a training forward");
   const int L = cfg_.levels;
-  // Head: gradient w.r.t. the last decoder stage's output (or the single encoder stage's).
-  Stage& top = L > 1 ? dec_[0] : enc_[0];
-  Block& top_last = top.blocks.back();
-  ensure(top_last.dy, top_last.y.shape());
-  head_.backward(dlogits, top_last.y, &top_last.dy);
+  // g: the gradient w.r.t. the output of the stage about to be back-propagated.
+  const Tensor& top = (L > 1 ? dec_[0] : enc_[0]).blocks.back().y;
+  Tensor* g = &grad_buffer(top.shape(), nullptr, nullptr);
+  head_.backward(dlogits, top, g);
   for (int l = 0; l + 1 < L; ++l) {
     ensure(dcat_[l], cat_[l].shape());
-    stage_backward(dec_[l], cat_[l], &dcat_[l]);
+    stage_backward(dec_[l], cat_[l], *g, &dcat_[l]);
     const int64_t c = enc_[l].blocks.back().y.shape().c;
-    ensure(dup_[l], up_out_[l].shape());
     ensure(dskip_[l], enc_[l].blocks.back().y.shape());
-    cpu::concat_channels_backward(cat_[l].shape().per_channel(), dcat_[l].data(), c, c,
-                                  dup_[l].data(), dskip_[l].data());
+    Tensor& dup = grad_buffer(dskip_[l].shape(), nullptr, nullptr);
+    cpu::concat_channels_backward(cat_[l].shape().per_channel(), dcat_[l].data(), c, c, dup.data(),
+                                  dskip_[l].data());
     // The up-conv's input: the next decoder stage's output, or the bottleneck.
-    Block& below = l + 2 < L ? dec_[l + 1].blocks.back() : enc_[L - 1].blocks.back();
-    ensure(below.dy, below.y.shape());
-    up_[l].backward(dup_[l], below.y, &below.dy);
+    const Tensor& below = (l + 2 < L ? dec_[l + 1] : enc_[L - 1]).blocks.back().y;
+    g = &grad_buffer(below.shape(), &dup, nullptr);
+    up_[l].backward(dup, below, g);
   }
   for (int l = L - 1; l >= 0; --l) {
-    Block& last = enc_[l].blocks.back();
-    if (l < L - 1) add_inplace(last.dy, dskip_[l]);  // skip connection: gradients of both uses add
+    if (l < L - 1) add_inplace(*g, dskip_[l]);  // skip connection: gradients of both uses add
     if (l == 0) {
-      stage_backward(enc_[0], *input_, nullptr);
+      stage_backward(enc_[0], *input_, *g, nullptr);
     } else {
-      Block& prev = enc_[l - 1].blocks.back();
-      ensure(prev.dy, prev.y.shape());
-      stage_backward(enc_[l], prev.y, &prev.dy);
+      const Tensor& prev = enc_[l - 1].blocks.back().y;
+      Tensor& dprev = grad_buffer(prev.shape(), g, nullptr);
+      stage_backward(enc_[l], prev, *g, &dprev);
+      g = &dprev;
     }
   }
 }
@@ -326,11 +333,11 @@ size_t UNet::activation_bytes() const {
       for (const auto& b : st.blocks) {
         add(b.z);
         add(b.y);
-        add(b.dz);
-        add(b.dy);
       }
-  for (const auto* v : {&up_out_, &cat_, &dcat_, &dup_, &dskip_})
+  for (const auto* v : {&cat_, &dcat_, &dskip_})
     for (const auto& t : *v) add(t);
+  for (const auto& [shape, pool] : grad_pool_)
+    for (const auto& t : pool) add(t);
   add(logits_);
   return total;
 }

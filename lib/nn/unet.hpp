@@ -3,7 +3,10 @@
 // through the whole network; every intermediate lives in a buffer owned by the network (the "tape"),
 // allocated once per input shape. Parameters have stable names (enc.0.conv.1.weight, ...).
 #pragma once
+#include <array>
 #include <cstdint>
+#include <deque>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -71,7 +74,7 @@ class UNet {
   struct Block {
     ConvLayer conv;
     NormLayer norm;
-    Tensor z, y, dz, dy;  // conv output, norm output, their gradients
+    Tensor z, y;  // conv output, norm output (the tape; gradients live in grad_pool_)
     // Folded inference copy of the conv (weight * gamma / sigma ...).
     std::unique_ptr<ConvLayer> folded;
   };
@@ -81,8 +84,14 @@ class UNet {
   void allocate(const Shape& in);
   void run_forward(const Tensor& x, bool train, Tensor& logits);
   void stage_forward(Stage& st, const Tensor& x, bool train);
-  // Returns the gradient w.r.t. the stage input in `dx` (may be null).
-  void stage_backward(Stage& st, const Tensor& x, Tensor* dx);
+  // dy: the gradient w.r.t. the stage output. Writes the gradient w.r.t. the stage input to `dx`
+  // (may be null: the network input needs none).
+  void stage_backward(Stage& st, const Tensor& x, const Tensor& dy, Tensor* dx);
+  // A gradient buffer of shape s from the pool that is neither `a` nor `b`. Gradients are short-lived
+  // (a block's dy dies once its dz exists, dz once the conv's backward has run), so at most three of
+  // one shape are live at a time and the pool holds at most three per shape, instead of a dz and
+  // a dy per block (about half of the training step's activation memory at 64^3).
+  Tensor& grad_buffer(const Shape& s, const Tensor* a, const Tensor* b);
 
   UNetConfig cfg_;
   std::vector<Stage> enc_;  // enc_[l], l = 0..levels-1
@@ -93,7 +102,8 @@ class UNet {
 
   Shape in_shape_{};
   const Tensor* input_ = nullptr;  // the input of the last forward_train
-  std::vector<Tensor> up_out_, cat_, dcat_, dup_, dskip_;
+  std::vector<Tensor> cat_, dcat_, dskip_;
+  std::map<std::array<int64_t, 5>, std::deque<Tensor>> grad_pool_;  // deque: stable references
   Tensor logits_;
   Tensor infer_tmp_;
 };
