@@ -51,6 +51,8 @@ int run_train_cmd(const std::vector<std::string>& args) {
        "fraction of steps where d_max reaches its final value")
       ("r-max", po::value<float>(&c.r_max)->default_value(c.r_max), "final r_max")
       ("d-max", po::value<float>(&c.d_max)->default_value(c.d_max), "final d_max")
+      ("norm-momentum", po::value<float>(&c.norm_momentum)->default_value(c.norm_momentum),
+       "moving-average rate alpha of the running statistics (batchrenorm, batchnorm)")
       ("stop-after", po::value<int64_t>(&c.stop_after_steps)->default_value(0),
        "pause after this many steps of this process (checkpoint saved; continue with --resume)");
   add_common(desc, true);

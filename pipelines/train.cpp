@@ -146,6 +146,7 @@ nn::UNetConfig network_from(const data::Plan& plan, const TrainConfig& cfg) {
   u.base_filters = plan.base_filters;
   u.max_filters = plan.max_filters;
   u.norm.kind = nn::parse_norm_kind(cfg.norm);
+  u.norm.alpha = cfg.norm_momentum;
   return u;
 }
 
@@ -196,6 +197,8 @@ int run_train(const TrainConfig& cfg) {
   if (cfg.out.empty()) throw ArgumentError("--out is required");
   if (cfg.batch_size < 0) throw ArgumentError("--batch-size must be >= 1");
   if (cfg.iterations < 0) throw ArgumentError("--iterations must be >= 0");
+  if (!(cfg.norm_momentum > 0 && cfg.norm_momentum <= 1))
+    throw ArgumentError("--norm-momentum must be in (0, 1]");
   if (cfg.time_limit_minutes < 0) throw ArgumentError("--time-limit must be > 0");
 
   // ---- dataset and validation

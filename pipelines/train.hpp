@@ -37,6 +37,8 @@ struct TrainConfig {
   // Batch renorm schedule (fractions of the planned steps; overrides when >= 0).
   double renorm_warmup = 0.05, renorm_r_end = 0.25, renorm_d_end = 0.15;
   float r_max = 3, d_max = 5;
+  // Moving-average rate of the running statistics (batchrenorm, batchnorm): alpha of the spec.
+  float norm_momentum = 0.01f;
   int64_t renorm_warmup_steps = -1, renorm_r_end_step = -1, renorm_d_end_step = -1;
   // Stop after this many steps of this process (tests of resume); 0: no limit.
   int64_t stop_after_steps = 0;
