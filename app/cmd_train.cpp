@@ -41,6 +41,8 @@ int run_train_cmd(const std::vector<std::string>& args) {
        "steps between validations (0: automatic)")
       ("workers", po::value<int>(&c.workers)->default_value(c.workers), "data loader threads")
       ("no-augment", "turn data augmentation off")
+      ("report-batch-stats", "at the end, also report validation Dice in training mode (batch "
+       "statistics) next to inference mode (running statistics)")
       ("max-validation-cases", po::value<int>(&c.max_validation_cases)->default_value(0),
        "validate on at most this many cases (0: all)")
       ("renorm-warmup", po::value<double>(&c.renorm_warmup)->default_value(c.renorm_warmup),
@@ -64,6 +66,7 @@ int run_train_cmd(const std::vector<std::string>& args) {
   c.device = (*vm)["device"].as<std::string>();
   c.threads = (*vm)["threads"].as<int>();
   c.augment = !vm->count("no-augment");
+  c.report_batch_stats = vm->count("report-batch-stats") > 0;
   if (!patch.empty()) c.patch = parse_triple(patch, "patch");
   return pipelines::run_train(c);
 }

@@ -151,9 +151,10 @@ nn::UNetConfig network_from(const data::Plan& plan, const TrainConfig& cfg) {
 }
 
 // Per-label hard Dice on the preprocessed grid of each validation case (inference mode, sliding window
-// without TTA). Labels 1..K-1; a label absent from both prediction and reference counts as 1.
+// without TTA; with batch_stats, training mode: each window batch normalized by its own statistics).
+// Labels 1..K-1; a label absent from both prediction and reference counts as 1.
 std::vector<double> validate(nn::UNet& net, const std::vector<data::CachedCase>& cases,
-                             const data::Plan& plan, int batch) {
+                             const data::Plan& plan, int batch, bool batch_stats = false) {
   const int K = plan.num_classes();
   std::vector<double> inter(K, 0), psum(K, 0), rsum(K, 0), dice_sum(K, 0);
   infer::SlidingWindowOptions opt;
@@ -161,7 +162,12 @@ std::vector<double> validate(nn::UNet& net, const std::vector<data::CachedCase>&
   opt.step = 0.5;
   opt.tta = false;
   opt.max_batch = batch;
-  auto forward = [&](const Tensor& x, Tensor& logits) { net.forward_infer(x, logits); };
+  auto forward = [&](const Tensor& x, Tensor& logits) {
+    if (batch_stats)
+      net.forward_batch_stats(x, logits);
+    else
+      net.forward_infer(x, logits);
+  };
   for (const auto& c : cases) {
     const auto v = c.view();
     const auto probs = infer::sliding_window_probabilities(v.image, v.shape, v.channels, K, forward, opt);
@@ -499,13 +505,28 @@ int run_train(const TrainConfig& cfg) {
       const auto diag = net.diagnostics();
       json jd = json::object();
       for (int k = 1; k < plan.num_classes() && !dice.empty(); ++k) jd[plan.labels[k].name] = dice[k];
-      tlog.epoch({{"step", st.step}, {"train_loss", loss_count ? loss_avg / loss_count : NAN},
+      json extra = json::object();
+      if (last && cfg.report_batch_stats && !val_cases.empty()) {
+        const auto bdice = validate(net, val_cases, plan, batch, /*batch_stats=*/true);
+        json jb = json::object();
+        double bmean = 0;
+        for (int k = 1; k < plan.num_classes(); ++k) {
+          jb[plan.labels[k].name] = bdice[k];
+          bmean += bdice[k] / (plan.num_classes() - 1);
+        }
+        extra = {{"val_dice_batch_stats", jb}, {"mean_val_dice_batch_stats", bmean}};
+        log_info("validation Dice in training mode (batch statistics): mean ", bmean,
+                 " (inference mode ", mean, ")");
+      }
+      json record = {{"step", st.step}, {"train_loss", loss_count ? loss_avg / loss_count : NAN},
                   {"val_dice", jd}, {"mean_val_dice", val_cases.empty() ? json(nullptr) : json(mean)},
                   {"lr", lr}, {"r_max", r_max}, {"d_max", d_max},
                   {"r_clipped", diag.r_clipped_fraction}, {"d_clipped", diag.d_clipped_fraction},
                   {"mean_abs_log_r", diag.mean_abs_log_r}, {"mean_abs_d", diag.mean_abs_d},
                   {"skipped_norm_updates", diag.skipped_updates}, {"skipped_steps", st.skipped_steps},
-                  {"elapsed_s", elapsed_total()}});
+                  {"elapsed_s", elapsed_total()}};
+      record.update(extra);
+      tlog.epoch(std::move(record));
       progress.finish();
       std::ostringstream msg;
       msg << "step " << st.step << ": train loss " << std::fixed << std::setprecision(4)

@@ -33,6 +33,9 @@ struct TrainConfig {
   int64_t epoch_length = 0;                        // steps between validations; 0: automatic
   int workers = 1;                                 // loader threads
   bool augment = true;
+  // At the last validation, also score the model in training mode (batch statistics): the norm
+  // study's train/inference gap.
+  bool report_batch_stats = false;
   int max_validation_cases = 0;                    // 0: all
   // Batch renorm schedule (fractions of the planned steps; overrides when >= 0).
   double renorm_warmup = 0.05, renorm_r_end = 0.25, renorm_d_end = 0.15;

@@ -219,6 +219,19 @@ void UNet::forward_infer(const Tensor& x, Tensor& logits) {
   run_forward(x, false, logits);
 }
 
+void UNet::forward_batch_stats(const Tensor& x, Tensor& logits) {
+  allocate(x.shape());
+  ensure(logits, logits_.shape());
+  auto bufs = buffers();
+  std::vector<std::vector<float>> saved;
+  saved.reserve(bufs.size());
+  for (auto& b : bufs) saved.push_back(b.value->to_vector());
+  run_forward(x, true, logits);
+  for (size_t k = 0; k < bufs.size(); ++k)
+    std::copy(saved[k].begin(), saved[k].end(), bufs[k].value->data());
+  input_ = nullptr;  // the tape no longer belongs to a training step
+}
+
 void UNet::fold_norms() {
   if (cfg_.norm.kind == cpu::NormKind::InstanceNorm) {
     folded_ = false;

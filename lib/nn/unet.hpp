@@ -56,6 +56,10 @@ class UNet {
   // Inference forward (running statistics). When folding is on (fold_norms()), batch(re)norm layers are
   // folded into their convolutions.
   void forward_infer(const Tensor& x, Tensor& logits);
+  // Training-mode forward for evaluation: the normalization uses this batch's statistics (with the
+  // current renorm clips) exactly as a training step would, but the running statistics are left
+  // as they were. The train/inference gap of the norm study is measured with it.
+  void forward_batch_stats(const Tensor& x, Tensor& logits);
   // Folds every batch(re)norm layer into its convolution for inference (no-op for instance norm).
   // Must be called again after the weights change.
   void fold_norms();
