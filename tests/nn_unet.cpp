@@ -172,6 +172,43 @@ TEST(UNet, FoldedInferenceEqualsUnfoldedInference) {
   EXPECT_LT(maxdiff, 1e-4);  // float reassociation of the folded products
 }
 
+// Training-mode evaluation leaves the running statistics alone. For batch renorm with clips that do
+// not bind, the training-mode output equals the inference output (r and d map the batch statistics
+// onto the running ones: the whole point of the method); with r_max = 1, d_max = 0 (plain batch
+// norm) and for batchnorm it follows the batch and differs.
+TEST(UNet, BatchStatisticsForwardKeepsRunningStatistics) {
+  for (auto kind : {cpu::NormKind::BatchRenorm, cpu::NormKind::BatchNorm}) {
+    UNetConfig cfg = tiny(kind);
+    cfg.levels = 3;
+    cfg.base_filters = 4;
+    UNet net(cfg, 5);
+    Tensor x = random_tensor(Shape{2, 8, 8, 8, 2}, 4);
+    for (int i = 0; i < 3; ++i) net.forward_train(random_tensor(Shape{2, 8, 8, 8, 2}, 10 + i));
+    std::vector<std::vector<float>> before;
+    for (auto& b : net.buffers()) before.push_back(b.value->to_vector());
+    net.set_renorm_clips(1e6f, 1e6f);
+    Tensor train_mode, infer_mode;
+    net.forward_batch_stats(x, train_mode);
+    size_t k = 0;
+    for (auto& b : net.buffers()) EXPECT_EQ(b.value->to_vector(), before[k++]) << b.name;
+    net.forward_infer(x, infer_mode);
+    double maxdiff = 0;
+    for (int64_t i = 0; i < infer_mode.numel(); ++i)
+      maxdiff = std::max(maxdiff, static_cast<double>(std::abs(train_mode.data()[i] - infer_mode.data()[i])));
+    if (kind == cpu::NormKind::BatchRenorm) {
+      EXPECT_LT(maxdiff, 1e-3);
+      net.set_renorm_clips(1.f, 0.f);
+      net.forward_batch_stats(x, train_mode);
+      double d2 = 0;
+      for (int64_t i = 0; i < infer_mode.numel(); ++i)
+        d2 = std::max(d2, static_cast<double>(std::abs(train_mode.data()[i] - infer_mode.data()[i])));
+      EXPECT_GT(d2, 1e-2);
+    } else {
+      EXPECT_GT(maxdiff, 1e-2);
+    }
+  }
+}
+
 TEST(Safetensors, RoundTripRestoresEveryTensorAndMetadata) {
   UNetConfig cfg = tiny(cpu::NormKind::BatchRenorm);
   UNet a(cfg, 1), b(cfg, 2);
