@@ -11,6 +11,8 @@
 
 #include "core/atomic_file.hpp"
 #include "io/image_io.hpp"
+#include "support/nifti_header.hpp"
+#include "support/shared_data.hpp"
 
 namespace fs = std::filesystem;
 using namespace medseg;
@@ -34,6 +36,21 @@ fs::path scratch(const std::string& name) {
   fs::remove_all(p);
   fs::create_directories(p);
   return p;
+}
+// A real (barely trained) single-channel model bundle in w/model, from two generated cases, and the
+// generated data in w/data. Seconds, not minutes: these tests are about plumbing, not accuracy.
+void tiny_model(const fs::path& w) {
+  ASSERT_EQ(run("sample-data --out " + (w / "data").string() + " --cases 3 --seed 5").code, 0);
+  const auto r = run("train --data " + (w / "data").string() + " --out " + (w / "model").string() +
+                     " --iterations 2 --patch 32,64,64 --base-filters 4 --device cpu --threads 2"
+                     " --val-fraction 0.34 --log-level warning");
+  ASSERT_EQ(r.code, 0) << r.output;
+}
+bool has_file_under(const fs::path& dir) {
+  if (!fs::exists(dir)) return false;
+  for (const auto& e : fs::recursive_directory_iterator(dir))
+    if (e.is_regular_file()) return true;
+  return false;
 }
 }  // namespace
 
@@ -108,5 +125,61 @@ TEST(Cli, PredictBadInputsFailCleanlyWithoutOutputs) {
   EXPECT_NE(r.code, 0);
   EXPECT_NE(r.output.find("plan.json"), std::string::npos) << r.output;
   EXPECT_FALSE(fs::exists(w / "out.nii.gz"));
+  fs::remove_all(w);
+}
+
+TEST(Cli, PredictRejectsUnreadableScansAndWrongChannelCounts) {
+  const fs::path w = scratch("badscan");
+  tiny_model(w);
+  if (HasFatalFailure()) return;
+  // An unreadable scan: the message names it, nothing is written.
+  std::ofstream(w / "garbage.nii.gz") << "this is not a NIfTI file";
+  auto r = run("predict --model " + (w / "model").string() + " --input " + (w / "garbage.nii.gz").string() +
+               " --output " + (w / "out.nii.gz").string() + " --export " + (w / "review").string() +
+               " --device cpu");
+  EXPECT_NE(r.code, 0) << r.output;
+  EXPECT_NE(r.output.find("garbage.nii.gz"), std::string::npos) << r.output;
+  EXPECT_FALSE(fs::exists(w / "out.nii.gz"));
+  EXPECT_FALSE(has_file_under(w / "review"));
+  // A two-channel case (nnU-Net layout: _0000, _0001) for a one-channel model.
+  fs::path scan;
+  for (const auto& e : fs::directory_iterator(w / "data/imagesTs")) scan = e.path();
+  ASSERT_FALSE(scan.empty());
+  fs::create_directories(w / "two");
+  fs::copy_file(scan, w / "two/case_0000.nii.gz");
+  fs::copy_file(scan, w / "two/case_0001.nii.gz");
+  r = run("predict --model " + (w / "model").string() + " --input " + (w / "two").string() +
+          " --output " + (w / "pred").string() + " --device cpu");
+  EXPECT_NE(r.code, 0) << r.output;
+  EXPECT_NE(r.output.find("channel"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("case"), std::string::npos) << r.output;
+  EXPECT_FALSE(has_file_under(w / "pred"));
+  fs::remove_all(w);
+}
+
+// Masks of real scans land on exactly the input grid, read back by an independent NIfTI parser:
+// an oblique-free CT and an MR whose x and y axes are flipped, both 3 mm, int16, sform only.
+TEST(Cli, PredictKeepsTheGridOfRealScans) {
+  MEDSEG_REQUIRE_SHARED("data/TotalSegmentator_examples/imagesTr");
+  const fs::path w = scratch("realgrid");
+  tiny_model(w);
+  if (HasFatalFailure()) return;
+  const fs::path in = test::shared_dir() / "data/TotalSegmentator_examples/imagesTr";
+  auto r = run("predict --model " + (w / "model").string() + " --input " + in.string() + " --output " +
+               (w / "pred").string() + " --no-tta --step 1 --device cpu --threads 2");
+  ASSERT_EQ(r.code, 0) << r.output;
+  int n = 0;
+  for (const auto& e : fs::directory_iterator(in)) {
+    const auto a = test::parse_nifti(e.path());
+    const auto b = test::parse_nifti(w / "pred" / e.path().filename());
+    for (int i = 0; i < 4; ++i) EXPECT_EQ(a.dims[i], b.dims[i]) << e.path() << " dim " << i;
+    const Geometry ga = a.geometry(), gb = b.geometry();
+    EXPECT_TRUE(ga.same_grid(gb, 1e-5, 1e-4, 1e-6)) << ga.describe() << " vs " << gb.describe();
+    EXPECT_EQ(b.intent_code, 1002) << "label intent";
+    const auto labels = b.voxels();
+    for (float v : labels) ASSERT_TRUE(v >= 0 && v <= 2 && v == std::floor(v)) << v;
+    ++n;
+  }
+  EXPECT_EQ(n, 2);
   fs::remove_all(w);
 }
