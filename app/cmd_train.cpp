@@ -40,7 +40,10 @@ int run_train_cmd(const std::vector<std::string>& args) {
       ("epoch-length", po::value<int64_t>(&c.epoch_length)->default_value(0),
        "steps between validations (0: automatic)")
       ("workers", po::value<int>(&c.workers)->default_value(c.workers), "data loader threads")
-      ("no-augment", "turn data augmentation off")
+      ("augment", po::value<std::string>(&c.augment)->default_value(c.augment),
+       "augmentation: none, mirror (flips only) or full (nnU-Net's spatial + intensity set, for "
+       "long runs)")
+      ("no-augment", "same as --augment none")
       ("report-batch-stats", "at the end, also report validation Dice in training mode (batch "
        "statistics) next to inference mode (running statistics)")
       ("max-validation-cases", po::value<int>(&c.max_validation_cases)->default_value(0),
@@ -65,7 +68,7 @@ int run_train_cmd(const std::vector<std::string>& args) {
   c.out = (*vm)["out"].as<std::string>();
   c.device = (*vm)["device"].as<std::string>();
   c.threads = (*vm)["threads"].as<int>();
-  c.augment = !vm->count("no-augment");
+  if (vm->count("no-augment")) c.augment = "none";
   c.report_batch_stats = vm->count("report-batch-stats") > 0;
   if (!patch.empty()) c.patch = parse_triple(patch, "patch");
   return pipelines::run_train(c);

@@ -203,6 +203,7 @@ int run_train(const TrainConfig& cfg) {
   if (cfg.out.empty()) throw ArgumentError("--out is required");
   if (cfg.batch_size < 0) throw ArgumentError("--batch-size must be >= 1");
   if (cfg.iterations < 0) throw ArgumentError("--iterations must be >= 0");
+  (void)data::AugmentConfig::preset(cfg.augment);  // an unknown name fails before any work
   if (!(cfg.norm_momentum > 0 && cfg.norm_momentum <= 1))
     throw ArgumentError("--norm-momentum must be in (0, 1]");
   if (cfg.time_limit_minutes < 0) throw ArgumentError("--time-limit must be > 0");
@@ -344,8 +345,7 @@ int run_train(const TrainConfig& cfg) {
   data::SamplerConfig scfg;
   scfg.patch = plan.patch;
   scfg.max_overhang = 0;  // nnU-Net v2: random patches stay inside cases larger than the patch
-  data::AugmentConfig acfg;
-  acfg.enabled = cfg.augment;
+  const data::AugmentConfig acfg = data::AugmentConfig::preset(cfg.augment);
   data::BatchLoader loader(train_views, scfg, acfg, batch, std::max(1, cfg.workers), cfg.seed, 4,
                            static_cast<uint64_t>(st.step));
   TrainLog tlog(cfg.out, resuming);
@@ -358,6 +358,7 @@ int run_train(const TrainConfig& cfg) {
   bundle["optimizer"] = {{"kind", ocfg.kind}, {"lr", ocfg.lr}, {"momentum", ocfg.momentum},
                          {"weight_decay", ocfg.weight_decay}, {"grad_clip", ocfg.grad_clip},
                          {"lr_schedule", "poly 0.9"}};
+  bundle["augmentation"] = cfg.augment;
   bundle["renorm_schedule"] = {{"warmup_fraction", schedule.warmup_fraction},
                                {"r_ramp_end_fraction", schedule.r_ramp_end_fraction},
                                {"d_ramp_end_fraction", schedule.d_ramp_end_fraction},

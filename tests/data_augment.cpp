@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "core/error.hpp"
 #include "data/augment.hpp"
 #include "data/loader.hpp"
 #include "data/sampler.hpp"
@@ -459,4 +460,31 @@ TEST(IntensityAugment, NoiseHasTheDrawnVariance) {
   // Standard errors: mean 0.3 / sqrt(n) = 6.7e-4, variance 0.09 * sqrt(2 / n) = 2.8e-4; 5 of each.
   EXPECT_NEAR(m, 1.0, 3.4e-3);
   EXPECT_NEAR(s / n, 0.09, 1.5e-3);
+}
+
+// The training presets: "mirror" only flips (never an affine draw, intensities untouched), "full" is
+// the default set, "none" draws nothing, anything else is an ArgumentError naming the choices.
+TEST(AugmentPresets, MirrorOnlyFlipsAndUnknownNamesAreRefused) {
+  const AugmentConfig m = AugmentConfig::preset("mirror");
+  Rng rng(4);
+  int mirrored = 0;
+  for (int i = 0; i < 200; ++i) {
+    const SpatialDraw d = draw_spatial(m, {32, 32, 32}, rng);
+    EXPECT_FALSE(d.affine);
+    mirrored += d.mirror[0] || d.mirror[1] || d.mirror[2];
+  }
+  EXPECT_GT(mirrored, 150);  // 1 - 0.5^3 = 87.5% of draws flip at least one axis
+  std::vector<float> img(4 * 4 * 4);
+  for (size_t i = 0; i < img.size(); ++i) img[i] = static_cast<float>(i) * 0.1f - 2.f;
+  const auto before = img;
+  for (int i = 0; i < 50; ++i) augment_intensity(m, rng, img.data(), {4, 4, 4}, 1);
+  EXPECT_EQ(img, before);
+  EXPECT_TRUE(AugmentConfig::preset("full").rotation);
+  EXPECT_FALSE(AugmentConfig::preset("none").enabled);
+  try {
+    AugmentConfig::preset("heavy");
+    FAIL() << "no exception";
+  } catch (const ArgumentError& e) {
+    EXPECT_NE(std::string(e.what()).find("full, mirror or none"), std::string::npos) << e.what();
+  }
 }

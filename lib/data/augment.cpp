@@ -316,4 +316,19 @@ void augment_intensity(const AugmentConfig& cfg, Rng& rng, float* image,
   }
 }
 
+AugmentConfig AugmentConfig::mirror_only() {
+  AugmentConfig c;
+  c.rotation = c.scaling = false;
+  c.noise = c.blur = c.brightness = c.contrast = c.low_resolution = false;
+  c.gamma_inverted = c.gamma = false;
+  return c;
+}
+
+AugmentConfig AugmentConfig::preset(const std::string& name) {
+  if (name == "full") return AugmentConfig{};
+  if (name == "mirror") return mirror_only();
+  if (name == "none") return none();
+  throw ArgumentError("unknown augmentation '" + name + "' (expected full, mirror or none)");
+}
+
 }  // namespace medseg::data

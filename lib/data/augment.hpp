@@ -12,6 +12,7 @@
 #pragma once
 #include <array>
 #include <cstdint>
+#include <string>
 
 #include "core/rng.hpp"
 
@@ -84,6 +85,10 @@ struct AugmentConfig {
     c.enabled = false;
     return c;
   }
+  // Mirroring only (exact flips, no resampling, no intensity change).
+  static AugmentConfig mirror_only();
+  // "full" (every transform above, nnU-Net's set), "mirror" or "none"; ArgumentError otherwise.
+  static AugmentConfig preset(const std::string& name);
 };
 
 // One draw of the spatial transforms for a patch. An output voxel at integer offset o = p - pc from
