@@ -15,7 +15,7 @@ int run_predict_cmd(const std::vector<std::string>& args) {
       ("model", po::value<std::string>()->required(), "model bundle folder (from medseg train)")
       ("input", po::value<std::string>()->required(), "a scan file or a folder of scans")
       ("output", po::value<std::string>()->required(), "mask file (single input) or folder")
-      ("tta", "mirroring test-time augmentation (default)")
+      ("tta", "mirroring test-time augmentation (default when the model was trained with mirroring)")
       ("no-tta", "turn test-time augmentation off (8x faster)")
       ("step", po::value<double>(&c.step)->default_value(c.step), "sliding-window step as a fraction of the patch")
       ("probabilities", po::bool_switch(&c.probabilities), "also write float32 probability maps per class")
@@ -34,7 +34,8 @@ int run_predict_cmd(const std::vector<std::string>& args) {
   c.output = (*vm)["output"].as<std::string>();
   c.device = (*vm)["device"].as<std::string>();
   if (vm->count("tta") && vm->count("no-tta")) throw ArgumentError("--tta and --no-tta contradict each other");
-  c.tta = !vm->count("no-tta");
+  if (vm->count("tta")) c.tta = 1;
+  if (vm->count("no-tta")) c.tta = 0;
   c.fold_norms = !vm->count("no-fold");
   if (vm->count("export")) c.export_dir = (*vm)["export"].as<std::string>();
   return pipelines::run_predict(c);

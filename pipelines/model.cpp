@@ -41,6 +41,7 @@ LoadedModel load_model_bundle(const std::filesystem::path& dir) {
     m.plan = data::Plan::from_json(m.bundle.at("plan"));
     m.network = nn::unet_config_from_json(m.bundle.at("network"));
     m.keep_largest_component = m.bundle.value("keep_largest_component", false);
+    m.trained_with_mirroring = m.bundle.value("augmentation", std::string("full")) != "none";
   } catch (const nlohmann::json::exception& e) {
     throw IoError(plan_path.string() + ": malformed: " + e.what());
   } catch (const ArgumentError& e) {

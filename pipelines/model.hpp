@@ -17,6 +17,7 @@ struct LoadedModel {
   std::unique_ptr<nn::UNet> net;
   std::filesystem::path weights;  // the file the weights came from
   bool keep_largest_component = false;
+  bool trained_with_mirroring = true;  // bundle "augmentation" is full or mirror (or unrecorded)
 };
 
 // Reads MODEL_DIR/plan.json and MODEL_DIR/model.safetensors (or checkpoint_best when the final

@@ -43,8 +43,10 @@ int run_predict(const PredictConfig& cfg) {
   else if (!cfg.output.parent_path().empty()) fs::create_directories(cfg.output.parent_path());
   if (cfg.fold_norms) m.net->fold_norms();
   const bool keep_largest = cfg.keep_largest < 0 ? m.keep_largest_component : cfg.keep_largest == 1;
+  const bool tta = cfg.tta < 0 ? m.trained_with_mirroring : cfg.tta == 1;
   log_info("model ", cfg.model, ": ", plan.num_classes() - 1, " label(s), patch ", plan.patch[0], "x",
-           plan.patch[1], "x", plan.patch[2], ", TTA ", cfg.tta ? "on" : "off",
+           plan.patch[1], "x", plan.patch[2], ", TTA ", tta ? "on" : "off",
+           cfg.tta < 0 ? (tta ? " (trained with mirroring)" : " (trained without mirroring)") : "",
            m.net->folded() ? ", norms folded" : "", keep_largest ? ", keep largest component" : "");
 
   nn::UNet& net = *m.net;
@@ -59,7 +61,7 @@ int run_predict(const PredictConfig& cfg) {
     infer::SlidingWindowOptions opt;
     opt.patch = plan.patch;
     opt.step = cfg.step;
-    opt.tta = cfg.tta;
+    opt.tta = tta;
     opt.max_batch = std::max(1, cfg.tiles_per_batch);
     opt.progress = [&](int64_t done, int64_t total) {
       progress.update("case " + std::to_string(ci + 1) + "/" + std::to_string(cases.size()) + " " + c.id +

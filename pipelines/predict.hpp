@@ -9,7 +9,10 @@ namespace fs = std::filesystem;
 
 struct PredictConfig {
   fs::path model, input, output;
-  bool tta = true;
+  // Mirroring test-time augmentation. -1: as the model was trained (on when its training mirrored
+  // the patches, off for `--augment none`: flips it never saw would only add out-of-distribution
+  // votes), 0: off, 1: on.
+  int tta = -1;
   double step = 0.5;
   std::string device = "auto";
   bool probabilities = false;

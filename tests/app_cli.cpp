@@ -154,6 +154,13 @@ TEST(Cli, PredictRejectsUnreadableScansAndWrongChannelCounts) {
   EXPECT_NE(r.output.find("channel"), std::string::npos) << r.output;
   EXPECT_NE(r.output.find("case"), std::string::npos) << r.output;
   EXPECT_FALSE(has_file_under(w / "pred"));
+  // The same model on a good scan: it was trained without mirroring (the default), so predict
+  // leaves mirroring TTA off unless asked.
+  r = run("predict --model " + (w / "model").string() + " --input " + scan.string() + " --output " +
+          (w / "ok.nii.gz").string() + " --device cpu");
+  EXPECT_EQ(r.code, 0) << r.output;
+  EXPECT_NE(r.output.find("TTA off (trained without mirroring)"), std::string::npos) << r.output;
+  EXPECT_TRUE(fs::exists(w / "ok.nii.gz"));
   fs::remove_all(w);
 }
 
