@@ -189,6 +189,16 @@ std::vector<double> validate(nn::UNet& net, const std::vector<data::CachedCase>&
   return dice;
 }
 
+// Fills {label name: Dice} for labels 1..K-1 into out and returns their mean.
+double per_label_json(const data::Plan& plan, const std::vector<double>& dice, json& out) {
+  double mean = 0;
+  for (int k = 1; k < plan.num_classes(); ++k) {
+    out[plan.labels[k].name] = dice[k];
+    mean += dice[k] / (plan.num_classes() - 1);
+  }
+  return mean;
+}
+
 std::string versions_string() {
   return std::string("medseg ") + MEDSEG_VERSION + "; oneDNN " + cpu::onednn_version();
 }
@@ -435,10 +445,7 @@ int run_train(const TrainConfig& cfg) {
     const double lr = nn::poly_lr(ocfg.lr, st.step, st.planned_steps, ocfg.poly_exponent);
     data::Batch b = loader.next();
     // Snapshot the running statistics: a non-finite loss must leave them untouched.
-    auto buffers = net.buffers();
-    std::vector<std::vector<float>> saved;
-    saved.reserve(buffers.size());
-    for (auto& bf : buffers) saved.push_back(bf.value->to_vector());
+    const auto saved = net.snapshot_buffers();
     const Tensor& logits = net.forward_train(b.image);
     if (!dlogits.defined() || !(dlogits.shape() == logits.shape())) dlogits = Tensor(logits.shape());
     const auto res = cpu::dice_ce_loss(logits.shape(), logits.data(), b.labels.data(), {}, 1.f,
@@ -451,8 +458,7 @@ int run_train(const TrainConfig& cfg) {
       bad = !std::isfinite(gnorm);
     }
     if (bad) {
-      for (size_t k = 0; k < buffers.size(); ++k)
-        std::copy(saved[k].begin(), saved[k].end(), buffers[k].value->data());
+      net.restore_buffers(saved);
       st.skipped_steps++;
       st.consecutive_bad++;
       log_warn("step ", st.step, ": non-finite loss or gradient (cases ",
@@ -497,28 +503,14 @@ int run_train(const TrainConfig& cfg) {
       const auto t_val = Clock::now();
       std::vector<double> dice;
       double mean = 0;
+      json jd = json::object();
       if (!val_cases.empty()) {
         dice = validate(net, val_cases, plan, batch);
-        for (int k = 1; k < plan.num_classes(); ++k) mean += dice[k] / (plan.num_classes() - 1);
+        mean = per_label_json(plan, dice, jd);
       }
       val_seconds += seconds_since(t_val);
       validations++;
       const auto diag = net.diagnostics();
-      json jd = json::object();
-      for (int k = 1; k < plan.num_classes() && !dice.empty(); ++k) jd[plan.labels[k].name] = dice[k];
-      json extra = json::object();
-      if (last && cfg.report_batch_stats && !val_cases.empty()) {
-        const auto bdice = validate(net, val_cases, plan, batch, /*batch_stats=*/true);
-        json jb = json::object();
-        double bmean = 0;
-        for (int k = 1; k < plan.num_classes(); ++k) {
-          jb[plan.labels[k].name] = bdice[k];
-          bmean += bdice[k] / (plan.num_classes() - 1);
-        }
-        extra = {{"val_dice_batch_stats", jb}, {"mean_val_dice_batch_stats", bmean}};
-        log_info("validation Dice in training mode (batch statistics): mean ", bmean,
-                 " (inference mode ", mean, ")");
-      }
       json record = {{"step", st.step}, {"train_loss", loss_count ? loss_avg / loss_count : NAN},
                   {"val_dice", jd}, {"mean_val_dice", val_cases.empty() ? json(nullptr) : json(mean)},
                   {"lr", lr}, {"r_max", r_max}, {"d_max", d_max},
@@ -526,7 +518,15 @@ int run_train(const TrainConfig& cfg) {
                   {"mean_abs_log_r", diag.mean_abs_log_r}, {"mean_abs_d", diag.mean_abs_d},
                   {"skipped_norm_updates", diag.skipped_updates}, {"skipped_steps", st.skipped_steps},
                   {"elapsed_s", elapsed_total()}};
-      record.update(extra);
+      if (last && cfg.report_batch_stats && !val_cases.empty()) {
+        json jb = json::object();
+        const double bmean =
+            per_label_json(plan, validate(net, val_cases, plan, batch, /*batch_stats=*/true), jb);
+        record["val_dice_batch_stats"] = jb;
+        record["mean_val_dice_batch_stats"] = bmean;
+        log_info("validation Dice in training mode (batch statistics): mean ", bmean,
+                 " (inference mode ", mean, ")");
+      }
       tlog.epoch(std::move(record));
       progress.finish();
       std::ostringstream msg;

@@ -222,13 +222,9 @@ void UNet::forward_infer(const Tensor& x, Tensor& logits) {
 void UNet::forward_batch_stats(const Tensor& x, Tensor& logits) {
   allocate(x.shape());
   ensure(logits, logits_.shape());
-  auto bufs = buffers();
-  std::vector<std::vector<float>> saved;
-  saved.reserve(bufs.size());
-  for (auto& b : bufs) saved.push_back(b.value->to_vector());
+  const auto saved = snapshot_buffers();
   run_forward(x, true, logits);
-  for (size_t k = 0; k < bufs.size(); ++k)
-    std::copy(saved[k].begin(), saved[k].end(), bufs[k].value->data());
+  restore_buffers(saved);
   input_ = nullptr;  // the tape no longer belongs to a training step
 }
 
@@ -290,6 +286,23 @@ std::vector<NamedTensor> UNet::buffers() {
   for (size_t l = 0; l < enc_.size(); ++l) add_stage("enc." + std::to_string(l), enc_[l]);
   for (size_t l = 0; l < dec_.size(); ++l) add_stage("dec." + std::to_string(l), dec_[l]);
   return out;
+}
+
+std::vector<std::vector<float>> UNet::snapshot_buffers() {
+  std::vector<std::vector<float>> out;
+  for (auto& b : buffers()) out.push_back(b.value->to_vector());
+  return out;
+}
+
+void UNet::restore_buffers(const std::vector<std::vector<float>>& saved) {
+  auto bufs = buffers();
+  MEDSEG_CHECK(saved.size() == bufs.size(), "restore_buffers: ", saved.size(), " saved, ", bufs.size(),
+               " buffers");
+  for (size_t k = 0; k < bufs.size(); ++k) {
+    MEDSEG_CHECK(static_cast<int64_t>(saved[k].size()) == bufs[k].value->numel(), "restore_buffers: ",
+                 bufs[k].name, " size differs");
+    std::copy(saved[k].begin(), saved[k].end(), bufs[k].value->data());
+  }
 }
 
 int64_t UNet::parameter_count() {

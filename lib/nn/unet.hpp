@@ -67,6 +67,10 @@ class UNet {
 
   std::vector<NamedTensor> parameters();   // trainable, with gradients
   std::vector<NamedTensor> buffers();      // running statistics
+  // Copies of every buffer, in buffers() order, and their restoration (a skipped step, a
+  // training-mode evaluation must leave the running statistics as they were).
+  std::vector<std::vector<float>> snapshot_buffers();
+  void restore_buffers(const std::vector<std::vector<float>>& saved);
   int64_t parameter_count();
   void set_renorm_clips(float r_max, float d_max);
   NormDiagnostics diagnostics() const;     // mean over layers; skipped updates summed
