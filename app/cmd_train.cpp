@@ -58,6 +58,9 @@ int run_train_cmd(const std::vector<std::string>& args) {
       ("d-max", po::value<float>(&c.d_max)->default_value(c.d_max), "final d_max")
       ("norm-momentum", po::value<float>(&c.norm_momentum)->default_value(c.norm_momentum),
        "moving-average rate alpha of the running statistics (batchrenorm, batchnorm)")
+      ("same-batches-on-all-ranks", po::bool_switch(&c.same_batches_on_all_ranks),
+       "mpirun only, for verification: every rank samples the same patches, so that the run must "
+       "equal a single-process run")
       ("stop-after", po::value<int64_t>(&c.stop_after_steps)->default_value(0),
        "pause after this many steps of this process (checkpoint saved; continue with --resume)");
   add_common(desc, true);

@@ -15,6 +15,7 @@
 #include "core/error.hpp"
 #include "core/log.hpp"
 #include "core/threads.hpp"
+#include "dist/comm.hpp"
 #include "pipelines/device.hpp"
 #include "pipelines/progress.hpp"
 
@@ -69,6 +70,43 @@ const std::map<std::string, Command>& commands() {
 }
 }  // namespace
 
+namespace {
+// Runs one command and turns its exceptions into messages and exit codes. In a multi-process run, an
+// error only this rank has seen stops every rank (MPI_Abort) with this rank's message; an error all
+// ranks share (dist::GroupError) is printed once and each rank exits with its code.
+int run_command(const std::string& name, const Command& cmd, const std::vector<std::string>& rest,
+                dist::Comm& comm) {
+  const std::string who = comm.size() > 1 ? "medseg " + name + " (rank " + std::to_string(comm.rank()) + ")"
+                                          : "medseg " + name;
+  auto fail = [&](const std::string& text, int code) {
+    std::cerr << who << ": " << text << "\n";
+    if (comm.size() > 1) comm.abort(code);
+    return code;
+  };
+  try {
+    if (comm.size() > 1 && name != "train")
+      throw dist::GroupError("only 'train' runs on several processes (started by mpirun with " +
+                             std::to_string(comm.size()) + ")", 2);
+    return cmd.run(rest);
+  } catch (const dist::GroupError& e) {
+    if (comm.root()) std::cerr << "medseg " << name << ": error: " << e.what() << "\n";
+    return e.code();
+  } catch (const UsageError& e) {
+    if (comm.size() > 1) return fail(std::string(e.what()), 2);
+    std::cerr << who << ": " << e.what() << "\n\n" << e.usage;
+    return 2;
+  } catch (const po::error& e) {
+    return fail(std::string(e.what()) + " (see medseg " + name + " --help)", 2);
+  } catch (const ArgumentError& e) {
+    return fail(std::string("error: ") + e.what(), 2);
+  } catch (const Error& e) {
+    return fail(std::string("error: ") + e.what(), 1);
+  } catch (const std::exception& e) {
+    return fail(std::string("internal error: ") + e.what(), 1);
+  }
+}
+}  // namespace
+
 int run(int argc, char** argv) {
   std::vector<std::string> args(argv + 1, argv + argc);
   if (args.empty() || args[0] == "--help" || args[0] == "-h" || args[0] == "help") {
@@ -88,25 +126,17 @@ int run(int argc, char** argv) {
   std::signal(SIGINT, on_signal);
   std::signal(SIGTERM, on_signal);
   const std::vector<std::string> rest(args.begin() + 1, args.end());
+  // Under mpirun the process joins the group here (a group of one otherwise).
+  dist::Comm* comm = nullptr;
   try {
-    return it->second.run(rest);
-  } catch (const UsageError& e) {
-    std::cerr << "medseg " << args[0] << ": " << e.what() << "\n\n" << e.usage;
-    return 2;
-  } catch (const po::error& e) {
-    std::cerr << "medseg " << args[0] << ": " << e.what() << " (see medseg " << args[0]
-              << " --help)\n";
-    return 2;
-  } catch (const ArgumentError& e) {
-    std::cerr << "medseg " << args[0] << ": error: " << e.what() << "\n";
-    return 2;
-  } catch (const Error& e) {
-    std::cerr << "medseg " << args[0] << ": error: " << e.what() << "\n";
-    return 1;
+    comm = &dist::Comm::world();
   } catch (const std::exception& e) {
-    std::cerr << "medseg " << args[0] << ": internal error: " << e.what() << "\n";
-    return 1;
+    std::cerr << "medseg " << args[0] << ": error: " << e.what() << "\n";
+    return 2;
   }
+  const int code = run_command(args[0], it->second, rest, *comm);
+  comm->finalize();
+  return code;
 }
 
 int run_info(const std::vector<std::string>& args) {

@@ -4,6 +4,7 @@
 
 #include "core/error.hpp"
 #include "core/threads.hpp"
+#include "dist/comm.hpp"
 #include "kernels/cpu/conv.hpp"
 #ifdef MEDSEG_HAVE_CUDA
 #include "kernels/cuda/device.hpp"
@@ -72,6 +73,10 @@ std::string build_info() {
   os << "medseg " << MEDSEG_VERSION << "\n";
   os << "oneDNN: " << cpu::onednn_version() << ", CPU ISA " << cpu::onednn_isa() << "\n";
   os << "threads: " << num_threads() << "\n";
+  os << "multi-process training: "
+     << (dist::built_with_mpi() ? "MPI (" + dist::mpi_version() + "; mpirun -np P medseg train ...)"
+                                : std::string("not built with MPI"))
+     << "\n";
 #ifdef MEDSEG_HAVE_CUDA
   os << "CUDA backend: compiled in (cuDNN " << cuda::cudnn_version() << ")\n";
   std::string why;

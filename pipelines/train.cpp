@@ -9,6 +9,8 @@
 #include <iomanip>
 #include <iostream>
 #include <numeric>
+#include <optional>
+#include <thread>
 #include <sstream>
 
 #include <nlohmann/json.hpp>
@@ -27,6 +29,7 @@
 #include "kernels/cpu/ops.hpp"
 #include "nn/model_bundle.hpp"
 #include "nn/safetensors.hpp"
+#include "pipelines/data_parallel.hpp"
 #include "pipelines/device.hpp"
 #include "pipelines/progress.hpp"
 #include "pipelines/train_log.hpp"
@@ -151,10 +154,12 @@ nn::UNetConfig network_from(const data::Plan& plan, const TrainConfig& cfg) {
 }
 
 // Per-label hard Dice on the preprocessed grid of each validation case (inference mode, sliding window
-// without TTA; with batch_stats, training mode: each window batch normalized by its own statistics).
-// Labels 1..K-1; a label absent from both prediction and reference counts as 1.
+// without TTA; with batch_stats, training mode: each window batch normalized by its own statistics),
+// averaged over the cases. Labels 1..K-1; a label absent from both prediction and reference counts
+// as 1. With several ranks, rank r scores cases r, r+P, ... and the sums are combined.
 std::vector<double> validate(nn::UNet& net, const std::vector<data::CachedCase>& cases,
-                             const data::Plan& plan, int batch, bool batch_stats = false) {
+                             const data::Plan& plan, int batch, const dist::Comm& comm,
+                             bool batch_stats = false) {
   const int K = plan.num_classes();
   std::vector<double> inter(K, 0), psum(K, 0), rsum(K, 0), dice_sum(K, 0);
   infer::SlidingWindowOptions opt;
@@ -168,8 +173,8 @@ std::vector<double> validate(nn::UNet& net, const std::vector<data::CachedCase>&
     else
       net.forward_infer(x, logits);
   };
-  for (const auto& c : cases) {
-    const auto v = c.view();
+  for (size_t ci = static_cast<size_t>(comm.rank()); ci < cases.size(); ci += static_cast<size_t>(comm.size())) {
+    const auto v = cases[ci].view();
     const auto probs = infer::sliding_window_probabilities(v.image, v.shape, v.channels, K, forward, opt);
     std::vector<int64_t> i(K, 0), p(K, 0), r(K, 0);
     const int64_t n = v.voxels();
@@ -184,6 +189,7 @@ std::vector<double> validate(nn::UNet& net, const std::vector<data::CachedCase>&
     for (int k = 1; k < K; ++k)
       dice_sum[k] += (p[k] + r[k] == 0) ? 1.0 : 2.0 * static_cast<double>(i[k]) / static_cast<double>(p[k] + r[k]);
   }
+  comm.allreduce_sum(dice_sum.data(), dice_sum.size());
   std::vector<double> dice(K, 0);
   for (int k = 1; k < K; ++k) dice[k] = cases.empty() ? 0 : dice_sum[k] / static_cast<double>(cases.size());
   return dice;
@@ -207,9 +213,29 @@ std::string versions_string() {
 
 int run_train(const TrainConfig& cfg) {
   const auto t_start = Clock::now();
-  set_num_threads(cfg.threads);
+  // The process group: one process, or the ranks of `mpirun -np P medseg train ...` (data parallel).
+  dist::Comm& comm = dist::Comm::world();
+  const bool root = comm.root();
+  const bool parallel = comm.size() > 1;
+  if (parallel && !root) {
+    // Rank 0 reports; the others only warn and fail, and say who they are.
+    set_log_prefix("rank " + std::to_string(comm.rank()) + ": ");
+    if (log_level() < LogLevel::Warn) set_log_level(LogLevel::Warn);
+  }
+  int threads = cfg.threads;
+  if (threads <= 0 && comm.local_size() > 1)  // the processes of one machine share its cores
+    threads = std::max(1, static_cast<int>(std::thread::hardware_concurrency()) / comm.local_size());
+  set_num_threads(threads);
   const DeviceChoice device = resolve_device(cfg.device, false);
   log_info(device.description);
+  if (parallel)
+    log_info("data-parallel training on ", comm.size(), " processes (", dist::mpi_version(), "), ",
+             num_threads(), " thread(s) each; gradients averaged every step");
+
+  // ---- options, dataset and validation: every rank checks its own inputs; a failure on any rank
+  // stops all of them with that rank's message.
+  io::Dataset ds;
+  collectively(comm, [&] {
   if (cfg.out.empty()) throw ArgumentError("--out is required");
   if (cfg.batch_size < 0) throw ArgumentError("--batch-size must be >= 1");
   if (cfg.iterations < 0) throw ArgumentError("--iterations must be >= 0");
@@ -218,19 +244,22 @@ int run_train(const TrainConfig& cfg) {
     throw ArgumentError("--norm-momentum must be in (0, 1]");
   if (cfg.time_limit_minutes < 0) throw ArgumentError("--time-limit must be > 0");
 
-  // ---- dataset and validation
-  io::Dataset ds = io::discover_dataset(cfg.data);
+  ds = io::discover_dataset(cfg.data);
   log_info("dataset: ", ds.name.empty() ? cfg.data.string() : ds.name, " (", ds.layout, " layout, ",
            ds.training.size(), " labelled cases, ", ds.num_channels(), " channel(s))");
   io::ValidationOptions vopt;
   auto report = io::validate_dataset(ds, vopt);
-  if (!report.problems.empty()) std::cerr << report.text();
+  if (!report.problems.empty()) {
+    if (root)
+      std::cerr << report.text();
+    else if (!report.ok() && !cfg.exclude_bad_cases)  // rank 0 does not see this rank's problems
+      log_warn("dataset problems on this rank:\n", report.text());
+  }
   if (!report.ok()) {
-    if (!cfg.exclude_bad_cases) {
-      log_error(report.bad_cases.size(), " case(s) failed validation; fix them or pass "
-                "--exclude-bad-cases to train without them");
-      return 2;
-    }
+    if (!cfg.exclude_bad_cases)
+      throw ArgumentError(std::to_string(report.bad_cases.size()) + " case(s) of " + cfg.data.string() +
+                          " failed validation; fix them or pass --exclude-bad-cases to train without "
+                          "them");
     std::vector<io::CaseEntry> kept;
     for (auto& c : ds.training)
       if (std::find(report.bad_cases.begin(), report.bad_cases.end(), c.id) == report.bad_cases.end())
@@ -243,32 +272,61 @@ int run_train(const TrainConfig& cfg) {
     ds.training = kept;
   }
   if (ds.training.size() < 1) throw ArgumentError("no usable training cases in " + cfg.data.string());
+  });
+  if (parallel) {
+    uint64_t h = 1469598103934665603ULL;
+    for (const auto& c : ds.training)
+      for (unsigned char ch : c.id + "/") h = (h ^ ch) * 1099511628211ULL;
+    if (!comm.same_everywhere(h))
+      throw dist::GroupError("the ranks see different training cases in " + cfg.data.string() +
+                             " (rank 0 has " + std::to_string(ds.training.size()) +
+                             "); every rank must read the same dataset", 2);
+  }
 
-  std::filesystem::create_directories(cfg.out);
+  // ---- plan: made (or, on --resume, read) by rank 0 and sent to the others
   const fs::path plan_path = cfg.out / "plan.json";
-  const fs::path last_dir = nn::find_directory(cfg.out, "checkpoint_last");
-  const bool resuming = cfg.resume && !last_dir.empty();
-  if (cfg.resume && !resuming) log_warn("--resume: no checkpoint in ", cfg.out, ", starting fresh");
-
-  // ---- plan
+  fs::path last_dir;
+  bool resuming = false;
   data::Plan plan;
+  nn::UNetConfig ucfg;
   json bundle;
-  if (resuming) {
-    bundle = json::parse(read_file(plan_path));
-    plan = data::Plan::from_json(bundle.at("plan"));
-  } else {
-    data::PlanOptions popt;
-    popt.base_filters = cfg.base_filters;
-    popt.max_filters = cfg.max_filters;
-    if (cfg.batch_size > 0) popt.batch_size = cfg.batch_size;
-    popt.patch_override = cfg.patch;
-    log_info("fingerprinting ", ds.training.size(), " cases...");
-    auto fp = data::fingerprint_dataset(ds);
-    plan = data::make_plan(ds, fp, popt);
+  collectively(comm, [&] {
+    if (!root) return;
+    std::filesystem::create_directories(cfg.out);
+    last_dir = nn::find_directory(cfg.out, "checkpoint_last");
+    resuming = cfg.resume && !last_dir.empty();
+    if (cfg.resume && !resuming) log_warn("--resume: no checkpoint in ", cfg.out, ", starting fresh");
+    if (resuming) {
+      bundle = json::parse(read_file(plan_path));
+      plan = data::Plan::from_json(bundle.at("plan"));
+      ucfg = nn::unet_config_from_json(bundle.at("network"));
+    } else {
+      data::PlanOptions popt;
+      popt.base_filters = cfg.base_filters;
+      popt.max_filters = cfg.max_filters;
+      if (cfg.batch_size > 0) popt.batch_size = cfg.batch_size;
+      popt.patch_override = cfg.patch;
+      log_info("fingerprinting ", ds.training.size(), " cases...");
+      auto fp = data::fingerprint_dataset(ds);
+      plan = data::make_plan(ds, fp, popt);
+      ucfg = network_from(plan, cfg);
+    }
+  });
+  if (parallel) {
+    std::string text;
+    if (root)
+      text = json{{"plan", plan.to_json()}, {"network", nn::unet_config_to_json(ucfg)}, {"resuming", resuming}}
+                 .dump();
+    comm.broadcast(text);
+    if (!root) {
+      const json j = json::parse(text);
+      plan = data::Plan::from_json(j.at("plan"));
+      ucfg = nn::unet_config_from_json(j.at("network"));
+      resuming = j.at("resuming");
+    }
   }
   const int batch = cfg.batch_size > 0 ? cfg.batch_size : plan.batch_size;
-  nn::UNetConfig ucfg = resuming ? nn::unet_config_from_json(bundle.at("network")) : network_from(plan, cfg);
-  std::cerr << plan.describe();
+  if (root) std::cerr << plan.describe();
 
   Split split = split_cases(ds.training, cfg);
   nn::UNet net(ucfg, cfg.seed);
@@ -279,6 +337,7 @@ int run_train(const TrainConfig& cfg) {
            cfg.fold >= 0 ? " (fold " + std::to_string(cfg.fold) + "/" + std::to_string(cfg.folds) + ")" : "");
 
   if (cfg.dry_run) {
+    if (!root) return 0;
     const double gb = data::estimate_training_memory_gb(plan.patch, plan.levels, plan.base_filters,
                                                         plan.max_filters, batch, plan.in_channels,
                                                         plan.num_classes());
@@ -312,12 +371,19 @@ int run_train(const TrainConfig& cfg) {
   const fs::path cache_dir = cfg.out / "preprocessed";
   std::vector<io::CaseEntry> all = split.train;
   all.insert(all.end(), split.val.begin(), split.val.end());
+  // Rank 0 writes the cache; then the others open it (or, without a shared file system, write their own).
   Progress prep_progress(10.0);
-  auto cached = data::prepare_cache(plan, ds, all, cache_dir, std::max(1, num_threads()),
-                                    [&](const data::CacheProgress& p) {
-                                      prep_progress.update("preprocessing " + std::to_string(p.done) +
-                                                           "/" + std::to_string(p.total) + " " + p.id);
-                                    });
+  std::vector<data::CachedCase> cached;
+  for (const bool writer : {true, false})
+    collectively(comm, [&] {
+      if (root != writer) return;
+      cached = data::prepare_cache(plan, ds, all, cache_dir, std::max(1, num_threads()),
+                                   [&](const data::CacheProgress& p) {
+                                     if (root)
+                                       prep_progress.update("preprocessing " + std::to_string(p.done) +
+                                                            "/" + std::to_string(p.total) + " " + p.id);
+                                   });
+    });
   prep_progress.finish();
   std::vector<data::CachedCase> val_cases;
   std::vector<data::CaseView> train_views;
@@ -336,12 +402,22 @@ int run_train(const TrainConfig& cfg) {
   nn::Optimizer opt(ocfg, net.parameters());
   TrainState st;
   if (resuming) {
-    nn::load_model(last_dir / "model.safetensors", net);
-    load_safetensors(last_dir / "optimizer.safetensors", opt.state());
-    st = TrainState::from_json(json::parse(read_file(last_dir / "state.json")));
+    std::string state_text;
+    collectively(comm, [&] {
+      if (!root) return;
+      nn::load_model(last_dir / "model.safetensors", net);
+      load_safetensors(last_dir / "optimizer.safetensors", opt.state());
+      state_text = read_file(last_dir / "state.json");
+    });
+    comm.broadcast(state_text);
+    broadcast_tensors(comm, opt.state());
+    st = TrainState::from_json(json::parse(state_text));
     opt.set_steps(st.step);
     log_info("resuming at step ", st.step, " of ", st.planned_steps, " from ", last_dir);
   }
+  // Identical weights (and running statistics) on every rank from the start.
+  broadcast_tensors(comm, net.parameters());
+  broadcast_tensors(comm, net.buffers());
   const nn::RenormSchedule schedule = schedule_from(cfg);
   const bool timed = cfg.time_limit_minutes > 0;
   // The time limit covers the whole command: setup (validation, planning, preprocessing) counts too.
@@ -356,9 +432,13 @@ int run_train(const TrainConfig& cfg) {
   scfg.patch = plan.patch;
   scfg.max_overhang = 0;  // nnU-Net v2: random patches stay inside cases larger than the patch
   const data::AugmentConfig acfg = data::AugmentConfig::preset(cfg.augment);
-  data::BatchLoader loader(train_views, scfg, acfg, batch, std::max(1, cfg.workers), cfg.seed, 4,
+  // Each rank samples its own patches (its own seed), unless a test asks for the same ones everywhere.
+  const uint64_t loader_seed =
+      cfg.same_batches_on_all_ranks ? cfg.seed : cfg.seed + 0x9E3779B97F4A7C15ULL * static_cast<uint64_t>(comm.rank());
+  data::BatchLoader loader(train_views, scfg, acfg, batch, std::max(1, cfg.workers), loader_seed, 4,
                            static_cast<uint64_t>(st.step));
-  TrainLog tlog(cfg.out, resuming);
+  std::optional<TrainLog> tlog;  // rank 0 writes the log
+  if (root) tlog.emplace(cfg.out, resuming);
 
   // ---- bundle description (rewritten at every checkpoint with the training summary)
   bundle["format"] = "medseg-model-bundle/1";
@@ -379,13 +459,21 @@ int run_train(const TrainConfig& cfg) {
   bundle["validation_cases"] = val_ids;
 
   // `elapsed` is the total training wall time so far (earlier processes included).
+  // Collective: every rank calls it; rank 0 writes.
   auto save_checkpoint = [&](bool also_final, double elapsed) {
+    // One model: the running statistics averaged over the ranks, the weights checked identical.
+    average_tensors(comm, net.buffers());
+    if (!comm.same_everywhere(tensors_checksum(net.parameters())))
+      throw dist::GroupError("the weights differ between ranks at step " + std::to_string(st.step) +
+                             " (data-parallel training keeps them identical; this is a medseg bug)", 1);
+    if (!root) return;
     TrainState saved = st;
     saved.elapsed_s = elapsed;
     bundle["training"] = {{"steps", st.step}, {"planned_steps", st.planned_steps},
                           {"best_mean_dice", st.best_dice}, {"best_step", st.best_step},
                           {"skipped_steps", st.skipped_steps}, {"elapsed_s", elapsed},
                           {"batch_size", batch}, {"seed", cfg.seed}, {"threads", num_threads()},
+                          {"processes", comm.size()},
                           {"norm_skipped_updates", net.diagnostics().skipped_updates}};
     const std::map<std::string, std::string> meta{{"format", "medseg"}, {"step", std::to_string(st.step)}};
     nn::write_directory_atomic(cfg.out, "checkpoint_last", [&](const fs::path& d) {
@@ -409,12 +497,10 @@ int run_train(const TrainConfig& cfg) {
   int64_t validations = 0;
   auto elapsed_total = [&] { return st.elapsed_s + seconds_since(t_loop); };
   bool stopped_by_signal = false;
+  const std::vector<nn::NamedTensor> params = net.parameters();
+  std::vector<float> grad_scratch;
 
   while (true) {
-    if (stop_requested()) {
-      stopped_by_signal = true;
-      break;
-    }
     if (cfg.stop_after_steps > 0 && st.step - first_step >= cfg.stop_after_steps) break;
     // Re-estimate the plan of a timed run from measured step times.
     if (timed && (st.planned_steps == 0 || (st.step % 20 == 0 && recent_step_s.size() >= 5))) {
@@ -435,8 +521,21 @@ int run_train(const TrainConfig& cfg) {
     }
     // A timed run fixes its epoch length with its first estimate of the planned steps (above).
     if (!timed && st.epoch_length == 0) st.epoch_length = default_epoch_length(st.planned_steps);
+    // Rank 0's clock decides the schedule and the end of a timed run for every rank (their step
+    // times differ a little, and a different planned step count would mean a different learning
+    // rate); a signal to any rank stops all of them at the same step.
+    double control[4] = {stop_requested() ? 1.0 : 0.0, root ? static_cast<double>(st.planned_steps) : 0.0,
+                         root ? static_cast<double>(st.epoch_length) : 0.0,
+                         root && timed && elapsed_total() >= limit_s && recent_step_s.size() >= 3 ? 1.0 : 0.0};
+    comm.allreduce_sum(control, 4);
+    st.planned_steps = static_cast<int64_t>(control[1]);
+    st.epoch_length = static_cast<int64_t>(control[2]);
+    if (control[0] > 0) {
+      stopped_by_signal = true;
+      break;
+    }
     if (st.step >= st.planned_steps) break;
-    if (timed && elapsed_total() >= limit_s && recent_step_s.size() >= 3) break;
+    if (control[3] > 0) break;
 
     const auto t_step = Clock::now();
     const auto [r_max, d_max] = effective_schedule(schedule, st.planned_steps, ucfg.norm.alpha)
@@ -450,10 +549,15 @@ int run_train(const TrainConfig& cfg) {
     if (!dlogits.defined() || !(dlogits.shape() == logits.shape())) dlogits = Tensor(logits.shape());
     const auto res = cpu::dice_ce_loss(logits.shape(), logits.data(), b.labels.data(), {}, 1.f,
                                        dlogits.data(), nullptr);
+    const bool local_bad = !std::isfinite(res.loss);
+    if (!local_bad) net.backward(dlogits);
+    // Data parallel: the mean gradient (and loss) over the ranks; a non-finite loss on any rank skips
+    // the step on all of them.
+    StepScalars sc{local_bad ? 1.0 : 0.0, res.loss, res.ce, res.soft_dice};
+    average_gradients(comm, params, sc, grad_scratch);
     double gnorm = 0;
-    bool bad = !std::isfinite(res.loss);
+    bool bad = sc.bad > 0;
     if (!bad) {
-      net.backward(dlogits);
       gnorm = opt.step(lr);
       bad = !std::isfinite(gnorm);
     }
@@ -461,12 +565,16 @@ int run_train(const TrainConfig& cfg) {
       net.restore_buffers(saved);
       st.skipped_steps++;
       st.consecutive_bad++;
-      log_warn("step ", st.step, ": non-finite loss or gradient (cases ",
-               b.case_ids.empty() ? "?" : b.case_ids[0], "...), step skipped");
-      if (st.consecutive_bad >= 20)
-        throw NumericError("training diverged: 20 consecutive steps with a non-finite loss or "
-                           "gradient at step " + std::to_string(st.step) +
-                           "; lower --lr or check the data");
+      if (local_bad || root)
+        log_warn("step ", st.step, ": non-finite loss or gradient (cases ",
+                 b.case_ids.empty() ? "?" : b.case_ids[0], "...", parallel && !local_bad ? " on another rank" : "",
+                 "), step skipped");
+      if (st.consecutive_bad >= 20) {
+        const std::string msg = "training diverged: 20 consecutive steps with a non-finite loss or "
+                                "gradient at step " + std::to_string(st.step) + "; lower --lr or check the data";
+        if (parallel) throw dist::GroupError(msg, 1);
+        throw NumericError(msg);
+      }
     } else {
       st.consecutive_bad = 0;
     }
@@ -475,37 +583,40 @@ int run_train(const TrainConfig& cfg) {
     recent_step_s.push_back(step_s);
     if (recent_step_s.size() > 50) recent_step_s.erase(recent_step_s.begin());
     if (!bad) {
-      loss_avg += res.loss;
+      loss_avg += sc.loss;
       loss_count++;
     }
-    if (st.step % 10 == 0 || st.step == 1) {
+    if (root && (st.step % 10 == 0 || st.step == 1)) {
       const auto diag = net.diagnostics();
-      tlog.step({{"step", st.step}, {"loss", res.loss}, {"ce", res.ce}, {"soft_dice", res.soft_dice},
+      tlog->step({{"step", st.step}, {"loss", sc.loss}, {"ce", sc.ce}, {"soft_dice", sc.soft_dice},
                  {"lr", lr}, {"r_max", r_max}, {"d_max", d_max}, {"grad_norm", gnorm},
                  {"step_s", step_s}, {"r_clipped", diag.r_clipped_fraction},
                  {"d_clipped", diag.d_clipped_fraction}, {"mean_abs_log_r", diag.mean_abs_log_r},
                  {"mean_abs_d", diag.mean_abs_d}, {"elapsed_s", elapsed_total()}});
     }
-    {
+    if (root) {
       std::ostringstream line;
       const double its = 1.0 / std::max(1e-9, step_s);
       const double eta = timed ? limit_s - elapsed_total()
                                : static_cast<double>(st.planned_steps - st.step) * step_s;
       line << "step " << st.step << "/" << st.planned_steps << "  " << std::fixed << std::setprecision(2)
-           << its << " it/s  loss " << std::setprecision(4) << res.loss << "  lr " << std::scientific
+           << its << " it/s  loss " << std::setprecision(4) << sc.loss << "  lr " << std::scientific
            << std::setprecision(2) << lr << std::fixed << "  r_max " << std::setprecision(2) << r_max
            << " d_max " << d_max << "  ETA " << format_duration(eta);
       progress.update(line.str());
     }
     const bool epoch_end = st.epoch_length > 0 && st.step % st.epoch_length == 0;
-    const bool last = st.step >= st.planned_steps || (timed && elapsed_total() >= limit_s);
+    double time_up = root && timed && elapsed_total() >= limit_s ? 1.0 : 0.0;
+    comm.allreduce_sum(&time_up, 1);  // rank 0's clock decides
+    const bool last = st.step >= st.planned_steps || time_up > 0;
     if (epoch_end || last) {
       const auto t_val = Clock::now();
       std::vector<double> dice;
       double mean = 0;
       json jd = json::object();
+      average_tensors(comm, net.buffers());  // validate the one model a checkpoint will hold
       if (!val_cases.empty()) {
-        dice = validate(net, val_cases, plan, batch);
+        dice = validate(net, val_cases, plan, batch, comm);
         mean = per_label_json(plan, dice, jd);
       }
       val_seconds += seconds_since(t_val);
@@ -521,13 +632,13 @@ int run_train(const TrainConfig& cfg) {
       if (last && cfg.report_batch_stats && !val_cases.empty()) {
         json jb = json::object();
         const double bmean =
-            per_label_json(plan, validate(net, val_cases, plan, batch, /*batch_stats=*/true), jb);
+            per_label_json(plan, validate(net, val_cases, plan, batch, comm, /*batch_stats=*/true), jb);
         record["val_dice_batch_stats"] = jb;
         record["mean_val_dice_batch_stats"] = bmean;
         log_info("validation Dice in training mode (batch statistics): mean ", bmean,
                  " (inference mode ", mean, ")");
       }
-      tlog.epoch(std::move(record));
+      if (root) tlog->epoch(std::move(record));
       progress.finish();
       std::ostringstream msg;
       msg << "step " << st.step << ": train loss " << std::fixed << std::setprecision(4)
@@ -546,18 +657,21 @@ int run_train(const TrainConfig& cfg) {
         st.best_step = st.step;
       }
       save_checkpoint(last, elapsed_total());
-      if (best)
+      if (best && root)
         nn::write_directory_atomic(cfg.out, "checkpoint_best", [&](const fs::path& d) {
           nn::save_model(d / "model.safetensors", net, {{"format", "medseg"}, {"step", std::to_string(st.step)}});
         });
-      tlog.write_curves();
+      if (root) tlog->write_curves();
       if (last) break;
     }
   }
   progress.finish();
   loader.stop();
   save_checkpoint(!stopped_by_signal && st.step >= st.planned_steps, elapsed_total());
-  tlog.write_curves();
+  if (root) tlog->write_curves();
+  if (parallel)
+    log_info("weights identical on all ", comm.size(), " ranks at step ", st.step, " (checksum ", std::hex,
+             tensors_checksum(params), std::dec, ")");
   if (stopped_by_signal) {
     log_info("stopped by signal at step ", st.step, "; checkpoint saved in ", cfg.out / "checkpoint_last",
              " (continue with --resume)");
@@ -568,7 +682,7 @@ int run_train(const TrainConfig& cfg) {
     return 0;
   }
   // A timed run ends fully decayed: the final weights are what the last step produced.
-  nn::save_model(cfg.out / "model.safetensors", net, {{"format", "medseg"}, {"step", std::to_string(st.step)}});
+  if (root) nn::save_model(cfg.out / "model.safetensors", net, {{"format", "medseg"}, {"step", std::to_string(st.step)}});
   log_info("training done: ", st.step, " steps in ", format_duration(seconds_since(t_start)),
            st.best_step >= 0 ? ", best mean validation Dice " + std::to_string(st.best_dice) + " at step " +
                                    std::to_string(st.best_step)

@@ -53,10 +53,15 @@ struct TrainConfig {
   int64_t renorm_warmup_steps = -1, renorm_r_end_step = -1, renorm_d_end_step = -1;
   // Stop after this many steps of this process (tests of resume); 0: no limit.
   int64_t stop_after_steps = 0;
+  // Data-parallel runs (mpirun): every rank samples the same patches instead of its own. With it, P
+  // ranks compute P copies of one gradient, and the run must equal a single-process run - the
+  // check that the averaging is right (tests); it has no use in real training.
+  bool same_batches_on_all_ranks = false;
 };
 
-// Returns the exit code: 0 done (or stopped by a signal after saving), 2 invalid dataset or options.
-// Throws medseg::Error subclasses for runtime failures.
+// Returns 0 when done (or stopped by a signal after saving). Throws ArgumentError for invalid options
+// or datasets, other medseg::Error subclasses for runtime failures; under mpirun, dist::GroupError
+// for a failure every rank knows about (see pipelines/data_parallel.hpp).
 int run_train(const TrainConfig& cfg);
 
 }  // namespace medseg::pipelines

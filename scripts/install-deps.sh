@@ -4,7 +4,8 @@
 # benchmark and for regenerating golden test files; nothing else needs it.)
 set -euo pipefail
 packages=(build-essential cmake ninja-build pkg-config libinsighttoolkit5-dev libdnnl-dev
-          libboost-program-options-dev libgtest-dev nlohmann-json3-dev zlib1g-dev)
+          libboost-program-options-dev libgtest-dev nlohmann-json3-dev zlib1g-dev
+          libopenmpi-dev openmpi-bin)
 if [[ "${1:-}" == "--with-torch" ]]; then packages+=(python3-torch python3-numpy); fi
 missing=()
 for p in "${packages[@]}"; do

@@ -11,6 +11,7 @@
 
 #include "core/atomic_file.hpp"
 #include "io/image_io.hpp"
+#include "support/cli.hpp"
 #include "support/nifti_header.hpp"
 #include "support/shared_data.hpp"
 
@@ -18,25 +19,8 @@ namespace fs = std::filesystem;
 using namespace medseg;
 
 namespace {
-struct Run {
-  int code;
-  std::string output;
-};
-Run run(const std::string& args) {
-  const std::string cmd = std::string(MEDSEG_BINARY) + " " + args + " 2>&1";
-  FILE* p = ::popen(cmd.c_str(), "r");
-  std::string out;
-  char buf[4096];
-  while (p && fgets(buf, sizeof buf, p)) out += buf;
-  const int status = p ? ::pclose(p) : -1;
-  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, out};
-}
-fs::path scratch(const std::string& name) {
-  fs::path p = fs::temp_directory_path() / ("medseg_cli_" + name + "_" + std::to_string(::getpid()));
-  fs::remove_all(p);
-  fs::create_directories(p);
-  return p;
-}
+using test::run;
+using test::scratch;
 // A real (barely trained) single-channel model bundle in w/model, from two generated cases, and the
 // generated data in w/data. Seconds, not minutes: these tests are about plumbing, not accuracy.
 void tiny_model(const fs::path& w) {

@@ -145,7 +145,12 @@ TEST_F(TrainPipeline, BadOptionsAndDatasetsAreArgumentErrors) {
   auto out2 = scratch("bad_out");
   c = tiny_config(out2);
   c.data = bad;
-  EXPECT_EQ(pipelines::run_train(c), 2);
+  try {
+    pipelines::run_train(c);
+    ADD_FAILURE() << "a case that fails validation must stop training";
+  } catch (const ArgumentError& e) {
+    EXPECT_NE(std::string(e.what()).find("failed validation"), std::string::npos) << e.what();
+  }
   EXPECT_FALSE(fs::exists(out2 / "model.safetensors"));
   c.exclude_bad_cases = true;
   EXPECT_EQ(pipelines::run_train(c), 0);

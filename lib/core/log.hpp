@@ -10,6 +10,8 @@ enum class LogLevel { Debug = 0, Info = 1, Warn = 2, Error = 3, Quiet = 4 };
 void set_log_level(LogLevel level);
 LogLevel log_level();
 void log_line(LogLevel level, const std::string& text);
+// Text put before every line (e.g. "rank 1: " in a multi-process run); empty by default.
+void set_log_prefix(const std::string& prefix);
 
 namespace detail {
 template <typename... Args>
