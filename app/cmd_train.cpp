@@ -44,6 +44,9 @@ int run_train_cmd(const std::vector<std::string>& args) {
        "augmentation: none, mirror (flips only) or full (nnU-Net's spatial + intensity set, for "
        "long runs)")
       ("no-augment", "same as --augment none")
+      ("deep-supervision", po::bool_switch(&c.deep_supervision),
+       "auxiliary heads on the decoder at 1/2, 1/4, ... resolution, trained against downsampled labels "
+       "(loss weights 2^-level, normalised); recorded in the model, used only in training")
       ("report-batch-stats", "at the end, also report validation Dice in training mode (batch "
        "statistics) next to inference mode (running statistics)")
       ("max-validation-cases", po::value<int>(&c.max_validation_cases)->default_value(0),

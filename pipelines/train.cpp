@@ -27,6 +27,7 @@
 #include "io/dataset.hpp"
 #include "kernels/cpu/conv.hpp"
 #include "kernels/cpu/ops.hpp"
+#include "nn/deep_supervision.hpp"
 #include "nn/model_bundle.hpp"
 #include "nn/safetensors.hpp"
 #include "pipelines/data_parallel.hpp"
@@ -150,6 +151,7 @@ nn::UNetConfig network_from(const data::Plan& plan, const TrainConfig& cfg) {
   u.max_filters = plan.max_filters;
   u.norm.kind = nn::parse_norm_kind(cfg.norm);
   u.norm.alpha = cfg.norm_momentum;
+  u.deep_supervision = cfg.deep_supervision;
   return u;
 }
 
@@ -327,6 +329,9 @@ int run_train(const TrainConfig& cfg) {
   }
   const int batch = cfg.batch_size > 0 ? cfg.batch_size : plan.batch_size;
   if (root) std::cerr << plan.describe();
+  if (ucfg.deep_supervision && ucfg.supervised_levels().empty())
+    log_warn("--deep-supervision: the network has ", ucfg.levels, " levels; auxiliary heads need at "
+             "least 4 (the lowest decoder level gets weight 0), so none are added");
 
   Split split = split_cases(ds.training, cfg);
   nn::UNet net(ucfg, cfg.seed);
@@ -346,13 +351,14 @@ int run_train(const TrainConfig& cfg) {
     Rng r(1);
     for (int64_t i = 0; i < x.numel(); ++i) x.data()[i] = static_cast<float>(r.normal());
     std::vector<uint16_t> labels(x.shape().per_channel(), 0);
-    Tensor dl(Shape{batch, plan.patch[0], plan.patch[1], plan.patch[2], plan.num_classes()});
+    Tensor dl;
+    nn::SupervisionBuffers sup;
     double step_s = 0;
     for (int i = 0; i < 3; ++i) {
       auto t = Clock::now();
       const Tensor& lg = net.forward_train(x);
-      cpu::dice_ce_loss(lg.shape(), lg.data(), labels.data(), {}, 1.f, dl.data(), nullptr);
-      net.backward(dl);
+      nn::supervised_loss(net, lg, labels.data(), dl, sup);
+      net.backward(dl, &sup.aux_dlogits);
       step_s = seconds_since(t);
     }
     const int64_t steps = cfg.iterations > 0 ? cfg.iterations
@@ -487,6 +493,7 @@ int run_train(const TrainConfig& cfg) {
 
   // ---- the loop
   Tensor dlogits;
+  nn::SupervisionBuffers supervision;
   Progress progress(30.0);
   std::vector<double> recent_step_s;
   double loss_avg = 0;
@@ -546,11 +553,9 @@ int run_train(const TrainConfig& cfg) {
     // Snapshot the running statistics: a non-finite loss must leave them untouched.
     const auto saved = net.snapshot_buffers();
     const Tensor& logits = net.forward_train(b.image);
-    if (!dlogits.defined() || !(dlogits.shape() == logits.shape())) dlogits = Tensor(logits.shape());
-    const auto res = cpu::dice_ce_loss(logits.shape(), logits.data(), b.labels.data(), {}, 1.f,
-                                       dlogits.data(), nullptr);
+    const auto res = nn::supervised_loss(net, logits, b.labels.data(), dlogits, supervision);
     const bool local_bad = !std::isfinite(res.loss);
-    if (!local_bad) net.backward(dlogits);
+    if (!local_bad) net.backward(dlogits, &supervision.aux_dlogits);
     // Data parallel: the mean gradient (and loss) over the ranks; a non-finite loss on any rank skips
     // the step on all of them.
     StepScalars sc{local_bad ? 1.0 : 0.0, res.loss, res.ce, res.soft_dice};

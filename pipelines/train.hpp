@@ -40,6 +40,9 @@ struct TrainConfig {
   // At the last validation, also score the model in training mode (batch statistics): the norm
   // study's train/inference gap.
   bool report_batch_stats = false;
+  // nnU-Net's deep supervision: auxiliary heads on the decoder at 1/2, 1/4, ... resolution with
+  // downsampled labels and loss weights 2^-l (see nn::UNetConfig::deep_supervision).
+  bool deep_supervision = false;
   int max_validation_cases = 0;                    // 0: all
   // Batch renorm schedule (fractions of the planned steps; overrides when >= 0).
   double renorm_warmup = 0.05, renorm_r_end = 0.25, renorm_d_end = 0.15;

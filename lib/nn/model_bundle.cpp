@@ -17,6 +17,7 @@ nlohmann::json unet_config_to_json(const UNetConfig& c) {
           {"norm_eps", c.norm.eps},
           {"norm_alpha", c.norm.alpha},
           {"leaky_slope", c.norm.slope},
+          {"deep_supervision", c.deep_supervision},
           {"weight_layout", "conv (Cout,k,k,k,Cin); transposed (Cin,2,2,2,Cout); activations NDHWC"}};
 }
 
@@ -33,6 +34,7 @@ UNetConfig unet_config_from_json(const nlohmann::json& j) {
     c.norm.eps = j.at("norm_eps").get<float>();
     c.norm.alpha = j.at("norm_alpha").get<float>();
     c.norm.slope = j.at("leaky_slope").get<float>();
+    c.deep_supervision = j.value("deep_supervision", false);  // absent in bundles before it existed
   } catch (const nlohmann::json::exception& e) {
     throw ArgumentError(std::string("malformed network description: ") + e.what());
   }

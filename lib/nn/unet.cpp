@@ -1,6 +1,7 @@
 #include "nn/unet.hpp"
 
 #include <algorithm>
+#include <cmath>
 
 #include "core/error.hpp"
 #include "kernels/cpu/ops.hpp"
@@ -9,6 +10,22 @@ namespace medseg::nn {
 
 int64_t UNetConfig::filters(int level) const {
   return std::min<int64_t>(int64_t{base_filters} << level, max_filters);
+}
+
+std::vector<int> UNetConfig::supervised_levels() const {
+  std::vector<int> out;
+  if (deep_supervision)
+    for (int l = 1; l <= levels - 3; ++l) out.push_back(l);
+  return out;
+}
+
+std::vector<float> UNetConfig::supervision_weights() const {
+  std::vector<float> w{1.f};
+  for (int l : supervised_levels()) w.push_back(std::ldexp(1.f, -l));
+  float sum = 0;
+  for (float v : w) sum += v;
+  for (float& v : w) v /= sum;
+  return w;
 }
 
 const char* norm_kind_name(cpu::NormKind k) {
@@ -68,6 +85,10 @@ UNet::UNet(const UNetConfig& cfg, uint64_t seed)
     dec_.push_back(make_stage(2 * cfg_.filters(l), cfg_.filters(l), 1));
   }
   head_.init_he(rng);
+  for (int l : cfg_.supervised_levels()) {
+    aux_heads_.emplace_back(cfg_.filters(l), cfg_.num_classes, 1, 1, false);
+    aux_heads_.back().init_he(rng);
+  }
 }
 
 void UNet::allocate(const Shape& in) {
@@ -108,6 +129,13 @@ void UNet::allocate(const Shape& in) {
   Shape ls = in;
   ls.c = cfg_.num_classes;
   ensure(logits_, ls);
+  const auto sup = cfg_.supervised_levels();
+  aux_logits_.resize(sup.size());
+  for (size_t i = 0; i < sup.size(); ++i) {
+    Shape as = dec_[sup[i]].blocks.back().y.shape();
+    as.c = cfg_.num_classes;
+    ensure(aux_logits_[i], as);
+  }
 }
 
 void UNet::stage_forward(Stage& st, const Tensor& x, bool train) {
@@ -167,6 +195,9 @@ void UNet::run_forward(const Tensor& x, bool train, Tensor& logits) {
                                  skip.data(), skip.shape().c, cat_[l].data());
     stage_forward(dec_[l], cat_[l], train);
     in = &dec_[l].blocks.back().y;
+    if (train)  // auxiliary heads: training only
+      for (size_t i = 0; i < aux_heads_.size(); ++i)
+        if (cfg_.supervised_levels()[i] == l) aux_heads_[i].forward(*in, aux_logits_[i]);
   }
   head_.forward(*in, logits);
 }
@@ -179,15 +210,27 @@ const Tensor& UNet::forward_train(const Tensor& x) {
   return logits_;
 }
 
-void UNet::backward(const Tensor& dlogits) {
+void UNet::backward(const Tensor& dlogits, const std::vector<Tensor>* aux_dlogits) {
   check_same_shape(dlogits.shape(), logits_.shape(), "logits gradient");
   MEDSEG_CHECK(input_ != nullptr, "UNet::backward without a training forward");
+  const auto sup = cfg_.supervised_levels();
+  MEDSEG_CHECK(sup.empty() || (aux_dlogits && aux_dlogits->size() == sup.size()),
+               "UNet::backward: deep supervision needs ", sup.size(), " auxiliary logit gradients");
   const int L = cfg_.levels;
   // g: the gradient w.r.t. the output of the stage about to be back-propagated.
   const Tensor& top = (L > 1 ? dec_[0] : enc_[0]).blocks.back().y;
   Tensor* g = &grad_buffer(top.shape(), nullptr, nullptr);
   head_.backward(dlogits, top, g);
   for (int l = 0; l + 1 < L; ++l) {
+    // An auxiliary head on this decoder output: its gradient adds to the one from above.
+    for (size_t i = 0; i < sup.size(); ++i) {
+      if (sup[i] != l) continue;
+      const Tensor& y = dec_[l].blocks.back().y;
+      check_same_shape((*aux_dlogits)[i].shape(), aux_logits_[i].shape(), "auxiliary logits gradient");
+      Tensor& da = grad_buffer(y.shape(), g, nullptr);
+      aux_heads_[i].backward((*aux_dlogits)[i], y, &da);
+      add_inplace(*g, da);
+    }
     ensure(dcat_[l], cat_[l].shape());
     stage_backward(dec_[l], cat_[l], *g, &dcat_[l]);
     const int64_t c = enc_[l].blocks.back().y.shape().c;
@@ -271,6 +314,12 @@ std::vector<NamedTensor> UNet::parameters() {
   }
   out.push_back({"head.weight", &head_.weight, &head_.dweight, true});
   out.push_back({"head.bias", &head_.bias, &head_.dbias, false});
+  const auto sup = cfg_.supervised_levels();
+  for (size_t i = 0; i < aux_heads_.size(); ++i) {
+    const std::string p = "ds." + std::to_string(sup[i]);
+    out.push_back({p + ".weight", &aux_heads_[i].weight, &aux_heads_[i].dweight, true});
+    out.push_back({p + ".bias", &aux_heads_[i].bias, &aux_heads_[i].dbias, false});
+  }
   return out;
 }
 
@@ -348,6 +397,7 @@ void UNet::set_use_reference(bool on) {
         b.norm.use_reference = on;
       }
   for (auto& u : up_) u.use_reference = on;
+  for (auto& h : aux_heads_) h.use_reference = on;
   head_.use_reference = on;
 }
 
@@ -365,6 +415,7 @@ size_t UNet::activation_bytes() const {
   for (const auto& [shape, pool] : grad_pool_)
     for (const auto& t : pool) add(t);
   add(logits_);
+  for (const auto& t : aux_logits_) add(t);
   return total;
 }
 

@@ -27,7 +27,16 @@ struct UNetConfig {
   int max_filters = 320;
   int convs_per_stage = 2;
   cpu::NormConfig norm;      // kind, eps, alpha, LeakyReLU slope (leaky is forced on)
+  // Deep supervision (nnU-Net's): extra 1x1x1 heads on the decoder outputs at 1/2, 1/4, ... of the
+  // resolution (levels 1 .. levels-3; the lowest decoder level would get weight 0), trained against
+  // downsampled labels with loss weights 2^-l, normalised to sum 1. Training only: inference uses the
+  // full-resolution head.
+  bool deep_supervision = false;
   int64_t filters(int level) const;
+  // Decoder levels with an auxiliary head (1 .. levels-3), empty without deep supervision.
+  std::vector<int> supervised_levels() const;
+  // Loss weight of each output: index 0 the main head, then supervised_levels() in order; sum 1.
+  std::vector<float> supervision_weights() const;
   // Every spatial size must be divisible by this.
   int64_t size_divisor() const { return int64_t{1} << (levels - 1); }
 };
@@ -51,8 +60,12 @@ class UNet {
   // Training forward (batch statistics, running-statistics update). Returns the logits
   // (N, D, H, W, num_classes), valid until the next call. x must stay alive until backward().
   const Tensor& forward_train(const Tensor& x);
-  // Backward from d(loss)/d(logits); assigns every parameter gradient.
-  void backward(const Tensor& dlogits);
+  // With deep supervision: the logits of the auxiliary heads of the last forward_train, in
+  // supervised_levels() order (shape (N, D/2^l, H/2^l, W/2^l, num_classes)).
+  const std::vector<Tensor>& aux_logits() const { return aux_logits_; }
+  // Backward from d(loss)/d(logits) (and, with deep supervision, d(loss)/d(aux_logits), same order
+  // and shapes; required then); assigns every parameter gradient.
+  void backward(const Tensor& dlogits, const std::vector<Tensor>* aux_dlogits = nullptr);
   // Inference forward (running statistics). When folding is on (fold_norms()), batch(re)norm layers are
   // folded into their convolutions.
   void forward_infer(const Tensor& x, Tensor& logits);
@@ -106,6 +119,8 @@ class UNet {
   std::vector<ConvLayer> up_;   // up_[l]: filters(l+1) -> filters(l), l = 0..levels-2
   std::vector<Stage> dec_;  // dec_[l], l = 0..levels-2
   ConvLayer head_;
+  std::vector<ConvLayer> aux_heads_;  // one per supervised level
+  std::vector<Tensor> aux_logits_;
   bool folded_ = false;
 
   Shape in_shape_{};
