@@ -55,8 +55,12 @@ int run_predict(const PredictConfig& cfg) {
   for (size_t ci = 0; ci < cases.size(); ++ci) {
     const auto& c = cases[ci];
     const auto t0 = std::chrono::steady_clock::now();
-    Volume image = c.images.size() == 1 ? io::read_image(c.images[0]) : io::read_image_channels(c.images);
-    data::PreprocessedCase pc = data::preprocess_case(plan, c.id, image, nullptr, 0);
+    auto read_scan = [&] {
+      return c.images.size() == 1 ? io::read_image(c.images[0]) : io::read_image_channels(c.images);
+    };
+    data::PreprocessedCase pc = data::preprocess_case(plan, c.id, read_scan(), nullptr, 0);
+    // The source scan is not held during inference (one float copy of the volume less at the peak);
+    // the review export reads it again.
     Progress progress(15.0);
     infer::SlidingWindowOptions opt;
     opt.patch = plan.patch;
@@ -97,7 +101,7 @@ int run_predict(const PredictConfig& cfg) {
       }
     }
     if (!cfg.export_dir.empty())
-      infer::write_review_package(cfg.export_dir / c.id, c.id, image, mask, plan.labels);
+      infer::write_review_package(cfg.export_dir / c.id, c.id, read_scan(), mask, plan.labels);
     const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     std::ostringstream vols;
     for (int k = 1; k < K; ++k) {

@@ -14,6 +14,7 @@
 #include "core/tensor.hpp"
 #include "core/threads.hpp"
 #include "kernels/cpu/conv.hpp"
+#include "kernels/cpu/ops.hpp"
 
 using namespace medseg;
 using namespace medseg::cpu;
@@ -136,6 +137,16 @@ void check_fast_against_reference(const ConvGeometry& g, const std::string& what
     Guarded y(g.out_shape().numel());
     conv3d_forward(g, x.data(), w.data(), with_bias ? b.data() : nullptr, y.data());
     expect_close(y, y_ref, tag + (with_bias ? " forward+bias" : " forward"));
+  }
+
+  if (!g.transposed) {  // fused LeakyReLU forward: reference conv, then the reference activation
+    for (float slope : {0.01f, 0.2f}) {
+      auto y_ref = run_ref_forward(g, x, w, b.data());
+      leaky_relu_forward(static_cast<int64_t>(y_ref.size()), y_ref.data(), slope, y_ref.data());
+      Guarded y(g.out_shape().numel());
+      conv3d_forward_leaky(g, x.data(), w.data(), b.data(), y.data(), slope);
+      expect_close(y, y_ref, tag + " forward+bias+leaky " + std::to_string(slope));
+    }
   }
 
   std::vector<float> dx_ref(static_cast<size_t>(g.in_shape().numel()));

@@ -60,6 +60,12 @@ void conv3d_forward(const ConvGeometry& g, const float* x, const float* w, const
 void conv3d_backward_data(const ConvGeometry& g, const float* dy, const float* w, float* dx);
 void conv3d_backward_weights(const ConvGeometry& g, const float* dy, const float* x, float* dw,
                              float* db);
+// y = LeakyReLU(conv3d(x, w) + b) with negative slope `slope`, the activation applied by oneDNN as
+// a post-op while the output is still in registers: one pass over y instead of two (inference with
+// normalization folded into the convolution). Regular convolutions only (not transposed). The
+// reference is conv3d_forward_ref followed by leaky_relu_forward.
+void conv3d_forward_leaky(const ConvGeometry& g, const float* x, const float* w, const float* b,
+                          float* y, float slope);
 
 // Drops every cached oneDNN primitive (tests; thread-count changes).
 void clear_conv_cache();

@@ -82,6 +82,8 @@ struct Key {
   Pass pass = Pass::Forward;
   bool bias = false;
   int threads = 1;
+  bool leaky = false;       // forward only: LeakyReLU post-op
+  float leaky_slope = 0.f;
   bool operator==(const Key& o) const = default;
 };
 
@@ -101,6 +103,10 @@ struct KeyHash {
     mix(static_cast<int>(k.pass));
     mix(k.bias);
     mix(k.threads);
+    mix(k.leaky);
+    uint32_t slope_bits = 0;
+    std::memcpy(&slope_bits, &k.leaky_slope, sizeof slope_bits);
+    mix(slope_bits);
     return static_cast<size_t>(h);
   }
 };
@@ -233,6 +239,12 @@ std::shared_ptr<Entry> build(const Key& key) {
   memory::desc scratch_md;
 
   if (key.pass == Pass::Forward) {
+    if (key.leaky) {
+      // eltwise_relu with alpha = the negative slope is LeakyReLU.
+      dnnl::post_ops po;
+      po.append_eltwise(1.f, dnnl::algorithm::eltwise_relu, key.leaky_slope, 0.f);
+      attr.set_post_ops(po);
+    }
     auto pd = forward_pd<Ops>(d, key.bias, attr);
     if (g.transposed && !is_jit(pd)) {
       e->forward_by_gemm = true;
@@ -318,8 +330,9 @@ Cache& cache() {
   return c;
 }
 
-std::shared_ptr<Entry> lookup(const ConvGeometry& g, Pass pass, bool bias) {
-  const Key key{g, pass, bias, num_threads()};
+std::shared_ptr<Entry> lookup(const ConvGeometry& g, Pass pass, bool bias, bool leaky = false,
+                              float slope = 0.f) {
+  const Key key{g, pass, bias, num_threads(), leaky, slope};
   Cache& c = cache();
   std::lock_guard<std::mutex> lock(c.mu);
   auto it = c.map.find(key);
@@ -468,6 +481,22 @@ void conv3d_forward(const ConvGeometry& g, const float* x, const float* w, const
   if (b) set(e->bias, b);
   if (e->reorder_weights) execute(g, e->weights_reorder, e->reorder_args, "weight reorder");
   execute(g, e->prim, e->args, "forward convolution");
+  stream().wait();
+}
+
+void conv3d_forward_leaky(const ConvGeometry& g, const float* x, const float* w, const float* b,
+                          float* y, float slope) {
+  validate(g);
+  MEDSEG_CHECK(x && w && y, "conv3d_forward_leaky: null x, w or y for ", g.str());
+  MEDSEG_CHECK(!g.transposed, "conv3d_forward_leaky: not for transposed convolutions (", g.str(), ")");
+  auto e = lookup(g, Pass::Forward, b != nullptr, true, slope);
+  std::lock_guard<std::mutex> lock(e->mu);
+  set(e->src, x);
+  set(e->dst, y);
+  set(e->weights_user, w);
+  if (b) set(e->bias, b);
+  if (e->reorder_weights) execute(g, e->weights_reorder, e->reorder_args, "weight reorder");
+  execute(g, e->prim, e->args, "forward convolution + LeakyReLU");
   stream().wait();
 }
 

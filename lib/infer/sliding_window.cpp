@@ -211,20 +211,27 @@ std::vector<float> sliding_window_probabilities(const float* image, std::array<i
   }
   if (current_tile >= 0) flush_tile(current_tile);
 
-  // Normalise and crop the padding away. Every voxel is covered by at least one tile and the map
-  // has no zeros, so weight > 0 everywhere.
-  std::vector<float> out(static_cast<size_t>(shape[0] * shape[1] * shape[2] * K));
-#pragma omp parallel for if (shape[0] * shape[1] * shape[2] >= (int64_t{1} << 15))
-  for (int64_t z = 0; z < shape[0]; ++z)
-    for (int64_t y = 0; y < shape[1]; ++y)
-      for (int64_t x = 0; x < shape[2]; ++x) {
-        const int64_t g = ((z + pad_before[0]) * padded[1] + (y + pad_before[1])) * padded[2] +
-                          (x + pad_before[2]);
-        const float inv = 1.0f / weight[static_cast<size_t>(g)];
-        float* o = out.data() + ((z * shape[1] + y) * shape[2] + x) * K;
-        for (int64_t k = 0; k < K; ++k) o[k] = acc[static_cast<size_t>(g * K + k)] * inv;
-      }
-  return out;
+  // Normalise and crop the padding away, in place in the accumulator: the output index of a voxel
+  // is never larger than its padded index, and both grow together in raster order, so a forward
+  // pass never overwrites a value it has yet to read. No second K-channel volume: for a
+  // 512x512x300 scan with 3 classes that is 0.9 GB less at the peak. Every voxel is covered by at
+  // least one tile and the map has no zeros, so weight > 0 everywhere.
+  const bool cropped = padded != shape;
+  const int64_t rows = shape[0] * shape[1];
+#pragma omp parallel for if (!cropped && rows * shape[2] >= (int64_t{1} << 15))
+  for (int64_t r = 0; r < rows; ++r) {  // cropped: sequential (the forward-copy argument above)
+    const int64_t z = r / shape[1], y = r % shape[1];
+    for (int64_t x = 0; x < shape[2]; ++x) {
+      const int64_t g = ((z + pad_before[0]) * padded[1] + (y + pad_before[1])) * padded[2] +
+                        (x + pad_before[2]);
+      const int64_t o = (r * shape[2] + x);
+      const float inv = 1.0f / weight[static_cast<size_t>(g)];
+      for (int64_t k = 0; k < K; ++k)
+        acc[static_cast<size_t>(o * K + k)] = acc[static_cast<size_t>(g * K + k)] * inv;
+    }
+  }
+  acc.resize(static_cast<size_t>(rows * shape[2] * K));  // keeps the capacity: no copy
+  return acc;
 }
 
 }  // namespace medseg::infer

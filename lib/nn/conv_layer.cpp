@@ -3,6 +3,7 @@
 #include <cmath>
 
 #include "core/error.hpp"
+#include "kernels/cpu/ops.hpp"
 
 namespace medseg::nn {
 
@@ -39,6 +40,17 @@ void ConvLayer::forward(const Tensor& x, Tensor& y) const {
     cpu::conv3d_forward_ref(g, x.data(), weight.data(), bias.data(), y.data());
   else
     cpu::conv3d_forward(g, x.data(), weight.data(), bias.data(), y.data());
+}
+
+void ConvLayer::forward_leaky(const Tensor& x, Tensor& y, float slope) const {
+  const auto g = geometry(x.shape());
+  check_same_shape(y.shape(), g.out_shape(), "conv output");
+  if (use_reference) {
+    cpu::conv3d_forward_ref(g, x.data(), weight.data(), bias.data(), y.data());
+    cpu::leaky_relu_forward(y.numel(), y.data(), slope, y.data());
+  } else {
+    cpu::conv3d_forward_leaky(g, x.data(), weight.data(), bias.data(), y.data(), slope);
+  }
 }
 
 void ConvLayer::backward(const Tensor& dy, const Tensor& x, Tensor* dx) {

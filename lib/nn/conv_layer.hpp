@@ -27,6 +27,8 @@ class ConvLayer {
   // He (Kaiming) normal initialisation for LeakyReLU networks: std = sqrt(2 / fan_in), bias 0.
   void init_he(Rng& rng);
   void forward(const Tensor& x, Tensor& y) const;
+  // y = LeakyReLU(conv(x)) in one pass (regular convolutions; see cpu::conv3d_forward_leaky).
+  void forward_leaky(const Tensor& x, Tensor& y, float slope) const;
   // dx may be null (first layer: no input gradient needed).
   void backward(const Tensor& dy, const Tensor& x, Tensor* dx);
 

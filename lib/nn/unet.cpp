@@ -142,8 +142,7 @@ void UNet::stage_forward(Stage& st, const Tensor& x, bool train) {
   const Tensor* in = &x;
   for (auto& b : st.blocks) {
     if (!train && folded_ && b.folded) {
-      b.folded->forward(*in, b.z);
-      cpu::leaky_relu_forward(b.z.numel(), b.z.data(), cfg_.norm.slope, b.y.data());
+      b.folded->forward_leaky(*in, b.y, cfg_.norm.slope);  // one pass; z is not needed
     } else {
       b.conv.forward(*in, b.z);
       if (train)
