@@ -8,7 +8,6 @@
 #include <unistd.h>
 #include <zlib.h>
 
-#include <atomic>
 #include <cctype>
 #include <cmath>
 #include <cstdio>
@@ -19,6 +18,7 @@
 #include <sstream>
 #include <string>
 
+#include "core/atomic_file.hpp"
 #include "core/error.hpp"
 #include "itkImage.h"
 #include "itkImageFileReader.h"
@@ -365,16 +365,6 @@ typename itk::Image<PixelT, 3>::Pointer read_pixels(const fs::path& path, Opened
   return image;
 }
 
-std::atomic<uint64_t> g_temp_counter{0};
-
-// A temporary name in the destination folder that keeps the real extension, so that ITK picks the
-// same IO for it as for the destination (".tmp-<pid>-<n>-name.nii.gz").
-fs::path temp_path_for(const fs::path& dest) {
-  const fs::path folder = dest.has_parent_path() ? dest.parent_path() : fs::path(".");
-  return folder / (".tmp-" + std::to_string(::getpid()) + "-" + std::to_string(g_temp_counter++) +
-                   "-" + dest.filename().string());
-}
-
 void check_destination(const fs::path& dest) {
   if (dest.filename().empty()) fail(dest, "cannot write: the destination has no file name");
   const fs::path folder = dest.has_parent_path() ? dest.parent_path() : fs::path(".");
@@ -383,30 +373,22 @@ void check_destination(const fs::path& dest) {
     fail(dest, "cannot write: folder " + folder.string() + " does not exist");
 }
 
-// Runs write_to(temp), then renames temp onto dest; removes temp on any failure.
+// Runs write_to(temp), then renames temp onto dest (core's commit_atomic: temp removed on any
+// failure); ITK and other errors become IoError naming dest.
 template <typename WriteFn>
 void write_atomic(const fs::path& dest, WriteFn&& write_to) {
   check_destination(dest);
-  const fs::path tmp = temp_path_for(dest);
-  auto cleanup = [&] {
-    std::error_code ec;
-    fs::remove(tmp, ec);
-  };
-  try {
-    write_to(tmp);
-  } catch (const itk::ExceptionObject& e) {
-    cleanup();
-    fail(dest, "cannot write: " + itk_reason(e));
-  } catch (const std::exception& e) {
-    cleanup();
-    fail(dest, std::string("cannot write: ") + e.what());
-  }
-  std::error_code ec;
-  fs::rename(tmp, dest, ec);
-  if (ec) {
-    cleanup();
-    fail(dest, "cannot write: renaming the temporary file failed: " + ec.message());
-  }
+  commit_atomic(dest, [&](const fs::path& tmp) {
+    try {
+      write_to(tmp);
+    } catch (const itk::ExceptionObject& e) {
+      fail(dest, "cannot write: " + itk_reason(e));
+    } catch (const IoError&) {
+      throw;
+    } catch (const std::exception& e) {
+      fail(dest, std::string("cannot write: ") + e.what());
+    }
+  });
 }
 
 template <typename ImageT>
