@@ -8,14 +8,14 @@
 
 namespace medseg::infer {
 
-std::vector<float> gaussian_importance_map(std::array<int64_t, 3> patch, double sigma_scale) {
+std::array<std::vector<double>, 3> gaussian_profiles(std::array<int64_t, 3> patch, double sigma_scale) {
   MEDSEG_CHECK(patch[0] >= 1 && patch[1] >= 1 && patch[2] >= 1, "patch (z,y,x) = ", patch[0], ",",
                patch[1], ",", patch[2]);
   MEDSEG_CHECK(sigma_scale > 0 && std::isfinite(sigma_scale), "sigma_scale = ", sigma_scale);
-  // Separable: the 3-D Gaussian is the product of one 1-D profile per axis, each with its maximum
-  // at the centre, so the product's maximum is the product of the 1-D maxima.
+  // Floor per axis: the product of three floored values is >= 1e-36, above float's smallest normal
+  // (1.2e-38), so the 3-D map never holds a zero.
+  constexpr double kFloor = 1e-12;
   std::array<std::vector<double>, 3> profile;
-  std::array<double, 3> peak{};
   for (int a = 0; a < 3; ++a) {
     const double centre = (static_cast<double>(patch[a]) - 1.0) / 2.0;
     const double sigma = sigma_scale * static_cast<double>(patch[a]);
@@ -24,23 +24,21 @@ std::vector<float> gaussian_importance_map(std::array<int64_t, 3> patch, double 
       const double d = (static_cast<double>(i) - centre) / sigma;
       profile[a][static_cast<size_t>(i)] = std::exp(-0.5 * d * d);
     }
-    peak[a] = *std::max_element(profile[a].begin(), profile[a].end());
+    const double peak = *std::max_element(profile[a].begin(), profile[a].end());
+    for (double& v : profile[a]) v = std::max(v / peak, kFloor);
   }
-  const double norm = peak[0] * peak[1] * peak[2];
+  return profile;
+}
+
+std::vector<float> gaussian_importance_map(std::array<int64_t, 3> patch, double sigma_scale) {
+  const auto p = gaussian_profiles(patch, sigma_scale);
   std::vector<float> map(static_cast<size_t>(patch[0] * patch[1] * patch[2]));
-  float smallest_nonzero = std::numeric_limits<float>::max();
   size_t i = 0;
   for (int64_t z = 0; z < patch[0]; ++z)
     for (int64_t y = 0; y < patch[1]; ++y)
-      for (int64_t x = 0; x < patch[2]; ++x, ++i) {
-        const double v = profile[0][static_cast<size_t>(z)] * profile[1][static_cast<size_t>(y)] *
-                         profile[2][static_cast<size_t>(x)] / norm;
-        map[i] = static_cast<float>(v);
-        if (map[i] > 0.0f) smallest_nonzero = std::min(smallest_nonzero, map[i]);
-      }
-  // The centre value is exactly 1, so smallest_nonzero is always set.
-  for (float& v : map)
-    if (v == 0.0f) v = smallest_nonzero;
+      for (int64_t x = 0; x < patch[2]; ++x, ++i)
+        map[i] = static_cast<float>(p[0][static_cast<size_t>(z)] * p[1][static_cast<size_t>(y)] *
+                                    p[2][static_cast<size_t>(x)]);
   return map;
 }
 
@@ -100,7 +98,17 @@ std::vector<float> sliding_window_probabilities(const float* image, std::array<i
   const int64_t patch_voxels = patch[0] * patch[1] * patch[2];
   const int64_t padded_voxels = padded[0] * padded[1] * padded[2];
   std::vector<float> acc(static_cast<size_t>(padded_voxels * K), 0.0f);
-  std::vector<float> weight(static_cast<size_t>(padded_voxels), 0.0f);
+  // The total weight of a voxel, sum over covering tiles of the importance map, factorises like the
+  // map and the tile grid: weight(z, y, x) = W_z[z] * W_y[y] * W_x[x] with W_a[i] the sum of axis
+  // a's profile over the tiles covering i. Three short vectors instead of a volume.
+  const auto profiles = gaussian_profiles(patch);
+  std::array<std::vector<double>, 3> axis_weight;
+  for (int a = 0; a < 3; ++a) {
+    axis_weight[a].assign(static_cast<size_t>(padded[a]), 0.0);
+    for (int64_t s0 : starts[a])
+      for (int64_t i = 0; i < patch[a]; ++i)
+        axis_weight[a][static_cast<size_t>(s0 + i)] += profiles[a][static_cast<size_t>(i)];
+  }
   std::vector<float> tile_prob(static_cast<size_t>(patch_voxels * K), 0.0f);
   std::vector<float> expv(static_cast<size_t>(K));
 
@@ -131,7 +139,6 @@ std::vector<float> sliding_window_probabilities(const float* image, std::array<i
           const int64_t p = (z * patch[1] + y) * patch[2] + x;
           const int64_t g = ((s[0] + z) * padded[1] + (s[1] + y)) * padded[2] + (s[2] + x);
           const float w = importance[static_cast<size_t>(p)];
-          weight[static_cast<size_t>(g)] += w;
           for (int64_t k = 0; k < K; ++k)
             acc[static_cast<size_t>(g * K + k)] +=
                 w * tile_prob[static_cast<size_t>(p * K + k)] * inv;
@@ -215,7 +222,7 @@ std::vector<float> sliding_window_probabilities(const float* image, std::array<i
   // is never larger than its padded index, and both grow together in raster order, so a forward
   // pass never overwrites a value it has yet to read. No second K-channel volume: for a
   // 512x512x300 scan with 3 classes that is 0.9 GB less at the peak. Every voxel is covered by at
-  // least one tile and the map has no zeros, so weight > 0 everywhere.
+  // least one tile and the map has no zeros, so the weight is > 0 everywhere.
   const bool cropped = padded != shape;
   const int64_t rows = shape[0] * shape[1];
 #pragma omp parallel for if (!cropped && rows * shape[2] >= (int64_t{1} << 15))
@@ -225,7 +232,10 @@ std::vector<float> sliding_window_probabilities(const float* image, std::array<i
       const int64_t g = ((z + pad_before[0]) * padded[1] + (y + pad_before[1])) * padded[2] +
                         (x + pad_before[2]);
       const int64_t o = (r * shape[2] + x);
-      const float inv = 1.0f / weight[static_cast<size_t>(g)];
+      const float inv = static_cast<float>(
+          1.0 / (axis_weight[0][static_cast<size_t>(z + pad_before[0])] *
+                 axis_weight[1][static_cast<size_t>(y + pad_before[1])] *
+                 axis_weight[2][static_cast<size_t>(x + pad_before[2])]));
       for (int64_t k = 0; k < K; ++k)
         acc[static_cast<size_t>(o * K + k)] = acc[static_cast<size_t>(g * K + k)] * inv;
     }

@@ -48,10 +48,14 @@ struct SlidingWindowOptions {
 
 // Gaussian importance map of a patch, [z][y][x]: exp(-d^2 / 2) with d the distance from the patch
 // centre ((P - 1) / 2 per axis, so the map is mirror-symmetric) in units of sigma = sigma_scale *
-// P. The maximum is 1; values that underflow to 0 are replaced by the smallest non-zero value so
-// that no voxel covered by a tile ends with zero total weight.
+// P. It is the product of one 1-D profile per axis (gaussian_profiles), each with maximum 1 and
+// floored at 1e-12, so the maximum is 1 and no value underflows to 0 in float (>= 1e-36): no voxel
+// covered by a tile ends with zero total weight.
 std::vector<float> gaussian_importance_map(std::array<int64_t, 3> patch,
                                            double sigma_scale = 1.0 / 8);
+// The per-axis profiles of that map, in double.
+std::array<std::vector<double>, 3> gaussian_profiles(std::array<int64_t, 3> patch,
+                                                     double sigma_scale = 1.0 / 8);
 
 // The tile starts along one axis (see the header comment). Requires size >= patch >= 1.
 std::vector<int64_t> tile_starts(int64_t size, int64_t patch, double step);
