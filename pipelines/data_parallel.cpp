@@ -48,6 +48,21 @@ void broadcast_tensors(const dist::Comm& comm, const std::vector<nn::NamedTensor
     comm.broadcast(t.value->data(), sizeof(float) * static_cast<size_t>(t.value->numel()), 0);
 }
 
+std::vector<float> gather_tensors(const dist::Comm& comm, const std::vector<nn::NamedTensor>& tensors) {
+  size_t n = 0;
+  for (const auto& t : tensors) n += static_cast<size_t>(t.value->numel());
+  // Small (running statistics: two floats per channel and layer): a sum of zero-padded slots.
+  std::vector<float> all(n * static_cast<size_t>(comm.size()), 0.0f);
+  size_t off = n * static_cast<size_t>(comm.rank());
+  for (const auto& t : tensors) {
+    std::memcpy(all.data() + off, t.value->data(), sizeof(float) * static_cast<size_t>(t.value->numel()));
+    off += static_cast<size_t>(t.value->numel());
+  }
+  comm.allreduce_sum(all.data(), all.size());
+  if (!comm.root()) all.clear();
+  return all;
+}
+
 uint64_t tensors_checksum(const std::vector<nn::NamedTensor>& tensors) {
   uint64_t h = 1469598103934665603ULL;
   for (const auto& t : tensors) {

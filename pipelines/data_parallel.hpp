@@ -30,6 +30,9 @@ void average_gradients(const dist::Comm& comm, const std::vector<nn::NamedTensor
 void average_tensors(const dist::Comm& comm, const std::vector<nn::NamedTensor>& tensors);
 // Copies rank 0's tensors to every rank.
 void broadcast_tensors(const dist::Comm& comm, const std::vector<nn::NamedTensor>& tensors);
+// Every rank's values of the tensors, concatenated in order, rank after rank (size x total floats),
+// on rank 0; the other ranks get an empty vector. Collective.
+std::vector<float> gather_tensors(const dist::Comm& comm, const std::vector<nn::NamedTensor>& tensors);
 // FNV-1a over the bytes of the tensors: equal on all ranks when their weights are identical.
 uint64_t tensors_checksum(const std::vector<nn::NamedTensor>& tensors);
 

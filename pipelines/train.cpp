@@ -6,6 +6,7 @@
 #include <chrono>
 #include <cmath>
 #include <fstream>
+#include <functional>
 #include <iomanip>
 #include <iostream>
 #include <numeric>
@@ -401,6 +402,33 @@ int run_train(const TrainConfig& cfg) {
   }
   // train_views point into `cached`, which stays alive (moved-from entries are validation cases only).
 
+  // ---- running statistics across ranks
+  // Runs fn with the running statistics averaged over the ranks - the one model that validation
+  // scores and checkpoints hold - then gives every rank its own statistics back: training goes on
+  // with per-rank statistics (Batch Renormalization's point), and a resumed run continues exactly
+  // because the checkpoint also keeps every rank's own (rank_statistics.safetensors).
+  auto with_mean_statistics = [&](const std::function<void()>& fn) {
+    if (!parallel) return fn();
+    const auto own = net.snapshot_buffers();
+    average_tensors(comm, net.buffers());
+    fn();
+    net.restore_buffers(own);
+  };
+  // Tensors for every rank's running statistics, "rank<r>.<buffer name>", rank after rank; `storage`
+  // owns them.
+  auto rank_statistics_tensors = [&](std::vector<Tensor>& storage) {
+    const auto bufs = net.buffers();
+    storage.clear();
+    storage.reserve(bufs.size() * static_cast<size_t>(comm.size()));
+    std::vector<nn::NamedTensor> named;
+    for (int r = 0; r < comm.size(); ++r)
+      for (const auto& b : bufs) {
+        storage.emplace_back(b.value->shape());
+        named.push_back({"rank" + std::to_string(r) + "." + b.name, &storage.back(), nullptr, false});
+      }
+    return named;
+  };
+
   // ---- optimiser, state, resume
   nn::OptimizerConfig ocfg;
   ocfg.kind = cfg.optimizer;
@@ -424,6 +452,28 @@ int run_train(const TrainConfig& cfg) {
   // Identical weights (and running statistics) on every rank from the start.
   broadcast_tensors(comm, net.parameters());
   broadcast_tensors(comm, net.buffers());
+  if (resuming && parallel) {
+    // Each rank continues with its own running statistics, saved at the checkpoint, when the run
+    // had as many ranks; otherwise with the averaged ones of the model.
+    std::vector<Tensor> all;
+    std::vector<nn::NamedTensor> named = rank_statistics_tensors(all);
+    double found = 0;
+    if (root) {
+      try {
+        load_safetensors(last_dir / "rank_statistics.safetensors", named);
+        found = 1;
+      } catch (const Error& e) {
+        log_warn("the ranks start from the averaged running statistics (", e.what(), ")");
+      }
+    }
+    comm.broadcast(&found, sizeof found);
+    if (found > 0) {
+      broadcast_tensors(comm, named);
+      auto own = net.buffers();
+      for (size_t k = 0; k < own.size(); ++k)
+        own[k].value->copy_from(all[static_cast<size_t>(comm.rank()) * own.size() + k]);
+    }
+  }
   const nn::RenormSchedule schedule = schedule_from(cfg);
   const bool timed = cfg.time_limit_minutes > 0;
   // The time limit covers the whole command: setup (validation, planning, preprocessing) counts too.
@@ -465,10 +515,11 @@ int run_train(const TrainConfig& cfg) {
   bundle["validation_cases"] = val_ids;
 
   // `elapsed` is the total training wall time so far (earlier processes included).
-  // Collective: every rank calls it; rank 0 writes.
-  auto save_checkpoint = [&](bool also_final, double elapsed) {
-    // One model: the running statistics averaged over the ranks, the weights checked identical.
-    average_tensors(comm, net.buffers());
+  // Collective: every rank calls it; rank 0 writes. Also writes checkpoint_best when `best`.
+  auto save_checkpoint = [&](bool also_final, double elapsed, bool best = false) {
+    // Every rank's own running statistics, for an exact --resume (see rank_statistics_tensors).
+    const std::vector<float> per_rank = parallel ? gather_tensors(comm, net.buffers()) : std::vector<float>();
+    with_mean_statistics([&] {
     if (!comm.same_everywhere(tensors_checksum(net.parameters())))
       throw dist::GroupError("the weights differ between ranks at step " + std::to_string(st.step) +
                              " (data-parallel training keeps them identical; this is a medseg bug)", 1);
@@ -486,9 +537,24 @@ int run_train(const TrainConfig& cfg) {
       nn::save_model(d / "model.safetensors", net, meta);
       nn::save_safetensors(d / "optimizer.safetensors", opt.state(), meta);
       write_text_file_atomic(d / "state.json", saved.to_json().dump(2));
+      if (parallel) {
+        std::vector<Tensor> all;
+        const auto named = rank_statistics_tensors(all);
+        size_t off = 0;
+        for (auto& t : all) {
+          std::copy(per_rank.begin() + static_cast<std::ptrdiff_t>(off),
+                    per_rank.begin() + static_cast<std::ptrdiff_t>(off + static_cast<size_t>(t.numel())), t.data());
+          off += static_cast<size_t>(t.numel());
+        }
+        nn::save_safetensors(d / "rank_statistics.safetensors", named, meta);
+      }
     });
     write_text_file_atomic(plan_path, bundle.dump(2));
     if (also_final) nn::save_model(cfg.out / "model.safetensors", net, meta);
+    if (best)
+      nn::write_directory_atomic(cfg.out, "checkpoint_best",
+                                 [&](const fs::path& d) { nn::save_model(d / "model.safetensors", net, meta); });
+    });
   };
 
   // ---- the loop
@@ -619,11 +685,11 @@ int run_train(const TrainConfig& cfg) {
       std::vector<double> dice;
       double mean = 0;
       json jd = json::object();
-      average_tensors(comm, net.buffers());  // validate the one model a checkpoint will hold
-      if (!val_cases.empty()) {
-        dice = validate(net, val_cases, plan, batch, comm);
-        mean = per_label_json(plan, dice, jd);
-      }
+      if (!val_cases.empty())  // the one model a checkpoint will hold
+        with_mean_statistics([&] {
+          dice = validate(net, val_cases, plan, batch, comm);
+          mean = per_label_json(plan, dice, jd);
+        });
       val_seconds += seconds_since(t_val);
       validations++;
       const auto diag = net.diagnostics();
@@ -636,8 +702,10 @@ int run_train(const TrainConfig& cfg) {
                   {"elapsed_s", elapsed_total()}};
       if (last && cfg.report_batch_stats && !val_cases.empty()) {
         json jb = json::object();
-        const double bmean =
-            per_label_json(plan, validate(net, val_cases, plan, batch, comm, /*batch_stats=*/true), jb);
+        double bmean = 0;
+        with_mean_statistics([&] {
+          bmean = per_label_json(plan, validate(net, val_cases, plan, batch, comm, /*batch_stats=*/true), jb);
+        });
         record["val_dice_batch_stats"] = jb;
         record["mean_val_dice_batch_stats"] = bmean;
         log_info("validation Dice in training mode (batch statistics): mean ", bmean,
@@ -661,11 +729,7 @@ int run_train(const TrainConfig& cfg) {
         st.best_dice = mean;
         st.best_step = st.step;
       }
-      save_checkpoint(last, elapsed_total());
-      if (best && root)
-        nn::write_directory_atomic(cfg.out, "checkpoint_best", [&](const fs::path& d) {
-          nn::save_model(d / "model.safetensors", net, {{"format", "medseg"}, {"step", std::to_string(st.step)}});
-        });
+      save_checkpoint(last, elapsed_total(), best);
       if (root) tlog->write_curves();
       if (last) break;
     }
@@ -687,7 +751,10 @@ int run_train(const TrainConfig& cfg) {
     return 0;
   }
   // A timed run ends fully decayed: the final weights are what the last step produced.
-  if (root) nn::save_model(cfg.out / "model.safetensors", net, {{"format", "medseg"}, {"step", std::to_string(st.step)}});
+  with_mean_statistics([&] {
+    if (root)
+      nn::save_model(cfg.out / "model.safetensors", net, {{"format", "medseg"}, {"step", std::to_string(st.step)}});
+  });
   log_info("training done: ", st.step, " steps in ", format_duration(seconds_since(t_start)),
            st.best_step >= 0 ? ", best mean validation Dice " + std::to_string(st.best_dice) + " at step " +
                                    std::to_string(st.best_step)

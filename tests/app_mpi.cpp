@@ -158,3 +158,24 @@ TEST(DataParallel, ARankThatFailsAloneStopsTheOthersInsteadOfHanging) {
   EXPECT_FALSE(fs::exists(w / "model/model.safetensors"));
   fs::remove_all(w);
 }
+
+TEST(DataParallel, ResumeBetweenCheckpointsContinuesExactly) {
+  REQUIRE_MPI();
+  const fs::path w = scratch("mpi_resume");
+  const fs::path data = sample(w);
+  // 12 steps, validation and checkpoints every 4; the renorm warm-up ends at step 6, so the running
+  // statistics drive r and d from then on and must be every rank's own after the resume.
+  const std::string args = std::string(" train --data ") + data.string() +
+                           " --iterations 12 --patch 16,32,32 --base-filters 4 --device cpu --threads 1"
+                           " --val-fraction 0.25 --epoch-length 4 --seed 5 --log-level warning --out ";
+  auto full = test::run_shell(mpirun(2) + MEDSEG_BINARY + args + (w / "full").string());
+  ASSERT_EQ(full.code, 0) << full.output;
+  auto first = test::run_shell(mpirun(2) + MEDSEG_BINARY + args + (w / "res").string() + " --stop-after 5");
+  ASSERT_EQ(first.code, 0) << first.output;
+  EXPECT_TRUE(fs::exists(w / "res/checkpoint_last/rank_statistics.safetensors"));
+  auto rest = test::run_shell(mpirun(2) + MEDSEG_BINARY + args + (w / "res").string() + " --resume");
+  ASSERT_EQ(rest.code, 0) << rest.output;
+  // Same ranks, same thread count, same batches: the same bits.
+  EXPECT_EQ(max_difference(w / "full/model.safetensors", w / "res/model.safetensors"), 0.0);
+  fs::remove_all(w);
+}
