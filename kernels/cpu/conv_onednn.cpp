@@ -37,6 +37,7 @@
 #include <dnnl.hpp>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -468,11 +469,15 @@ bool below_avx512() {
 
 }  // namespace
 
-void conv3d_forward(const ConvGeometry& g, const float* x, const float* w, const float* b,
-                    float* y) {
+namespace {
+// The forward of conv3d_forward and conv3d_forward_leaky (slope: the LeakyReLU post-op, or none).
+void forward(const ConvGeometry& g, const float* x, const float* w, const float* b, float* y,
+             std::optional<float> slope) {
   validate(g);
   MEDSEG_CHECK(x && w && y, "conv3d_forward: null x, w or y for ", g.str());
-  auto e = lookup(g, Pass::Forward, b != nullptr);
+  MEDSEG_CHECK(!slope || !g.transposed, "conv3d_forward_leaky: not for transposed convolutions (",
+               g.str(), ")");
+  auto e = lookup(g, Pass::Forward, b != nullptr, slope.has_value(), slope.value_or(0.f));
   if (e->forward_by_gemm) return transposed_forward_by_gemm(g, x, w, b, y);
   std::lock_guard<std::mutex> lock(e->mu);
   set(e->src, x);
@@ -480,24 +485,19 @@ void conv3d_forward(const ConvGeometry& g, const float* x, const float* w, const
   set(e->weights_user, w);
   if (b) set(e->bias, b);
   if (e->reorder_weights) execute(g, e->weights_reorder, e->reorder_args, "weight reorder");
-  execute(g, e->prim, e->args, "forward convolution");
+  execute(g, e->prim, e->args, slope ? "forward convolution + LeakyReLU" : "forward convolution");
   stream().wait();
+}
+}  // namespace
+
+void conv3d_forward(const ConvGeometry& g, const float* x, const float* w, const float* b,
+                    float* y) {
+  forward(g, x, w, b, y, std::nullopt);
 }
 
 void conv3d_forward_leaky(const ConvGeometry& g, const float* x, const float* w, const float* b,
                           float* y, float slope) {
-  validate(g);
-  MEDSEG_CHECK(x && w && y, "conv3d_forward_leaky: null x, w or y for ", g.str());
-  MEDSEG_CHECK(!g.transposed, "conv3d_forward_leaky: not for transposed convolutions (", g.str(), ")");
-  auto e = lookup(g, Pass::Forward, b != nullptr, true, slope);
-  std::lock_guard<std::mutex> lock(e->mu);
-  set(e->src, x);
-  set(e->dst, y);
-  set(e->weights_user, w);
-  if (b) set(e->bias, b);
-  if (e->reorder_weights) execute(g, e->weights_reorder, e->reorder_args, "weight reorder");
-  execute(g, e->prim, e->args, "forward convolution + LeakyReLU");
-  stream().wait();
+  forward(g, x, w, b, y, slope);
 }
 
 void conv3d_backward_data(const ConvGeometry& g, const float* dy, const float* w, float* dx) {
