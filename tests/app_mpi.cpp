@@ -77,16 +77,31 @@ fs::path sample(const fs::path& w) {
   return w / "data";
 }
 
+// `medseg train` on w/data into w/<out> with kTrainArgs and `extra`, as one process or under mpirun.
+test::Run train_one(const fs::path& w, const std::string& out, const std::string& extra = "") {
+  return run("train --data " + (w / "data").string() + " --out " + (w / out).string() + kTrainArgs + extra);
+}
+// Two ranks with different command lines (MPMD): rank 0 trains on data0, rank 1 on data1 with extra1.
+test::Run train_two_apart(const fs::path& w, const fs::path& data0, const fs::path& data1,
+                          const std::string& extra1) {
+  const std::string common = std::string(" train --out ") + (w / "model").string() + kTrainArgs;
+  return test::run_shell(mpirun(1) + MEDSEG_BINARY + common + " --data " + data0.string() + " : -np 1 " +
+                         MEDSEG_BINARY + common + " --data " + data1.string() + extra1);
+}
+test::Run train_two(const fs::path& w, const std::string& out, const std::string& extra = "") {
+  return test::run_shell(mpirun(2) + MEDSEG_BINARY + " train --data " + (w / "data").string() + " --out " +
+                         (w / out).string() + kTrainArgs + extra);
+}
+
 }  // namespace
 
 TEST(DataParallel, TwoRanksWithTheSameBatchesEqualOneProcess) {
   REQUIRE_MPI();
   const fs::path w = scratch("mpi_same");
-  const fs::path data = sample(w);
-  auto one = run("train --data " + data.string() + " --out " + (w / "one").string() + kTrainArgs);
+  sample(w);
+  auto one = train_one(w, "one");
   ASSERT_EQ(one.code, 0) << one.output;
-  auto two = test::run_shell(mpirun(2) + MEDSEG_BINARY + " train --data " + data.string() + " --out " +
-                             (w / "two").string() + kTrainArgs + " --same-batches-on-all-ranks");
+  auto two = train_two(w, "two", " --same-batches-on-all-ranks");
   ASSERT_EQ(two.code, 0) << two.output;
   EXPECT_NE(two.output.find("data-parallel training on 2 processes"), std::string::npos) << two.output;
   // Rank 0 compares a checksum of every rank's weights at each checkpoint and fails the run if they
@@ -104,11 +119,10 @@ TEST(DataParallel, TwoRanksWithTheSameBatchesEqualOneProcess) {
 TEST(DataParallel, RanksSampleTheirOwnPatchesAndStayIdentical) {
   REQUIRE_MPI();
   const fs::path w = scratch("mpi_own");
-  const fs::path data = sample(w);
-  auto one = run("train --data " + data.string() + " --out " + (w / "one").string() + kTrainArgs);
+  sample(w);
+  auto one = train_one(w, "one");
   ASSERT_EQ(one.code, 0) << one.output;
-  auto two = test::run_shell(mpirun(2) + MEDSEG_BINARY + " train --data " + data.string() + " --out " +
-                             (w / "two").string() + kTrainArgs);
+  auto two = train_two(w, "two");
   ASSERT_EQ(two.code, 0) << two.output;
   EXPECT_NE(two.output.find("weights identical on all 2 ranks"), std::string::npos) << two.output;
   // Rank 1 trained on other patches, so the averaged gradients - and the model - differ from one process.
@@ -128,10 +142,7 @@ TEST(DataParallel, ARankWithBadInputStopsTheJobWithItsMessage) {
   for (const auto& e : fs::directory_iterator(w / "broken/imagesTr")) victim = e.path();
   ASSERT_FALSE(victim.empty());
   fs::resize_file(victim, 200);
-  const std::string out = (w / "model").string();
-  auto r = test::run_shell(mpirun(1) + MEDSEG_BINARY + " train --data " + data.string() + " --out " + out +
-                           kTrainArgs + " : -np 1 " + MEDSEG_BINARY + " train --data " + (w / "broken").string() +
-                           " --out " + out + kTrainArgs);
+  auto r = train_two_apart(w, data, w / "broken", "");
   EXPECT_EQ(r.code, 2) << r.output;
   EXPECT_NE(r.output.find("rank 1: "), std::string::npos) << r.output;
   EXPECT_NE(r.output.find("failed validation"), std::string::npos) << r.output;
@@ -145,12 +156,9 @@ TEST(DataParallel, ARankThatFailsAloneStopsTheOthersInsteadOfHanging) {
   REQUIRE_MPI();
   const fs::path w = scratch("mpi_abort");
   const fs::path data = sample(w);
-  const std::string out = (w / "model").string();
   // Rank 1 cannot even parse its options; rank 0 goes on into the first collective and would wait
   // forever if rank 1 just exited. (timeout 300 in mpirun() turns a hang into a failure.)
-  auto r = test::run_shell(mpirun(1) + MEDSEG_BINARY + " train --data " + data.string() + " --out " + out +
-                           kTrainArgs + " : -np 1 " + MEDSEG_BINARY + " train --data " + data.string() +
-                           " --out " + out + kTrainArgs + " --no-such-option");
+  auto r = train_two_apart(w, data, data, " --no-such-option");
   EXPECT_NE(r.code, 0) << r.output;
   EXPECT_NE(r.code, 124) << "mpirun hung until the timeout:\n" << r.output;
   EXPECT_NE(r.output.find("(rank 1)"), std::string::npos) << r.output;

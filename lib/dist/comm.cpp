@@ -59,25 +59,24 @@ Comm::Comm() {
 #endif
 }
 
-void Comm::allreduce_sum(float* data, size_t n) const {
-  if (size_ == 1 || n == 0) return;
+namespace {
+// In-place MPI_SUM over MPI_COMM_WORLD of n floats or doubles.
+void allreduce_in_place(int group_size, void* data, size_t n, bool doubles) {
+  if (group_size == 1 || n == 0) return;
 #ifdef MEDSEG_HAVE_MPI
-  check(MPI_Allreduce(MPI_IN_PLACE, data, static_cast<int>(n), MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD),
-        "MPI_Allreduce (float sum)");
+  check(MPI_Allreduce(MPI_IN_PLACE, data, static_cast<int>(n), doubles ? MPI_DOUBLE : MPI_FLOAT, MPI_SUM,
+                      MPI_COMM_WORLD),
+        doubles ? "MPI_Allreduce (double sum)" : "MPI_Allreduce (float sum)");
 #else
   (void)data;
+  (void)doubles;
 #endif
 }
+}  // namespace
 
-void Comm::allreduce_sum(double* data, size_t n) const {
-  if (size_ == 1 || n == 0) return;
-#ifdef MEDSEG_HAVE_MPI
-  check(MPI_Allreduce(MPI_IN_PLACE, data, static_cast<int>(n), MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD),
-        "MPI_Allreduce (double sum)");
-#else
-  (void)data;
-#endif
-}
+void Comm::allreduce_sum(float* data, size_t n) const { allreduce_in_place(size_, data, n, false); }
+
+void Comm::allreduce_sum(double* data, size_t n) const { allreduce_in_place(size_, data, n, true); }
 
 void Comm::broadcast(void* data, size_t bytes, int root) const {
   if (size_ == 1 || bytes == 0) return;
