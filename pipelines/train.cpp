@@ -239,42 +239,42 @@ int run_train(const TrainConfig& cfg) {
   // stops all of them with that rank's message.
   io::Dataset ds;
   collectively(comm, [&] {
-  if (cfg.out.empty()) throw ArgumentError("--out is required");
-  if (cfg.batch_size < 0) throw ArgumentError("--batch-size must be >= 1");
-  if (cfg.iterations < 0) throw ArgumentError("--iterations must be >= 0");
-  (void)data::AugmentConfig::preset(cfg.augment);  // an unknown name fails before any work
-  if (!(cfg.norm_momentum > 0 && cfg.norm_momentum <= 1))
-    throw ArgumentError("--norm-momentum must be in (0, 1]");
-  if (cfg.time_limit_minutes < 0) throw ArgumentError("--time-limit must be > 0");
+    if (cfg.out.empty()) throw ArgumentError("--out is required");
+    if (cfg.batch_size < 0) throw ArgumentError("--batch-size must be >= 1");
+    if (cfg.iterations < 0) throw ArgumentError("--iterations must be >= 0");
+    (void)data::AugmentConfig::preset(cfg.augment);  // an unknown name fails before any work
+    if (!(cfg.norm_momentum > 0 && cfg.norm_momentum <= 1))
+      throw ArgumentError("--norm-momentum must be in (0, 1]");
+    if (cfg.time_limit_minutes < 0) throw ArgumentError("--time-limit must be > 0");
 
-  ds = io::discover_dataset(cfg.data);
-  log_info("dataset: ", ds.name.empty() ? cfg.data.string() : ds.name, " (", ds.layout, " layout, ",
-           ds.training.size(), " labelled cases, ", ds.num_channels(), " channel(s))");
-  io::ValidationOptions vopt;
-  auto report = io::validate_dataset(ds, vopt);
-  if (!report.problems.empty()) {
-    if (root)
-      std::cerr << report.text();
-    else if (!report.ok() && !cfg.exclude_bad_cases)  // rank 0 does not see this rank's problems
-      log_warn("dataset problems on this rank:\n", report.text());
-  }
-  if (!report.ok()) {
-    if (!cfg.exclude_bad_cases)
-      throw ArgumentError(std::to_string(report.bad_cases.size()) + " case(s) of " + cfg.data.string() +
-                          " failed validation; fix them or pass --exclude-bad-cases to train without "
-                          "them");
-    std::vector<io::CaseEntry> kept;
-    for (auto& c : ds.training)
-      if (std::find(report.bad_cases.begin(), report.bad_cases.end(), c.id) == report.bad_cases.end())
-        kept.push_back(c);
-    log_warn("excluding ", ds.training.size() - kept.size(), " case(s): ", [&] {
-      std::string s;
-      for (auto& b : report.bad_cases) s += (s.empty() ? "" : ", ") + b;
-      return s;
-    }());
-    ds.training = kept;
-  }
-  if (ds.training.size() < 1) throw ArgumentError("no usable training cases in " + cfg.data.string());
+    ds = io::discover_dataset(cfg.data);
+    log_info("dataset: ", ds.name.empty() ? cfg.data.string() : ds.name, " (", ds.layout, " layout, ",
+             ds.training.size(), " labelled cases, ", ds.num_channels(), " channel(s))");
+    io::ValidationOptions vopt;
+    auto report = io::validate_dataset(ds, vopt);
+    if (!report.problems.empty()) {
+      if (root)
+        std::cerr << report.text();
+      else if (!report.ok() && !cfg.exclude_bad_cases)  // rank 0 does not see this rank's problems
+        log_warn("dataset problems on this rank:\n", report.text());
+    }
+    if (!report.ok()) {
+      if (!cfg.exclude_bad_cases)
+        throw ArgumentError(std::to_string(report.bad_cases.size()) + " case(s) of " + cfg.data.string() +
+                            " failed validation; fix them or pass --exclude-bad-cases to train without "
+                            "them");
+      std::vector<io::CaseEntry> kept;
+      for (auto& c : ds.training)
+        if (std::find(report.bad_cases.begin(), report.bad_cases.end(), c.id) == report.bad_cases.end())
+          kept.push_back(c);
+      log_warn("excluding ", ds.training.size() - kept.size(), " case(s): ", [&] {
+        std::string s;
+        for (auto& b : report.bad_cases) s += (s.empty() ? "" : ", ") + b;
+        return s;
+      }());
+      ds.training = kept;
+    }
+    if (ds.training.size() < 1) throw ArgumentError("no usable training cases in " + cfg.data.string());
   });
   if (parallel) {
     uint64_t h = 1469598103934665603ULL;
@@ -520,40 +520,40 @@ int run_train(const TrainConfig& cfg) {
     // Every rank's own running statistics, for an exact --resume (see rank_statistics_tensors).
     const std::vector<float> per_rank = parallel ? gather_tensors(comm, net.buffers()) : std::vector<float>();
     with_mean_statistics([&] {
-    if (!comm.same_everywhere(tensors_checksum(net.parameters())))
-      throw dist::GroupError("the weights differ between ranks at step " + std::to_string(st.step) +
-                             " (data-parallel training keeps them identical; this is a medseg bug)", 1);
-    if (!root) return;
-    TrainState saved = st;
-    saved.elapsed_s = elapsed;
-    bundle["training"] = {{"steps", st.step}, {"planned_steps", st.planned_steps},
-                          {"best_mean_dice", st.best_dice}, {"best_step", st.best_step},
-                          {"skipped_steps", st.skipped_steps}, {"elapsed_s", elapsed},
-                          {"batch_size", batch}, {"seed", cfg.seed}, {"threads", num_threads()},
-                          {"processes", comm.size()},
-                          {"norm_skipped_updates", net.diagnostics().skipped_updates}};
-    const std::map<std::string, std::string> meta{{"format", "medseg"}, {"step", std::to_string(st.step)}};
-    nn::write_directory_atomic(cfg.out, "checkpoint_last", [&](const fs::path& d) {
-      nn::save_model(d / "model.safetensors", net, meta);
-      nn::save_safetensors(d / "optimizer.safetensors", opt.state(), meta);
-      write_text_file_atomic(d / "state.json", saved.to_json().dump(2));
-      if (parallel) {
-        std::vector<Tensor> all;
-        const auto named = rank_statistics_tensors(all);
-        size_t off = 0;
-        for (auto& t : all) {
-          std::copy(per_rank.begin() + static_cast<std::ptrdiff_t>(off),
-                    per_rank.begin() + static_cast<std::ptrdiff_t>(off + static_cast<size_t>(t.numel())), t.data());
-          off += static_cast<size_t>(t.numel());
+      if (!comm.same_everywhere(tensors_checksum(net.parameters())))
+        throw dist::GroupError("the weights differ between ranks at step " + std::to_string(st.step) +
+                               " (data-parallel training keeps them identical; this is a medseg bug)", 1);
+      if (!root) return;
+      TrainState saved = st;
+      saved.elapsed_s = elapsed;
+      bundle["training"] = {{"steps", st.step}, {"planned_steps", st.planned_steps},
+                            {"best_mean_dice", st.best_dice}, {"best_step", st.best_step},
+                            {"skipped_steps", st.skipped_steps}, {"elapsed_s", elapsed},
+                            {"batch_size", batch}, {"seed", cfg.seed}, {"threads", num_threads()},
+                            {"processes", comm.size()},
+                            {"norm_skipped_updates", net.diagnostics().skipped_updates}};
+      const std::map<std::string, std::string> meta{{"format", "medseg"}, {"step", std::to_string(st.step)}};
+      nn::write_directory_atomic(cfg.out, "checkpoint_last", [&](const fs::path& d) {
+        nn::save_model(d / "model.safetensors", net, meta);
+        nn::save_safetensors(d / "optimizer.safetensors", opt.state(), meta);
+        write_text_file_atomic(d / "state.json", saved.to_json().dump(2));
+        if (parallel) {
+          std::vector<Tensor> all;
+          const auto named = rank_statistics_tensors(all);
+          size_t off = 0;
+          for (auto& t : all) {
+            std::copy(per_rank.begin() + static_cast<std::ptrdiff_t>(off),
+                      per_rank.begin() + static_cast<std::ptrdiff_t>(off + static_cast<size_t>(t.numel())), t.data());
+            off += static_cast<size_t>(t.numel());
+          }
+          nn::save_safetensors(d / "rank_statistics.safetensors", named, meta);
         }
-        nn::save_safetensors(d / "rank_statistics.safetensors", named, meta);
-      }
-    });
-    write_text_file_atomic(plan_path, bundle.dump(2));
-    if (also_final) nn::save_model(cfg.out / "model.safetensors", net, meta);
-    if (best)
-      nn::write_directory_atomic(cfg.out, "checkpoint_best",
-                                 [&](const fs::path& d) { nn::save_model(d / "model.safetensors", net, meta); });
+      });
+      write_text_file_atomic(plan_path, bundle.dump(2));
+      if (also_final) nn::save_model(cfg.out / "model.safetensors", net, meta);
+      if (best)
+        nn::write_directory_atomic(cfg.out, "checkpoint_best",
+                                   [&](const fs::path& d) { nn::save_model(d / "model.safetensors", net, meta); });
     });
   };
 
