@@ -63,13 +63,15 @@ std::vector<float> gather_tensors(const dist::Comm& comm, const std::vector<nn::
   return all;
 }
 
+uint64_t fnv1a(const void* data, size_t bytes, uint64_t h) {
+  const auto* b = static_cast<const unsigned char*>(data);
+  for (size_t i = 0; i < bytes; ++i) h = (h ^ b[i]) * 1099511628211ULL;
+  return h;
+}
+
 uint64_t tensors_checksum(const std::vector<nn::NamedTensor>& tensors) {
-  uint64_t h = 1469598103934665603ULL;
-  for (const auto& t : tensors) {
-    const auto* b = reinterpret_cast<const unsigned char*>(t.value->data());
-    const size_t n = sizeof(float) * static_cast<size_t>(t.value->numel());
-    for (size_t i = 0; i < n; ++i) h = (h ^ b[i]) * 1099511628211ULL;
-  }
+  uint64_t h = fnv1a(nullptr, 0);
+  for (const auto& t : tensors) h = fnv1a(t.value->data(), sizeof(float) * static_cast<size_t>(t.value->numel()), h);
   return h;
 }
 

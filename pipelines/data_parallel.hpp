@@ -33,6 +33,8 @@ void broadcast_tensors(const dist::Comm& comm, const std::vector<nn::NamedTensor
 // Every rank's values of the tensors, concatenated in order, rank after rank (size x total floats),
 // on rank 0; the other ranks get an empty vector. Collective.
 std::vector<float> gather_tensors(const dist::Comm& comm, const std::vector<nn::NamedTensor>& tensors);
+// FNV-1a over bytes, continuing from h (its offset basis by default).
+uint64_t fnv1a(const void* data, size_t bytes, uint64_t h = 1469598103934665603ULL);
 // FNV-1a over the bytes of the tensors: equal on all ranks when their weights are identical.
 uint64_t tensors_checksum(const std::vector<nn::NamedTensor>& tensors);
 

@@ -277,9 +277,8 @@ int run_train(const TrainConfig& cfg) {
     if (ds.training.size() < 1) throw ArgumentError("no usable training cases in " + cfg.data.string());
   });
   if (parallel) {
-    uint64_t h = 1469598103934665603ULL;
-    for (const auto& c : ds.training)
-      for (unsigned char ch : c.id + "/") h = (h ^ ch) * 1099511628211ULL;
+    uint64_t h = fnv1a(nullptr, 0);
+    for (const auto& c : ds.training) h = fnv1a((c.id + "/").data(), c.id.size() + 1, h);
     if (!comm.same_everywhere(h))
       throw dist::GroupError("the ranks see different training cases in " + cfg.data.string() +
                              " (rank 0 has " + std::to_string(ds.training.size()) +

@@ -30,8 +30,9 @@ std::array<std::vector<double>, 3> gaussian_profiles(std::array<int64_t, 3> patc
   return profile;
 }
 
-std::vector<float> gaussian_importance_map(std::array<int64_t, 3> patch, double sigma_scale) {
-  const auto p = gaussian_profiles(patch, sigma_scale);
+namespace {
+// The 3-D map as the product of the per-axis profiles, [z][y][x].
+std::vector<float> map_from_profiles(const std::array<std::vector<double>, 3>& p, std::array<int64_t, 3> patch) {
   std::vector<float> map(static_cast<size_t>(patch[0] * patch[1] * patch[2]));
   size_t i = 0;
   for (int64_t z = 0; z < patch[0]; ++z)
@@ -40,6 +41,11 @@ std::vector<float> gaussian_importance_map(std::array<int64_t, 3> patch, double 
         map[i] = static_cast<float>(p[0][static_cast<size_t>(z)] * p[1][static_cast<size_t>(y)] *
                                     p[2][static_cast<size_t>(x)]);
   return map;
+}
+}  // namespace
+
+std::vector<float> gaussian_importance_map(std::array<int64_t, 3> patch, double sigma_scale) {
+  return map_from_profiles(gaussian_profiles(patch, sigma_scale), patch);
 }
 
 std::vector<int64_t> tile_starts(int64_t size, int64_t patch, double step) {
@@ -92,7 +98,8 @@ std::vector<float> sliding_window_probabilities(const float* image, std::array<i
   const int64_t num_tiles = static_cast<int64_t>(tiles.size());
   const int num_mirrors = options.tta ? 8 : 1;
 
-  const std::vector<float> importance = gaussian_importance_map(patch);
+  const auto profiles = gaussian_profiles(patch);
+  const std::vector<float> importance = map_from_profiles(profiles, patch);
   const int64_t K = num_classes;
   const int64_t C = channels;
   const int64_t patch_voxels = patch[0] * patch[1] * patch[2];
@@ -101,7 +108,6 @@ std::vector<float> sliding_window_probabilities(const float* image, std::array<i
   // The total weight of a voxel, sum over covering tiles of the importance map, factorises like the
   // map and the tile grid: weight(z, y, x) = W_z[z] * W_y[y] * W_x[x] with W_a[i] the sum of axis
   // a's profile over the tiles covering i. Three short vectors instead of a volume.
-  const auto profiles = gaussian_profiles(patch);
   std::array<std::vector<double>, 3> axis_weight;
   for (int a = 0; a < 3; ++a) {
     axis_weight[a].assign(static_cast<size_t>(padded[a]), 0.0);

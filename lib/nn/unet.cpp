@@ -85,7 +85,8 @@ UNet::UNet(const UNetConfig& cfg, uint64_t seed)
     dec_.push_back(make_stage(2 * cfg_.filters(l), cfg_.filters(l), 1));
   }
   head_.init_he(rng);
-  for (int l : cfg_.supervised_levels()) {
+  aux_levels_ = cfg_.supervised_levels();
+  for (int l : aux_levels_) {
     aux_heads_.emplace_back(cfg_.filters(l), cfg_.num_classes, 1, 1, false);
     aux_heads_.back().init_he(rng);
   }
@@ -129,10 +130,9 @@ void UNet::allocate(const Shape& in) {
   Shape ls = in;
   ls.c = cfg_.num_classes;
   ensure(logits_, ls);
-  const auto sup = cfg_.supervised_levels();
-  aux_logits_.resize(sup.size());
-  for (size_t i = 0; i < sup.size(); ++i) {
-    Shape as = dec_[sup[i]].blocks.back().y.shape();
+  aux_logits_.resize(aux_levels_.size());
+  for (size_t i = 0; i < aux_levels_.size(); ++i) {
+    Shape as = dec_[aux_levels_[i]].blocks.back().y.shape();
     as.c = cfg_.num_classes;
     ensure(aux_logits_[i], as);
   }
@@ -177,7 +177,7 @@ void UNet::stage_backward(Stage& st, const Tensor& x, const Tensor& dy, Tensor* 
   }
 }
 
-void UNet::run_forward(const Tensor& x, bool train, Tensor& logits) {
+void UNet::run_forward(const Tensor& x, bool train, bool aux, Tensor& logits) {
   const int L = cfg_.levels;
   const Tensor* in = &x;
   for (int l = 0; l < L; ++l) {
@@ -194,9 +194,9 @@ void UNet::run_forward(const Tensor& x, bool train, Tensor& logits) {
                                  skip.data(), skip.shape().c, cat_[l].data());
     stage_forward(dec_[l], cat_[l], train);
     in = &dec_[l].blocks.back().y;
-    if (train)  // auxiliary heads: training only
+    if (aux)
       for (size_t i = 0; i < aux_heads_.size(); ++i)
-        if (cfg_.supervised_levels()[i] == l) aux_heads_[i].forward(*in, aux_logits_[i]);
+        if (aux_levels_[i] == l) aux_heads_[i].forward(*in, aux_logits_[i]);
   }
   head_.forward(*in, logits);
 }
@@ -205,14 +205,14 @@ const Tensor& UNet::forward_train(const Tensor& x) {
   folded_ = false;  // the weights are about to change; fold_norms() must run again
   allocate(x.shape());
   input_ = &x;
-  run_forward(x, true, logits_);
+  run_forward(x, true, true, logits_);
   return logits_;
 }
 
 void UNet::backward(const Tensor& dlogits, const std::vector<Tensor>* aux_dlogits) {
   check_same_shape(dlogits.shape(), logits_.shape(), "logits gradient");
   MEDSEG_CHECK(input_ != nullptr, "UNet::backward without a training forward");
-  const auto sup = cfg_.supervised_levels();
+  const auto& sup = aux_levels_;
   MEDSEG_CHECK(sup.empty() || (aux_dlogits && aux_dlogits->size() == sup.size()),
                "UNet::backward: deep supervision needs ", sup.size(), " auxiliary logit gradients");
   const int L = cfg_.levels;
@@ -258,14 +258,14 @@ void UNet::backward(const Tensor& dlogits, const std::vector<Tensor>* aux_dlogit
 void UNet::forward_infer(const Tensor& x, Tensor& logits) {
   allocate(x.shape());
   ensure(logits, logits_.shape());
-  run_forward(x, false, logits);
+  run_forward(x, false, false, logits);
 }
 
 void UNet::forward_batch_stats(const Tensor& x, Tensor& logits) {
   allocate(x.shape());
   ensure(logits, logits_.shape());
   const auto saved = snapshot_buffers();
-  run_forward(x, true, logits);
+  run_forward(x, true, false, logits);
   restore_buffers(saved);
   input_ = nullptr;  // the tape no longer belongs to a training step
 }
@@ -313,9 +313,8 @@ std::vector<NamedTensor> UNet::parameters() {
   }
   out.push_back({"head.weight", &head_.weight, &head_.dweight, true});
   out.push_back({"head.bias", &head_.bias, &head_.dbias, false});
-  const auto sup = cfg_.supervised_levels();
   for (size_t i = 0; i < aux_heads_.size(); ++i) {
-    const std::string p = "ds." + std::to_string(sup[i]);
+    const std::string p = "ds." + std::to_string(aux_levels_[i]);
     out.push_back({p + ".weight", &aux_heads_[i].weight, &aux_heads_[i].dweight, true});
     out.push_back({p + ".bias", &aux_heads_[i].bias, &aux_heads_[i].dbias, false});
   }

@@ -103,7 +103,9 @@ class UNet {
     std::vector<Block> blocks;
   };
   void allocate(const Shape& in);
-  void run_forward(const Tensor& x, bool train, Tensor& logits);
+  // train: batch statistics (and running-statistics updates); aux: also the auxiliary heads (a
+  // training step only).
+  void run_forward(const Tensor& x, bool train, bool aux, Tensor& logits);
   void stage_forward(Stage& st, const Tensor& x, bool train);
   // dy: the gradient w.r.t. the stage output. Writes the gradient w.r.t. the stage input to `dx`
   // (may be null: the network input needs none).
@@ -119,6 +121,7 @@ class UNet {
   std::vector<ConvLayer> up_;   // up_[l]: filters(l+1) -> filters(l), l = 0..levels-2
   std::vector<Stage> dec_;  // dec_[l], l = 0..levels-2
   ConvLayer head_;
+  std::vector<int> aux_levels_;       // cfg_.supervised_levels(), once
   std::vector<ConvLayer> aux_heads_;  // one per supervised level
   std::vector<Tensor> aux_logits_;
   bool folded_ = false;
