@@ -47,8 +47,10 @@ int run_bench_cmd(const std::vector<std::string>& args) {
       ("peer-script", po::value<std::string>(), "path of torch_unet_peer.py")
       ("train-only", "training steps only")
       ("infer-only", "inference only")
+      ("python", po::value<std::string>(&c.python), "Python interpreter with torch for the peer "
+                                                    "(default /usr/bin/python3, else python3 on PATH)")
       ("single", "internal: one configuration in this process");
-  add_common(desc, false);
+  add_common(desc, true);
   auto vm = parse(desc, args, "bench");
   if (!vm) return 0;
   apply_common(*vm);
@@ -61,6 +63,8 @@ int run_bench_cmd(const std::vector<std::string>& args) {
   c.train = !vm->count("infer-only");
   c.infer = !vm->count("train-only");
   c.single = vm->count("single") > 0;
+  c.device = (*vm)["device"].as<std::string>();
+  c.tf32 = !vm->count("no-tf32");
   char self[PATH_MAX] = {};
   const ssize_t n = ::readlink("/proc/self/exe", self, sizeof self - 1);
   if (n <= 0) throw Error("cannot locate the medseg executable (/proc/self/exe)");

@@ -33,6 +33,7 @@ int run_predict_cmd(const std::vector<std::string>& args) {
   c.input = (*vm)["input"].as<std::string>();
   c.output = (*vm)["output"].as<std::string>();
   c.device = (*vm)["device"].as<std::string>();
+  c.tf32 = !vm->count("no-tf32");
   if (vm->count("tta") && vm->count("no-tta")) throw ArgumentError("--tta and --no-tta contradict each other");
   if (vm->count("tta")) c.tta = 1;
   if (vm->count("no-tta")) c.tta = 0;

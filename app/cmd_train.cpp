@@ -73,6 +73,7 @@ int run_train_cmd(const std::vector<std::string>& args) {
   c.data = (*vm)["data"].as<std::string>();
   c.out = (*vm)["out"].as<std::string>();
   c.device = (*vm)["device"].as<std::string>();
+  c.tf32 = !vm->count("no-tf32");
   c.threads = (*vm)["threads"].as<int>();
   if (vm->count("no-augment")) c.augment = "none";
   c.report_batch_stats = vm->count("report-batch-stats") > 0;

@@ -17,7 +17,8 @@ void add_common(po::options_description& desc, bool device) {
       "log-level", po::value<std::string>()->default_value("info"), "debug|info|warning|error|quiet");
   if (device)
     desc.add_options()("device", po::value<std::string>()->default_value("auto"),
-                       "auto|cpu|cuda[:N]");
+                       "auto|cpu|cuda[:N] (under mpirun, cuda means one GPU per rank: cuda:<local rank>)")(
+        "no-tf32", "GPU: exact fp32 convolutions (default: TF32 tensor cores, ~1e-3 relative error)");
 }
 
 std::optional<po::variables_map> parse(const po::options_description& desc,

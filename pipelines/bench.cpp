@@ -17,8 +17,11 @@
 #include "core/threads.hpp"
 #include "kernels/cpu/conv.hpp"
 #include "kernels/cpu/ops.hpp"
+#include "nn/deep_supervision.hpp"
+#include "nn/device_ops.hpp"
 #include "nn/optimizer.hpp"
 #include "nn/unet.hpp"
+#include "pipelines/device.hpp"
 
 namespace medseg::pipelines {
 
@@ -73,34 +76,41 @@ json bench_one(const BenchConfig& cfg, const std::string& norm, int batch, int p
   u.norm.r_max = 3;
   u.norm.d_max = 5;
   nn::UNet net(u, 0);
+  const DeviceChoice dev = resolve_device(cfg.device, true);
+  place_network(dev, net, cfg.tf32);
   Tensor x(Shape{batch, patch, patch, patch, 1});
   Rng rng(1);
   for (int64_t i = 0; i < x.numel(); ++i) x.data()[i] = static_cast<float>(rng.normal());
+  if (dev.cuda) x = x.to(Device::CUDA);  // the batch already on the device, as in the peer
   std::vector<uint16_t> labels(static_cast<size_t>(x.shape().per_channel()));
   for (auto& l : labels) l = static_cast<uint16_t>(rng.below(3));
   nn::Optimizer opt(nn::OptimizerConfig{}, net.parameters());
-  Tensor dlogits(Shape{batch, patch, patch, patch, 3}), logits;
+  Tensor dlogits, logits;
+  nn::SupervisionBuffers sup;
   if (infer) net.fold_norms();
   std::vector<double> times;
   for (int i = 0; i < cfg.warmup + cfg.steps; ++i) {
+    nn::synchronize_device();
     const auto t = std::chrono::steady_clock::now();
     if (infer) {
       net.forward_infer(x, logits);
     } else {
       const Tensor& lg = net.forward_train(x);
-      cpu::dice_ce_loss(lg.shape(), lg.data(), labels.data(), {}, 1.f, dlogits.data(), nullptr);
+      nn::supervised_loss(net, lg, labels.data(), dlogits, sup);
       net.backward(dlogits);
       opt.step(1e-2);
     }
+    nn::synchronize_device();
     const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
     if (i >= cfg.warmup) times.push_back(s);
   }
   std::sort(times.begin(), times.end());
   const double med = times[times.size() / 2];
   const double voxels = static_cast<double>(batch) * patch * patch * patch;
-  return {{"name", std::string(infer ? "infer" : "train") + "_" + norm + "_b" + std::to_string(batch) +
-                       "_p" + std::to_string(patch)},
+  json r = {{"name", std::string(infer ? "infer" : "train") + "_" + norm + "_b" + std::to_string(batch) +
+                       "_p" + std::to_string(patch) + (dev.cuda ? "_cuda" : "")},
           {"mode", infer ? "infer" : "train"},
+          {"device", dev.cuda ? "cuda" : "cpu"},
           {"norm", norm},
           {"batch", batch},
           {"patch", patch},
@@ -109,6 +119,12 @@ json bench_one(const BenchConfig& cfg, const std::string& norm, int batch, int p
           {"voxels_per_s", voxels / med},
           {"peak_rss_mb", peak_rss_mb()},
           {"isa", cpu::onednn_isa()}};
+  if (dev.cuda) {
+    r["gpu"] = nn::cuda_device_name();
+    r["peak_gpu_mb"] = static_cast<double>(nn::cuda_peak_bytes()) / (1 << 20);
+    r["tf32"] = cfg.tf32;
+  }
+  return r;
 }
 
 }  // namespace
@@ -121,10 +137,13 @@ int run_bench(const BenchConfig& cfg, const std::string& self_exe) {
     return 0;
   }
   const fs::path peer = cfg.peer ? find_peer(cfg) : fs::path();
+  const std::string python = !cfg.python.empty()                  ? cfg.python
+                             : fs::exists("/usr/bin/python3") ? std::string("/usr/bin/python3")
+                                                              : std::string("python3");
   bool have_torch = false;
   if (!peer.empty()) {
     int st = 0;
-    capture("/usr/bin/python3 -c 'import torch' 2>/dev/null", &st);
+    capture("'" + python + "' -c 'import torch' 2>/dev/null", &st);
     have_torch = st == 0;
   }
   if (cfg.peer && (peer.empty() || !have_torch))
@@ -144,6 +163,7 @@ int run_bench(const BenchConfig& cfg, const std::string& self_exe) {
           cmd << "'" << self_exe << "' bench --single --threads " << cfg.threads << " --norm " << norm
               << " --batch " << batch << " --patch " << patch << " --steps " << cfg.steps
               << " --levels " << cfg.levels << " --base-filters " << cfg.base_filters
+              << " --device " << cfg.device << (cfg.tf32 ? "" : " --no-tf32")
               << (infer ? " --infer-only" : " --train-only");
           int st = 0;
           const std::string out = capture(cmd.str(), &st);
@@ -155,16 +175,18 @@ int run_bench(const BenchConfig& cfg, const std::string& self_exe) {
           }
           if (have_torch) {
             std::ostringstream pc;
-            pc << "/usr/bin/python3 '" << peer.string() << "' --norm " << peer_norm(norm) << " --batch "
+            const bool cuda = r.value("device", "cpu") == "cuda";
+            pc << "'" << python << "' '" << peer.string() << "' --norm " << peer_norm(norm) << " --batch "
                << batch << " --patch " << patch << " --base " << cfg.base_filters << " --levels "
                << cfg.levels << " --threads " << cfg.threads << " --steps " << std::max(3, cfg.steps)
-               << (infer ? " --infer" : "") << " 2>/dev/null";
+               << (cuda ? " --device cuda" : "") << (infer ? " --infer" : "") << " 2>/dev/null";
             const std::string po = capture(pc.str(), &st);
             try {
               const json p = json::parse(po.substr(po.find('{')));
               r["peer_median_s"] = p["median_s"];
               r["peer_peak_rss_mb"] = p["peak_rss_mb"];
               r["peer"] = p["peer"];
+              if (p.contains("peak_gpu_mb")) r["peer_peak_gpu_mb"] = p["peak_gpu_mb"];
               r["speedup"] = p["median_s"].get<double>() / r["median_s"].get<double>();
             } catch (const std::exception&) {
               r["peer_error"] = po.substr(0, 200);

@@ -17,6 +17,9 @@ struct BenchConfig {
   int steps = 5, warmup = 1;
   bool json = false;
   bool peer = true;
+  std::string device = "auto";  // --device: auto|cpu|cuda[:N]
+  bool tf32 = true;
+  std::string python;           // interpreter for the peer; empty: /usr/bin/python3, else python3
   std::filesystem::path peer_script;  // empty: ../shared/peers/torch_unet_peer.py searched upwards
   // Internal: run exactly one configuration in this process and print its JSON line (the parent runs
   // each configuration in a child so that peak RSS is per configuration).

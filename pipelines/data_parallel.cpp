@@ -14,7 +14,7 @@ void average_gradients(const dist::Comm& comm, const std::vector<nn::NamedTensor
   scratch.resize(n);
   size_t off = 0;
   for (const auto& p : params) {
-    std::memcpy(scratch.data() + off, p.grad->data(), sizeof(float) * static_cast<size_t>(p.grad->numel()));
+    p.grad->read_to(scratch.data() + off);  // any device: gradients of a GPU network come to the host
     off += static_cast<size_t>(p.grad->numel());
   }
   comm.allreduce_sum(scratch.data(), n);
@@ -22,12 +22,11 @@ void average_gradients(const dist::Comm& comm, const std::vector<nn::NamedTensor
   double s[4] = {scalars.bad, scalars.loss, scalars.ce, scalars.soft_dice};
   comm.allreduce_sum(s, 4);
   const float inv = 1.0f / static_cast<float>(comm.size());
+  for (auto& v : scratch) v *= inv;
   off = 0;
   for (const auto& p : params) {
-    float* g = p.grad->data();
-    const int64_t m = p.grad->numel();
-    for (int64_t i = 0; i < m; ++i) g[i] = scratch[off + static_cast<size_t>(i)] * inv;
-    off += static_cast<size_t>(m);
+    p.grad->assign_from(scratch.data() + off);
+    off += static_cast<size_t>(p.grad->numel());
   }
   const double invd = 1.0 / comm.size();
   scalars = {s[0], s[1] * invd, s[2] * invd, s[3] * invd};
@@ -37,15 +36,20 @@ void average_tensors(const dist::Comm& comm, const std::vector<nn::NamedTensor>&
   if (comm.size() == 1) return;
   const float inv = 1.0f / static_cast<float>(comm.size());
   for (const auto& t : tensors) {
-    comm.allreduce_sum(t.value->data(), static_cast<size_t>(t.value->numel()));
-    float* v = t.value->data();
-    for (int64_t i = 0; i < t.value->numel(); ++i) v[i] *= inv;
+    auto v = t.value->to_vector();
+    comm.allreduce_sum(v.data(), v.size());
+    for (auto& x : v) x *= inv;
+    t.value->assign_from(v.data());
   }
 }
 
 void broadcast_tensors(const dist::Comm& comm, const std::vector<nn::NamedTensor>& tensors) {
-  for (const auto& t : tensors)
-    comm.broadcast(t.value->data(), sizeof(float) * static_cast<size_t>(t.value->numel()), 0);
+  if (comm.size() == 1) return;
+  for (const auto& t : tensors) {
+    auto v = t.value->to_vector();
+    comm.broadcast(v.data(), sizeof(float) * v.size(), 0);
+    t.value->assign_from(v.data());
+  }
 }
 
 std::vector<float> gather_tensors(const dist::Comm& comm, const std::vector<nn::NamedTensor>& tensors) {
@@ -55,7 +59,7 @@ std::vector<float> gather_tensors(const dist::Comm& comm, const std::vector<nn::
   std::vector<float> all(n * static_cast<size_t>(comm.size()), 0.0f);
   size_t off = n * static_cast<size_t>(comm.rank());
   for (const auto& t : tensors) {
-    std::memcpy(all.data() + off, t.value->data(), sizeof(float) * static_cast<size_t>(t.value->numel()));
+    t.value->read_to(all.data() + off);
     off += static_cast<size_t>(t.value->numel());
   }
   comm.allreduce_sum(all.data(), all.size());
@@ -71,7 +75,10 @@ uint64_t fnv1a(const void* data, size_t bytes, uint64_t h) {
 
 uint64_t tensors_checksum(const std::vector<nn::NamedTensor>& tensors) {
   uint64_t h = fnv1a(nullptr, 0);
-  for (const auto& t : tensors) h = fnv1a(t.value->data(), sizeof(float) * static_cast<size_t>(t.value->numel()), h);
+  for (const auto& t : tensors) {
+    const auto v = t.value->to_vector();
+    h = fnv1a(v.data(), sizeof(float) * v.size(), h);
+  }
   return h;
 }
 

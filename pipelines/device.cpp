@@ -6,6 +6,7 @@
 #include "core/threads.hpp"
 #include "dist/comm.hpp"
 #include "kernels/cpu/conv.hpp"
+#include "nn/device_ops.hpp"
 #ifdef MEDSEG_HAVE_CUDA
 #include "kernels/cuda/device.hpp"
 #endif
@@ -23,14 +24,14 @@ bool cuda_ok(std::string* why) {
 }
 }  // namespace
 
-DeviceChoice resolve_device(const std::string& spec, bool network_on_cuda) {
+DeviceChoice resolve_device(const std::string& spec, bool network_on_cuda, int default_index) {
   DeviceChoice c;
   if (spec == "cpu") {
     c.description = "device: cpu (" + std::to_string(num_threads()) + " threads, oneDNN " +
                     cpu::onednn_isa() + ")";
     return c;
   }
-  int index = 0;
+  int index = default_index;
   const bool want_cuda = spec.rfind("cuda", 0) == 0;
   if (!want_cuda && spec != "auto")
     throw ArgumentError("unknown device '" + spec + "' (expected auto, cpu, cuda or cuda:N)");
@@ -58,7 +59,8 @@ DeviceChoice resolve_device(const std::string& spec, bool network_on_cuda) {
   // auto
   if (usable && network_on_cuda) {
     c.cuda = true;
-    c.description = "device: cuda:0 (auto)";
+    c.index = index;
+    c.description = "device: cuda:" + std::to_string(index) + " (auto)";
     return c;
   }
   c.description = "device: cpu (auto; " +
@@ -66,6 +68,12 @@ DeviceChoice resolve_device(const std::string& spec, bool network_on_cuda) {
                           : why) +
                   "), " + std::to_string(num_threads()) + " threads, oneDNN " + cpu::onednn_isa();
   return c;
+}
+
+void place_network(const DeviceChoice& choice, nn::UNet& net, bool allow_tf32) {
+  if (!choice.cuda) return;
+  nn::use_cuda_device(choice.index, allow_tf32);
+  net.to(Device::CUDA);
 }
 
 std::string build_info() {

@@ -28,7 +28,7 @@ bool looks_like_image_file(const fs::path& p) {
 }  // namespace
 
 int run_predict(const PredictConfig& cfg) {
-  const DeviceChoice device = resolve_device(cfg.device, false);
+  const DeviceChoice device = resolve_device(cfg.device, true);
   log_info(device.description);
   if (cfg.step <= 0 || cfg.step > 1) throw ArgumentError("--step must be in (0, 1], got " + std::to_string(cfg.step));
   LoadedModel m = load_model_bundle(cfg.model);
@@ -41,6 +41,7 @@ int run_predict(const PredictConfig& cfg) {
                           !looks_like_image_file(cfg.output);
   if (out_is_dir) fs::create_directories(cfg.output);
   else if (!cfg.output.parent_path().empty()) fs::create_directories(cfg.output.parent_path());
+  place_network(device, *m.net, cfg.tf32);
   if (cfg.fold_norms) m.net->fold_norms();
   const bool keep_largest = cfg.keep_largest < 0 ? m.keep_largest_component : cfg.keep_largest == 1;
   const bool tta = cfg.tta < 0 ? m.trained_with_mirroring : cfg.tta == 1;

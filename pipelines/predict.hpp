@@ -15,6 +15,7 @@ struct PredictConfig {
   int tta = -1;
   double step = 0.5;
   std::string device = "auto";
+  bool tf32 = true;  // GPU convolutions on TF32 tensor cores
   bool probabilities = false;
   fs::path export_dir;        // empty: no review package
   int keep_largest = -1;      // -1: as recorded in the model, 0: off, 1: on

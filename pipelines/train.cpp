@@ -29,6 +29,7 @@
 #include "kernels/cpu/conv.hpp"
 #include "kernels/cpu/ops.hpp"
 #include "nn/deep_supervision.hpp"
+#include "nn/device_ops.hpp"
 #include "nn/model_bundle.hpp"
 #include "nn/safetensors.hpp"
 #include "pipelines/data_parallel.hpp"
@@ -229,7 +230,7 @@ int run_train(const TrainConfig& cfg) {
   if (threads <= 0 && comm.local_size() > 1)  // the processes of one machine share its cores
     threads = std::max(1, static_cast<int>(std::thread::hardware_concurrency()) / comm.local_size());
   set_num_threads(threads);
-  const DeviceChoice device = resolve_device(cfg.device, false);
+  const DeviceChoice device = resolve_device(cfg.device, true, comm.local_rank());
   log_info(device.description);
   if (parallel)
     log_info("data-parallel training on ", comm.size(), " processes (", dist::mpi_version(), "), ",
@@ -335,6 +336,7 @@ int run_train(const TrainConfig& cfg) {
 
   Split split = split_cases(ds.training, cfg);
   nn::UNet net(ucfg, cfg.seed);
+  place_network(device, net, cfg.tf32);  // the same initial weights on either device
   log_info("network: ", ucfg.levels, " levels, ", ucfg.base_filters, " base filters, ",
            nn::norm_kind_name(ucfg.norm.kind), ", ", net.parameter_count(), " parameters; batch ",
            batch, ", patch ", plan.patch[0], "x", plan.patch[1], "x", plan.patch[2]);
@@ -359,6 +361,7 @@ int run_train(const TrainConfig& cfg) {
       const Tensor& lg = net.forward_train(x);
       nn::supervised_loss(net, lg, labels.data(), dl, sup);
       net.backward(dl, &sup.aux_dlogits);
+      nn::synchronize_device();
       step_s = seconds_since(t);
     }
     const int64_t steps = cfg.iterations > 0 ? cfg.iterations

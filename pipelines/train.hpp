@@ -20,6 +20,7 @@ struct TrainConfig {
   double val_fraction = 0.2;
   int fold = -1, folds = 5;                        // fold >= 0 selects k-fold validation
   std::string device = "auto";
+  bool tf32 = true;  // GPU convolutions on TF32 tensor cores
   int threads = 0;                                 // 0: all cores
   uint64_t seed = 42;
   double time_limit_minutes = 0;                   // > 0: fit the whole schedule into this wall time

@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # Builds the CUDA backend on this (GPU-less) machine and packs what a bare CUDA machine needs to run
 # the GPU checks into gpu-bundle/ (ignored by git):
-#   gpu-bundle/bin/               the CUDA test executables (tests/cuda_*.cpp) and bench_cuda
+#   gpu-bundle/bin/               the CUDA test executables (tests/cuda_*.cpp, tests/app_cuda.cpp),
+#                                 bench_cuda and the medseg binary itself
+#   gpu-bundle/peer/              the PyTorch peer (../shared/peers/torch_unet_peer.py), when present
+#   gpu-bundle/data/              the hippocampus dataset (../shared/data/Task04_Hippocampus), when
+#                                 present, for a short training run (not with NO_DATA=1)
 #   gpu-bundle/lib/               shared libraries they need that such a machine lacks (oneDNN, OpenMP,
 #                                 libstdc++, OpenCL loader, ...), found with ldd; never libcuda (the
 #                                 driver's), libcudart or libcudnn (the machine's CUDA / Python env)
@@ -27,7 +31,7 @@ if [[ ! -f "$build/CMakeCache.txt" ]]; then
   grep -E "medseg:" "$build/configure.log" || true
 fi
 
-targets=(bench_cuda)
+targets=(bench_cuda medseg app_cuda)
 for src in "$root"/tests/cuda_*.cpp; do
   [[ -e "$src" ]] && targets+=("$(basename "$src" .cpp)")
 done
@@ -37,6 +41,16 @@ cmake --build "$build" --target "${targets[@]}" -j "$(nproc)"
 rm -rf "$bundle"
 mkdir -p "$bundle/bin" "$bundle/lib/glibc" "$bundle/cudart-fallback"
 for t in "${targets[@]}"; do cp "$build/$t" "$bundle/bin/"; done
+strip --strip-unneeded "$bundle"/bin/* 2>/dev/null || true
+shared="$root/../shared"
+if [[ -f "$shared/peers/torch_unet_peer.py" ]]; then
+  mkdir -p "$bundle/peer"
+  cp "$shared/peers/torch_unet_peer.py" "$bundle/peer/"
+fi
+if [[ "${NO_DATA:-0}" != 1 && -d "$shared/data/Task04_Hippocampus" ]]; then
+  mkdir -p "$bundle/data"
+  cp -r "$shared/data/Task04_Hippocampus" "$bundle/data/"
+fi
 
 # Libraries: everything ldd resolves, except the driver / CUDA runtime / cuDNN (the GPU machine's own)
 # and the C library family (kept apart in lib/glibc for the fallback loader).
@@ -130,7 +144,8 @@ run() { "${launcher[@]}" "$@"; }
 say "machine: $(uname -srm), $(nproc) CPUs; GPU: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | head -1)"
 
 status=0
-for t in "$here"/bin/cuda_*; do
+export MEDSEG_BINARY="$here/bin/medseg"  # app_cuda runs the bundled binary
+for t in "$here"/bin/cuda_* "$here"/bin/app_cuda; do
   name=$(basename "$t")
   say "== $name"
   run "$t" --gtest_output="json:$out/$name.json" >"$out/$name.log" 2>&1
@@ -158,6 +173,26 @@ if [[ "${BENCH:-1}" == 1 ]]; then
   grep -v '^RESULT ' "$out/bench_cuda.log"
   grep '^RESULT ' "$out/bench_cuda.log" | sed 's/^RESULT //' >"$out/bench_cuda.jsonl"
   [[ $rc -ne 0 ]] && { say "!! bench_cuda exit code $rc"; status=1; }
+
+  # The U-Net step of the issue (batch 2, 128^3, 32 base filters, 4 levels), every norm kind and
+  # inference, next to the PyTorch peer on the same GPU (TF32 on in both: PyTorch's cuDNN default).
+  say "== medseg bench --device cuda (128^3, batch 2, 32 base filters)"
+  peer_args=(--no-peer)
+  [[ -f "$here/peer/torch_unet_peer.py" ]] && peer_args=(--peer-script "$here/peer/torch_unet_peer.py" --python "$(command -v python3)")
+  run "$here/bin/medseg" bench --device cuda --patch 128 --batch 2 --base-filters 32 --steps 10 \
+    "${peer_args[@]}" --json >"$out/medseg_bench_cuda.jsonl" 2>"$out/medseg_bench_cuda.log"
+  rc=$?
+  tee -a "$summary" <"$out/medseg_bench_cuda.jsonl"
+  [[ $rc -ne 0 ]] && { say "!! medseg bench exit code $rc: $(tail -3 "$out/medseg_bench_cuda.log")"; status=1; }
+fi
+
+if [[ "${TRAIN:-1}" == 1 && -d "$here/data/Task04_Hippocampus" ]]; then
+  say "== medseg train --device cuda on the hippocampus data (${TRAIN_MINUTES:-3} min)"
+  run "$here/bin/medseg" train --data "$here/data/Task04_Hippocampus" --out "$out/hippocampus_model" \
+    --device cuda --time-limit "${TRAIN_MINUTES:-3}" --seed 42 >"$out/train.log" 2>&1
+  rc=$?
+  grep -E "device:|network:|validation Dice|steps in|error" "$out/train.log" | tail -8 | tee -a "$summary"
+  [[ $rc -ne 0 ]] && { say "!! medseg train exit code $rc"; status=1; }
 fi
 say "results in $out (exit status $status)"
 exit $status

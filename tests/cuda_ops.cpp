@@ -332,6 +332,79 @@ TEST(CudaOps, ChannelSumMatchesDoubleSum) {
   }
 }
 
+TEST(CudaOps, SgdGradScaleAndAdamWMatchDocumentedFormulas) {
+  MEDSEG_REQUIRE_CUDA();
+  CudaContext ctx;
+  Rng rng(16);
+  const int64_t n = 777;
+  auto w = random_vector(rng, n), g = random_vector(rng, n, 0.0, 3.0), m = random_vector(rng, n, 0.0, 0.1);
+  auto v = random_vector(rng, n, 0.0, 0.1);
+  for (auto& x : v) x = std::fabs(x);  // second moments are >= 0
+  {  // SGD with the clipping scale applied to g first
+    const float lr = 0.02f, mu = 0.9f, wd = 1e-3f, scale = 0.37f;
+    std::vector<float> w_ref = w, m_ref = m;
+    for (int64_t i = 0; i < n; ++i) {
+      const double gi = static_cast<double>(g[i]) * scale + wd * static_cast<double>(w_ref[i]);
+      const double vi = mu * static_cast<double>(m_ref[i]) + gi;
+      m_ref[i] = static_cast<float>(vi);
+      w_ref[i] = static_cast<float>(w_ref[i] - lr * (gi + mu * vi));
+    }
+    Guarded gw(w), gg(g), gm(m);
+    cuda::sgd_nesterov_update(ctx, n, gw.ptr(), gg.ptr(), gm.ptr(), lr, mu, wd, scale);
+    // As the unscaled test, with the extra rounding of g * scale (|g| < 15: ~1e-6 absolute).
+    expect_close(gm.download("sgd v"), m_ref, 1e-6, 2e-6, "sgd velocity, scaled gradient");
+    expect_close(gw.download("sgd w"), w_ref, 1e-6, 2e-6, "sgd weights, scaled gradient");
+  }
+  {  // AdamW at step 3
+    cuda::AdamWParams p{};
+    p.lr = 1e-3f, p.beta1 = 0.9f, p.beta2 = 0.999f, p.eps = 1e-8f, p.wd = 0.01f, p.grad_scale = 0.5f;
+    p.c1 = static_cast<float>(1.0 / (1.0 - std::pow(0.9, 3.0)));
+    p.c2 = static_cast<float>(1.0 / (1.0 - std::pow(0.999, 3.0)));
+    std::vector<float> w_ref = w, m_ref = m, v_ref = v;
+    for (int64_t i = 0; i < n; ++i) {
+      const double gi = static_cast<double>(g[i]) * p.grad_scale;
+      const double mi = p.beta1 * static_cast<double>(m_ref[i]) + (1.0 - p.beta1) * gi;
+      const double vi = p.beta2 * static_cast<double>(v_ref[i]) + (1.0 - p.beta2) * gi * gi;
+      m_ref[i] = static_cast<float>(mi);
+      v_ref[i] = static_cast<float>(vi);
+      w_ref[i] = static_cast<float>(w_ref[i] - p.lr * (mi * p.c1 / (std::sqrt(vi * p.c2) + p.eps) +
+                                                       p.wd * static_cast<double>(w_ref[i])));
+    }
+    Guarded gw(w), gg(g), gm(m), gv(v);
+    cuda::adamw_update(ctx, n, gw.ptr(), gg.ptr(), gm.ptr(), gv.ptr(), p);
+    // fp32 arithmetic against double: a few ulp of each moment; the step m/sqrt(v) is O(1), times
+    // lr 1e-3, so the weights agree to ~1e-9 beyond their own rounding.
+    expect_close(gm.download("adamw m"), m_ref, 1e-6, 1e-7, "adamw first moment");
+    expect_close(gv.download("adamw v"), v_ref, 1e-6, 1e-9, "adamw second moment");
+    expect_close(gw.download("adamw w"), w_ref, 1e-6, 1e-7, "adamw weights");
+  }
+}
+
+TEST(CudaOps, AddInplaceExactAndSumSquaresMatchesDouble) {
+  MEDSEG_REQUIRE_CUDA();
+  CudaContext ctx;
+  Rng rng(17);
+  for (int64_t n : {int64_t{1}, int64_t{1000}, int64_t{1} << 20 | 3}) {
+    auto a = random_vector(rng, n), b = random_vector(rng, n);
+    std::vector<float> sum(static_cast<size_t>(n));
+    double sq = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      sum[i] = a[i] + b[i];
+      sq += static_cast<double>(a[i]) * a[i];
+    }
+    Guarded ga(a), gb(b);
+    DeviceBuffer out(sizeof(double));
+    cuda::sum_squares(ctx, n, ga.ptr(), out.as<double>());
+    double got = 0;
+    ctx.synchronize();
+    MEDSEG_CUDA_CHECK(cudaMemcpy(&got, out.get(), sizeof(double), cudaMemcpyDeviceToHost));
+    // Both in double, different order: relative 1e-12 covers n = 1M terms.
+    EXPECT_NEAR(got, sq, 1e-12 * sq) << "sum_squares n=" << n;
+    cuda::add_inplace(ctx, n, ga.ptr(), gb.ptr());
+    expect_close(ga.download("add_inplace"), sum, 0, 0, "add_inplace n=" + std::to_string(n));
+  }
+}
+
 // ====================================================================== Dice + CE
 
 TEST(CudaLoss, DiceCeMatchesReferenceLossAndGradient) {

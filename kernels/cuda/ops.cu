@@ -221,13 +221,57 @@ __global__ void add_bias_kernel(int64_t count, int channels, const float* bias, 
 }
 
 __global__ void sgd_nesterov_kernel(int64_t count, float* w, const float* g, float* v, float lr,
-                                    float mu, float wd) {
+                                    float mu, float wd, float grad_scale) {
   GRID_STRIDE(i, count) {
     const float wi = w[i];
-    const float gi = fmaf(wd, wi, g[i]);
+    const float gi = fmaf(wd, wi, g[i] * grad_scale);
     const float vi = fmaf(mu, v[i], gi);
     v[i] = vi;
     w[i] = wi - lr * fmaf(mu, vi, gi);
+  }
+}
+
+__global__ void adamw_kernel(int64_t count, float* w, const float* g, float* m, float* v,
+                             AdamWParams p) {
+  GRID_STRIDE(i, count) {
+    const float gi = g[i] * p.grad_scale;
+    const float mi = p.beta1 * m[i] + (1.f - p.beta1) * gi;
+    const float vi = p.beta2 * v[i] + (1.f - p.beta2) * gi * gi;
+    m[i] = mi;
+    v[i] = vi;
+    const float wi = w[i];
+    w[i] = wi - p.lr * (mi * p.c1 / (sqrtf(vi * p.c2) + p.eps) + p.wd * wi);
+  }
+}
+
+__global__ void add_inplace_kernel(int64_t count, float* a, const float* b) {
+  GRID_STRIDE(i, count) { a[i] += b[i]; }
+}
+
+// Stage 1 of sum_squares: each block writes the double sum of its grid-stride share, combined in
+// shared memory in a fixed tree order.
+__global__ void sum_squares_partials_kernel(int64_t count, const float* x, double* partials) {
+  __shared__ double sh[kThreads];
+  double acc = 0.0;
+  GRID_STRIDE(i, count) {
+    const double v = x[i];
+    acc += v * v;
+  }
+  sh[threadIdx.x] = acc;
+  __syncthreads();
+  for (int half = kThreads / 2; half > 0; half /= 2) {
+    if (static_cast<int>(threadIdx.x) < half) sh[threadIdx.x] += sh[threadIdx.x + half];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) partials[blockIdx.x] = sh[0];
+}
+
+// Stage 2: one thread sums the block partials in order (a few thousand at most).
+__global__ void sum_partials_kernel(int n, const double* partials, double* out) {
+  if (blockIdx.x == 0 && threadIdx.x == 0) {
+    double s = 0.0;
+    for (int i = 0; i < n; ++i) s += partials[i];
+    *out = s;
   }
 }
 
@@ -387,10 +431,32 @@ void add_channel_bias(CudaContext& ctx, int64_t rows, int64_t channels, const fl
 }
 
 void sgd_nesterov_update(CudaContext& ctx, int64_t count, float* w, const float* g, float* v,
-                         float lr, float mu, float wd) {
+                         float lr, float mu, float wd, float grad_scale) {
   if (count <= 0) return;
-  sgd_nesterov_kernel<<<elementwise_blocks(count), kThreads, 0, ctx.stream()>>>(count, w, g, v, lr,
-                                                                                mu, wd);
+  sgd_nesterov_kernel<<<elementwise_blocks(count), kThreads, 0, ctx.stream()>>>(
+      count, w, g, v, lr, mu, wd, grad_scale);
+  MEDSEG_CUDA_CHECK_LAUNCH();
+}
+
+void adamw_update(CudaContext& ctx, int64_t count, float* w, const float* g, float* m, float* v,
+                  const AdamWParams& p) {
+  if (count <= 0) return;
+  adamw_kernel<<<elementwise_blocks(count), kThreads, 0, ctx.stream()>>>(count, w, g, m, v, p);
+  MEDSEG_CUDA_CHECK_LAUNCH();
+}
+
+void add_inplace(CudaContext& ctx, int64_t count, float* a, const float* b) {
+  if (count <= 0) return;
+  add_inplace_kernel<<<elementwise_blocks(count), kThreads, 0, ctx.stream()>>>(count, a, b);
+  MEDSEG_CUDA_CHECK_LAUNCH();
+}
+
+void sum_squares(CudaContext& ctx, int64_t count, const float* x, double* out) {
+  const unsigned blocks = elementwise_blocks(std::max<int64_t>(count, 1));
+  double* partials = static_cast<double*>(ctx.workspace(sizeof(double) * blocks));
+  sum_squares_partials_kernel<<<blocks, kThreads, 0, ctx.stream()>>>(count, x, partials);
+  MEDSEG_CUDA_CHECK_LAUNCH();
+  sum_partials_kernel<<<1, 32, 0, ctx.stream()>>>(static_cast<int>(blocks), partials, out);
   MEDSEG_CUDA_CHECK_LAUNCH();
 }
 

@@ -51,7 +51,22 @@ void add_channel_bias(CudaContext& ctx, int64_t rows, int64_t channels, const fl
 //   v  = mu * v + g'
 //   w  = w - lr * (g' + mu * v)        (v is the UPDATED velocity)
 // Element-wise over `count` values; w and v are updated in place, g is read only.
+// g is first multiplied by grad_scale (gradient-norm clipping), as in nn::Optimizer on the CPU.
 void sgd_nesterov_update(CudaContext& ctx, int64_t count, float* w, const float* g, float* v,
-                         float lr, float mu, float wd);
+                         float lr, float mu, float wd, float grad_scale = 1.f);
+// AdamW, nn::Optimizer's formulation (c1 = 1 / (1 - b1^t), c2 = 1 / (1 - b2^t) from the host):
+//   g' = g * grad_scale;  m = b1 m + (1 - b1) g';  v = b2 v + (1 - b2) g'^2;
+//   w -= lr * (m c1 / (sqrt(v c2) + eps) + wd w)
+struct AdamWParams {
+  float lr, beta1, beta2, c1, c2, eps, wd, grad_scale;
+};
+void adamw_update(CudaContext& ctx, int64_t count, float* w, const float* g, float* m, float* v,
+                  const AdamWParams& p);
+
+// a += b, element-wise (gradient sums of the skip connections).
+void add_inplace(CudaContext& ctx, int64_t count, float* a, const float* b);
+// *out = sum of x[i]^2 in double, written to DEVICE memory (no host synchronization; the caller
+// reads many of them at once). Deterministic (fixed reduction order).
+void sum_squares(CudaContext& ctx, int64_t count, const float* x, double* out);
 
 }  // namespace medseg::cuda

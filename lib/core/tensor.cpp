@@ -117,6 +117,22 @@ std::vector<float> Tensor::to_vector() const {
   return v;
 }
 
+void Tensor::read_to(float* host) const {
+  if (bytes() == 0) return;
+  if (device_ == Device::CPU)
+    std::memcpy(host, data(), bytes());
+  else
+    device_alloc().copy(host, data(), bytes(), 1);
+}
+
+void Tensor::assign_from(const float* host) {
+  if (bytes() == 0) return;
+  if (device_ == Device::CPU)
+    std::memcpy(data(), host, bytes());
+  else
+    device_alloc().copy(data(), host, bytes(), 0);
+}
+
 void check_same_shape(const Shape& a, const Shape& b, const char* what) {
   if (!(a == b)) {
     std::ostringstream os;

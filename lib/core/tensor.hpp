@@ -68,6 +68,9 @@ class Tensor {
   // Reinterprets the same storage with a new shape of equal numel.
   void reshape(Shape shape);
   std::vector<float> to_vector() const;
+  // numel() floats between this tensor (on any device) and host memory.
+  void read_to(float* host) const;
+  void assign_from(const float* host);
 
  private:
   Shape shape_{};

@@ -51,6 +51,8 @@ Comm::Comm() {
   MPI_Comm_size(MPI_COMM_WORLD, &size_);
   if (const char* l = std::getenv("OMPI_COMM_WORLD_LOCAL_SIZE")) local_size_ = std::max(1, std::atoi(l));
   else local_size_ = size_;
+  if (const char* l = std::getenv("OMPI_COMM_WORLD_LOCAL_RANK")) local_rank_ = std::max(0, std::atoi(l));
+  else local_rank_ = rank_ % local_size_;
 #else
   if (launched_by_mpi() && std::getenv("OMPI_COMM_WORLD_SIZE") &&
       std::atoi(std::getenv("OMPI_COMM_WORLD_SIZE")) > 1)

@@ -39,6 +39,8 @@ class Comm {
   bool root() const { return rank_ == 0; }
   // Processes of this group on this machine (OMPI_COMM_WORLD_LOCAL_SIZE); 1 without MPI.
   int local_size() const { return local_size_; }
+  // This process's index among them (OMPI_COMM_WORLD_LOCAL_RANK, else rank mod local size): its GPU.
+  int local_rank() const { return local_rank_; }
   bool mpi() const { return mpi_; }
 
   // In-place elementwise sums over all ranks.
@@ -68,7 +70,7 @@ class Comm {
 
  private:
   Comm();
-  int rank_ = 0, size_ = 1, local_size_ = 1;
+  int rank_ = 0, size_ = 1, local_size_ = 1, local_rank_ = 0;
   bool mpi_ = false;
 };
 

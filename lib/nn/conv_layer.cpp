@@ -4,6 +4,11 @@
 
 #include "core/error.hpp"
 #include "kernels/cpu/ops.hpp"
+#include "nn/device_ops.hpp"
+#ifdef MEDSEG_HAVE_CUDA
+#include "kernels/cuda/conv.hpp"
+#include "nn/device_ops_cuda.hpp"
+#endif
 
 namespace medseg::nn {
 
@@ -33,9 +38,29 @@ void ConvLayer::init_he(Rng& rng) {
   bias.zero();
 }
 
+namespace {
+void check_device(const Tensor& t, Device d, const char* what) {
+  MEDSEG_CHECK(t.device() == d, "conv ", what, " is on ", device_name(t.device()), ", the layer on ",
+               device_name(d));
+}
+}  // namespace
+
+void ConvLayer::to(Device device) {
+  for (Tensor* t : {&weight, &bias, &dweight, &dbias})
+    if (t->device() != device) *t = t->to(device);
+}
+
 void ConvLayer::forward(const Tensor& x, Tensor& y) const {
   const auto g = geometry(x.shape());
   check_same_shape(y.shape(), g.out_shape(), "conv output");
+  check_device(x, device(), "input");
+  check_device(y, device(), "output");
+  if (device() == Device::CUDA) {
+#ifdef MEDSEG_HAVE_CUDA
+    cuda::conv3d_forward(cuda_context(), g, x.data(), weight.data(), bias.data(), y.data());
+#endif
+    return;
+  }
   if (use_reference)
     cpu::conv3d_forward_ref(g, x.data(), weight.data(), bias.data(), y.data());
   else
@@ -45,6 +70,11 @@ void ConvLayer::forward(const Tensor& x, Tensor& y) const {
 void ConvLayer::forward_leaky(const Tensor& x, Tensor& y, float slope) const {
   const auto g = geometry(x.shape());
   check_same_shape(y.shape(), g.out_shape(), "conv output");
+  if (device() == Device::CUDA) {  // cuDNN's conv, then the activation in place
+    forward(x, y);
+    leaky_relu_inplace(y, slope);
+    return;
+  }
   if (use_reference) {
     cpu::conv3d_forward_ref(g, x.data(), weight.data(), bias.data(), y.data());
     cpu::leaky_relu_forward(y.numel(), y.data(), slope, y.data());
@@ -57,6 +87,17 @@ void ConvLayer::backward(const Tensor& dy, const Tensor& x, Tensor* dx) {
   const auto g = geometry(x.shape());
   check_same_shape(dy.shape(), g.out_shape(), "conv output gradient");
   if (dx) check_same_shape(dx->shape(), x.shape(), "conv input gradient");
+  check_device(dy, device(), "output gradient");
+  check_device(x, device(), "input");
+  if (dx) check_device(*dx, device(), "input gradient");
+  if (device() == Device::CUDA) {
+#ifdef MEDSEG_HAVE_CUDA
+    auto& ctx = cuda_context();
+    cuda::conv3d_backward_weights(ctx, g, dy.data(), x.data(), dweight.data(), dbias.data());
+    if (dx) cuda::conv3d_backward_data(ctx, g, dy.data(), weight.data(), dx->data());
+#endif
+    return;
+  }
   if (use_reference) {
     cpu::conv3d_backward_weights_ref(g, dy.data(), x.data(), dweight.data(), dbias.data());
     if (dx) cpu::conv3d_backward_data_ref(g, dy.data(), weight.data(), dx->data());

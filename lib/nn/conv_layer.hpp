@@ -1,5 +1,6 @@
 // A convolution layer (regular or transposed) owning its parameters and gradients, over the kernels of
-// kernels/cpu/conv.hpp. Backward assigns dweight and dbias, and dx when asked for.
+// kernels/cpu/conv.hpp, or of kernels/cuda/conv.hpp (cuDNN) once moved to the GPU with to(). Backward
+// assigns dweight and dbias, and dx when asked for. Activations must be on the layer's device.
 #pragma once
 #include <cstdint>
 
@@ -26,13 +27,16 @@ class ConvLayer {
 
   // He (Kaiming) normal initialisation for LeakyReLU networks: std = sqrt(2 / fan_in), bias 0.
   void init_he(Rng& rng);
+  // Moves the parameters and gradients to `device` (values kept).
+  void to(Device device);
+  Device device() const { return weight.device(); }
   void forward(const Tensor& x, Tensor& y) const;
   // y = LeakyReLU(conv(x)) in one pass (regular convolutions; see cpu::conv3d_forward_leaky).
   void forward_leaky(const Tensor& x, Tensor& y, float slope) const;
   // dx may be null (first layer: no input gradient needed).
   void backward(const Tensor& dy, const Tensor& x, Tensor* dx);
 
-  bool use_reference = false;  // naive kernels (tests)
+  bool use_reference = false;  // naive kernels (tests; CPU only)
 
  private:
   int64_t cin_, cout_;

@@ -1,8 +1,38 @@
 #include "nn/deep_supervision.hpp"
 
 #include "core/error.hpp"
+#ifdef MEDSEG_HAVE_CUDA
+#include "kernels/cuda/ops.hpp"
+#include "nn/device_ops_cuda.hpp"
+#endif
 
 namespace medseg::nn {
+
+namespace {
+// (Dice + CE) of one head, scaled by `weight` into dlogits (allocated on the logits' device).
+cpu::DiceCeResult head_loss(const Tensor& logits, const uint16_t* labels, float weight, Tensor& dlogits,
+                            std::shared_ptr<void>& device_labels) {
+  if (!dlogits.defined() || !(dlogits.shape() == logits.shape()) || dlogits.device() != logits.device())
+    dlogits = Tensor(logits.shape(), logits.device());
+  if (logits.device() == Device::CUDA) {
+#ifdef MEDSEG_HAVE_CUDA
+    const size_t bytes = sizeof(uint16_t) * static_cast<size_t>(logits.shape().per_channel());
+    auto* buf = static_cast<cuda::DeviceBuffer*>(device_labels.get());
+    if (!buf || buf->bytes() < bytes) {
+      device_labels = std::make_shared<cuda::DeviceBuffer>(bytes);
+      buf = static_cast<cuda::DeviceBuffer*>(device_labels.get());
+    }
+    auto& ctx = cuda_context();
+    // Ordered on the stream; the previous head's loss has returned (it synchronizes), so the buffer
+    // is free.
+    MEDSEG_CUDA_CHECK(cudaMemcpyAsync(buf->get(), labels, bytes, cudaMemcpyHostToDevice, ctx.stream()));
+    return cuda::dice_ce_loss(ctx, logits.shape(), logits.data(), buf->as<uint16_t>(), {}, weight,
+                              dlogits.data(), nullptr);
+#endif
+  }
+  return cpu::dice_ce_loss(logits.shape(), logits.data(), labels, {}, weight, dlogits.data(), nullptr);
+}
+}  // namespace
 
 std::vector<uint16_t> downsample_labels(const uint16_t* labels, const Shape& full, int64_t f) {
   MEDSEG_CHECK(f >= 1 && full.d % f == 0 && full.h % f == 0 && full.w % f == 0,
@@ -23,9 +53,7 @@ cpu::DiceCeResult supervised_loss(const UNet& net, const Tensor& logits, const u
                                   Tensor& dlogits, SupervisionBuffers& buf) {
   const auto weights = net.config().supervision_weights();
   const auto levels = net.config().supervised_levels();
-  if (!dlogits.defined() || !(dlogits.shape() == logits.shape())) dlogits = Tensor(logits.shape());
-  cpu::DiceCeResult main = cpu::dice_ce_loss(logits.shape(), logits.data(), labels, {}, weights[0],
-                                             dlogits.data(), nullptr);
+  cpu::DiceCeResult main = head_loss(logits, labels, weights[0], dlogits, buf.device_labels);
   if (levels.empty()) return main;
   const auto& aux = net.aux_logits();
   MEDSEG_CHECK(aux.size() == levels.size(), "supervised_loss: the network has ", aux.size(),
@@ -34,11 +62,9 @@ cpu::DiceCeResult supervised_loss(const UNet& net, const Tensor& logits, const u
   buf.aux_labels.resize(aux.size());
   double total = weights[0] * main.loss;
   for (size_t i = 0; i < aux.size(); ++i) {
-    Tensor& g = buf.aux_dlogits[i];
-    if (!g.defined() || !(g.shape() == aux[i].shape())) g = Tensor(aux[i].shape());
     buf.aux_labels[i] = downsample_labels(labels, logits.shape(), int64_t{1} << levels[i]);
-    const auto r = cpu::dice_ce_loss(aux[i].shape(), aux[i].data(), buf.aux_labels[i].data(), {},
-                                     weights[i + 1], g.data(), nullptr);
+    const auto r = head_loss(aux[i], buf.aux_labels[i].data(), weights[i + 1], buf.aux_dlogits[i],
+                             buf.device_labels);
     total += weights[i + 1] * r.loss;
   }
   main.loss = total;

@@ -4,6 +4,10 @@
 #include <cmath>
 
 #include "core/error.hpp"
+#ifdef MEDSEG_HAVE_CUDA
+#include "kernels/cuda/norm.hpp"
+#include "nn/device_ops_cuda.hpp"
+#endif
 
 namespace medseg::nn {
 
@@ -68,8 +72,32 @@ void NormLayer::set_clips(float r_max, float d_max) {
   cfg_.d_max = d_max;
 }
 
+void NormLayer::to(Device device) {
+  for (Tensor* t : {&gamma, &beta, &running_mean, &running_std, &dgamma, &dbeta})
+    if (t->device() != device) *t = t->to(device);
+  cache_mean_.clear();
+  cache_dev_ = Tensor();
+  cache_slots_ = 0;
+  cached_shape_ = Shape{};
+#ifdef MEDSEG_HAVE_CUDA
+  if (device == Device::CUDA && !counters_)
+    counters_ = std::make_shared<cuda::NormDeviceCounters>(cuda_context());
+#endif
+}
+
+void NormLayer::check_same_device_output(const Tensor& t) const {
+  MEDSEG_CHECK(t.device() == device(), "NormLayer: a tensor on ", device_name(t.device()),
+               ", the layer on ", device_name(device()));
+}
+
+cpu::NormCache NormLayer::device_cache() {
+  float* p = cache_dev_.data();
+  return cpu::NormCache{p, p + cache_slots_, p + 2 * cache_slots_, p + 3 * cache_slots_};
+}
+
 void NormLayer::check_input(const Tensor& x, const char* what) const {
-  MEDSEG_CHECK(x.device() == Device::CPU, "NormLayer: ", what, " must be on the CPU");
+  MEDSEG_CHECK(x.device() == device(), "NormLayer: ", what, " is on ", device_name(x.device()),
+               ", the layer on ", device_name(device()));
   MEDSEG_CHECK(x.shape().c == channels_, "NormLayer: ", what, " has ", x.shape().c,
                " channels, the layer ", channels_, " (shape ", x.shape(), ")");
   MEDSEG_CHECK(x.numel() > 0, "NormLayer: ", what, " is empty ", x.shape());
@@ -86,14 +114,32 @@ void NormLayer::forward_train(const Tensor& x, Tensor& y) {
   MEDSEG_CHECK(x.data() != y.data(), "NormLayer::forward_train: y may not alias x");
   const size_t slots = static_cast<size_t>(
       cfg_.kind == cpu::NormKind::InstanceNorm ? x.shape().n * channels_ : channels_);
+  const bool batch_kind = cfg_.kind != cpu::NormKind::InstanceNorm;
+  float* rm = batch_kind ? running_mean.data() : nullptr;
+  float* rs = batch_kind ? running_std.data() : nullptr;
+  if (device() == Device::CUDA) {
+#ifdef MEDSEG_HAVE_CUDA
+    check_same_device_output(y);
+    if (cache_slots_ != static_cast<int64_t>(slots)) {  // (re)allocate: mean 0, inv_std 0, r 1, d 0
+      cache_slots_ = static_cast<int64_t>(slots);
+      cache_dev_ = Tensor(Shape{1, 1, 1, 4, cache_slots_}, Device::CUDA);
+      std::vector<float> init(4 * slots, 0.f);
+      std::fill(init.begin() + 2 * static_cast<std::ptrdiff_t>(slots),
+                init.begin() + 3 * static_cast<std::ptrdiff_t>(slots), 1.f);
+      cache_dev_.assign_from(init.data());
+    }
+    cached_shape_ = x.shape();
+    cuda::norm_forward_train(cuda_context(), cfg_, x.shape(), x.data(), gamma.data(), beta.data(),
+                             rm, rs, y.data(), device_cache(),
+                             static_cast<cuda::NormDeviceCounters*>(counters_.get()));
+#endif
+    return;
+  }
   cache_mean_.assign(slots, 0.f);
   cache_inv_std_.assign(slots, 0.f);
   cache_r_.assign(slots, 1.f);
   cache_d_.assign(slots, 0.f);
   cached_shape_ = x.shape();
-  const bool batch_kind = cfg_.kind != cpu::NormKind::InstanceNorm;
-  float* rm = batch_kind ? running_mean.data() : nullptr;
-  float* rs = batch_kind ? running_std.data() : nullptr;
   last_info_ = use_reference ? cpu::norm_forward_train_ref(cfg_, x.shape(), x.data(), gamma.data(),
                                                            beta.data(), rm, rs, y.data(), cache())
                              : cpu::norm_forward_train(cfg_, x.shape(), x.data(), gamma.data(),
@@ -104,6 +150,14 @@ void NormLayer::forward_train(const Tensor& x, Tensor& y) {
 void NormLayer::forward_infer(const Tensor& x, Tensor& y) const {
   check_input(x, "input x");
   check_same_shape(x.shape(), y.shape(), "NormLayer::forward_infer (x, y)");
+  if (device() == Device::CUDA) {
+#ifdef MEDSEG_HAVE_CUDA
+    check_same_device_output(y);
+    cuda::norm_forward_infer(cuda_context(), cfg_, x.shape(), x.data(), gamma.data(), beta.data(),
+                             running_mean.data(), running_std.data(), y.data());
+#endif
+    return;
+  }
   auto fn = use_reference ? cpu::norm_forward_infer_ref : cpu::norm_forward_infer;
   fn(cfg_, x.shape(), x.data(), gamma.data(), beta.data(), running_mean.data(), running_std.data(),
      y.data());
@@ -111,28 +165,70 @@ void NormLayer::forward_infer(const Tensor& x, Tensor& y) const {
 
 void NormLayer::backward(const Tensor& dy, const Tensor& x, const Tensor& y, Tensor& dx) {
   check_input(x, "input x");
-  MEDSEG_CHECK(!cache_mean_.empty() && cached_shape_ == x.shape(),
+  const bool cached = device() == Device::CUDA ? cache_slots_ > 0 : !cache_mean_.empty();
+  MEDSEG_CHECK(cached && cached_shape_ == x.shape(),
                "NormLayer::backward: no training forward cached for shape ", x.shape(),
                " (cached: ", cached_shape_, ")");
   check_same_shape(x.shape(), dy.shape(), "NormLayer::backward (x, dy)");
   check_same_shape(x.shape(), y.shape(), "NormLayer::backward (x, y)");
   check_same_shape(x.shape(), dx.shape(), "NormLayer::backward (x, dx)");
+  if (device() == Device::CUDA) {
+#ifdef MEDSEG_HAVE_CUDA
+    check_same_device_output(dy);
+    check_same_device_output(dx);
+    cuda::norm_backward(cuda_context(), cfg_, x.shape(), dy.data(), x.data(), y.data(), gamma.data(),
+                        device_cache(), dx.data(), dgamma.data(), dbeta.data());
+#endif
+    return;
+  }
   auto fn = use_reference ? cpu::norm_backward_ref : cpu::norm_backward;
   fn(cfg_, x.shape(), dy.data(), x.data(), y.data(), gamma.data(), cache(), dx.data(),
      dgamma.data(), dbeta.data());
 }
 
+int64_t NormLayer::skipped_updates() const {
+#ifdef MEDSEG_HAVE_CUDA
+  if (counters_)
+    return skipped_updates_ +
+           static_cast<const cuda::NormDeviceCounters*>(counters_.get())->read(cuda_context()).skipped_updates;
+#endif
+  return skipped_updates_;
+}
+
+void NormLayer::set_skipped_updates(int64_t n) {
+#ifdef MEDSEG_HAVE_CUDA
+  if (counters_) static_cast<cuda::NormDeviceCounters*>(counters_.get())->reset(cuda_context());
+#endif
+  skipped_updates_ = n;
+}
+
 NormDiagnostics NormLayer::diagnostics() const {
   NormDiagnostics diag;
-  diag.skipped_updates = skipped_updates_;
-  if (cfg_.kind == cpu::NormKind::InstanceNorm || cache_r_.empty()) return diag;
+  diag.skipped_updates = skipped_updates();
+  const float* r = cache_r_.data();
+  const float* d = cache_d_.data();
+  int64_t r_clipped = last_info_.r_clipped, d_clipped = last_info_.d_clipped;
+  std::vector<float> host;
+  if (device() == Device::CUDA) {
+#ifdef MEDSEG_HAVE_CUDA
+    if (cfg_.kind == cpu::NormKind::InstanceNorm || cache_slots_ == 0) return diag;
+    const auto counts = static_cast<const cuda::NormDeviceCounters*>(counters_.get())->read(cuda_context());
+    r_clipped = counts.last_r_clipped;
+    d_clipped = counts.last_d_clipped;
+    host = cache_dev_.to_vector();
+    r = host.data() + 2 * cache_slots_;
+    d = host.data() + 3 * cache_slots_;
+#endif
+  } else if (cfg_.kind == cpu::NormKind::InstanceNorm || cache_r_.empty()) {
+    return diag;
+  }
   const double c = static_cast<double>(channels_);
-  diag.r_clipped_fraction = static_cast<double>(last_info_.r_clipped) / c;
-  diag.d_clipped_fraction = static_cast<double>(last_info_.d_clipped) / c;
+  diag.r_clipped_fraction = static_cast<double>(r_clipped) / c;
+  diag.d_clipped_fraction = static_cast<double>(d_clipped) / c;
   double log_r = 0.0, abs_d = 0.0;
   for (int64_t i = 0; i < channels_; ++i) {
-    log_r += std::abs(std::log(static_cast<double>(cache_r_[i])));
-    abs_d += std::abs(static_cast<double>(cache_d_[i]));
+    log_r += std::abs(std::log(static_cast<double>(r[i])));
+    abs_d += std::abs(static_cast<double>(d[i]));
   }
   diag.mean_abs_log_r = log_r / c;
   diag.mean_abs_d = abs_d / c;
@@ -151,14 +247,19 @@ void fold_norm_into_conv(const NormLayer& norm, Tensor& weight, Tensor& bias) {
                " values, needs ", cout);
   const int64_t per_out = weight.numel() / cout;
   const double sigma_floor = std::sqrt(static_cast<double>(cfg.eps));
+  // On the host (a GPU layer's tensors are copied there and back: folding runs once per model).
+  const auto rstd = norm.running_std.to_vector(), rmean = norm.running_mean.to_vector();
+  const auto g = norm.gamma.to_vector(), be = norm.beta.to_vector();
+  auto wv = weight.to_vector(), bv = bias.to_vector();
   for (int64_t o = 0; o < cout; ++o) {
-    const double sigma = std::max(static_cast<double>(norm.running_std.data()[o]), sigma_floor);
-    const double scale = norm.gamma.data()[o] / sigma;
-    float* w = weight.data() + o * per_out;
+    const double sigma = std::max(static_cast<double>(rstd[o]), sigma_floor);
+    const double scale = g[o] / sigma;
+    float* w = wv.data() + o * per_out;
     for (int64_t i = 0; i < per_out; ++i) w[i] = static_cast<float>(w[i] * scale);
-    bias.data()[o] = static_cast<float>((bias.data()[o] - norm.running_mean.data()[o]) * scale +
-                                        norm.beta.data()[o]);
+    bv[o] = static_cast<float>((bv[o] - rmean[o]) * scale + be[o]);
   }
+  weight.assign_from(wv.data());
+  bias.assign_from(bv.data());
 }
 
 }  // namespace medseg::nn

@@ -4,6 +4,7 @@
 // schedule and the folding of an inference-mode norm into the preceding convolution.
 #pragma once
 #include <cstdint>
+#include <memory>
 #include <utility>
 #include <vector>
 
@@ -45,6 +46,11 @@ class NormLayer {
   Tensor dgamma, dbeta;  // assigned by backward
 
   const cpu::NormConfig& config() const { return cfg_; }
+  // Moves the parameters, running statistics and gradients to `device` (values kept); on the GPU the
+  // layer runs the kernels of kernels/cuda/norm.hpp, with its cache and diagnostics counters on the
+  // device (no host synchronization per step).
+  void to(Device device);
+  Device device() const { return gamma.device(); }
   int64_t channels() const { return channels_; }
   void set_clips(float r_max, float d_max);
 
@@ -57,10 +63,10 @@ class NormLayer {
   void backward(const Tensor& dy, const Tensor& x, const Tensor& y, Tensor& dx);
 
   NormDiagnostics diagnostics() const;
-  int64_t skipped_updates() const { return skipped_updates_; }
-  void set_skipped_updates(int64_t n) { skipped_updates_ = n; }
+  int64_t skipped_updates() const;
+  void set_skipped_updates(int64_t n);
 
-  bool use_reference = false;  // switch to the *_ref kernels (tests, debugging)
+  bool use_reference = false;  // switch to the *_ref kernels (tests, debugging; CPU only)
 
  private:
   cpu::NormCache cache();
@@ -73,6 +79,14 @@ class NormLayer {
   std::vector<float> cache_mean_, cache_inv_std_, cache_r_, cache_d_;
   cpu::NormStepInfo last_info_{};
   int64_t skipped_updates_ = 0;
+  // On the GPU: the cache (mean, inv_std, r, d, `slots` floats each) on the device, and the device
+  // counters (cuda::NormDeviceCounters, type-erased: this header includes no CUDA header), whose
+  // skipped updates add to skipped_updates_.
+  Tensor cache_dev_;
+  int64_t cache_slots_ = 0;
+  std::shared_ptr<void> counters_;
+  cpu::NormCache device_cache();
+  void check_same_device_output(const Tensor& t) const;
 };
 
 // Folds an inference-mode batch(re)norm layer (no LeakyReLU folded; the caller applies it after)

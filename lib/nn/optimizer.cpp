@@ -3,6 +3,11 @@
 #include <cmath>
 
 #include "core/error.hpp"
+#include "nn/device_ops.hpp"
+#ifdef MEDSEG_HAVE_CUDA
+#include "kernels/cuda/ops.hpp"
+#include "nn/device_ops_cuda.hpp"
+#endif
 
 namespace medseg::nn {
 
@@ -16,23 +21,16 @@ Optimizer::Optimizer(OptimizerConfig cfg, std::vector<NamedTensor> params)
     : cfg_(std::move(cfg)), params_(std::move(params)) {
   MEDSEG_CHECK(cfg_.kind == "sgd" || cfg_.kind == "adamw", "unknown optimizer '", cfg_.kind,
                "' (expected sgd or adamw)");
-  for (auto& p : params_) {
-    m_.push_back(Tensor::zeros(p.value->shape()));
-    if (cfg_.kind == "adamw") v_.push_back(Tensor::zeros(p.value->shape()));
+  for (auto& p : params_) {  // state on the parameters' device
+    m_.push_back(Tensor::zeros(p.value->shape(), p.value->device()));
+    if (cfg_.kind == "adamw") v_.push_back(Tensor::zeros(p.value->shape(), p.value->device()));
   }
 }
 
 double Optimizer::step(double lr) {
-  double sq = 0;
-  for (auto& p : params_) {
-    const float* g = p.grad->data();
-    double s = 0;
-    const int64_t n = p.grad->numel();
-#pragma omp parallel for reduction(+ : s) schedule(static)
-    for (int64_t i = 0; i < n; ++i) s += static_cast<double>(g[i]) * g[i];
-    sq += s;
-  }
-  const double norm = std::sqrt(sq);
+  std::vector<const Tensor*> grads;
+  for (auto& p : params_) grads.push_back(p.grad);
+  const double norm = std::sqrt(sum_of_squares(grads));
   if (!std::isfinite(norm)) return norm;
   const float clip = (cfg_.grad_clip > 0 && norm > cfg_.grad_clip)
                          ? static_cast<float>(cfg_.grad_clip / (norm + 1e-6))
@@ -46,6 +44,26 @@ double Optimizer::step(double lr) {
     float* m = m_[k].data();
     const int64_t n = p.value->numel();
     const float wd = p.weight_decay ? static_cast<float>(cfg_.weight_decay) : 0.f;
+    if (p.value->device() == Device::CUDA) {
+#ifdef MEDSEG_HAVE_CUDA
+      auto& ctx = cuda_context();
+      if (cfg_.kind == "sgd") {
+        cuda::sgd_nesterov_update(ctx, n, w, g, m, flr, static_cast<float>(cfg_.momentum), wd, clip);
+      } else {
+        cuda::AdamWParams ap{};
+        ap.lr = flr;
+        ap.beta1 = static_cast<float>(cfg_.beta1);
+        ap.beta2 = static_cast<float>(cfg_.beta2);
+        ap.c1 = static_cast<float>(1.0 / (1.0 - std::pow(cfg_.beta1, static_cast<double>(steps_))));
+        ap.c2 = static_cast<float>(1.0 / (1.0 - std::pow(cfg_.beta2, static_cast<double>(steps_))));
+        ap.eps = static_cast<float>(cfg_.adam_eps);
+        ap.wd = wd;
+        ap.grad_scale = clip;
+        cuda::adamw_update(ctx, n, w, g, m, v_[k].data(), ap);
+      }
+#endif
+      continue;
+    }
     if (cfg_.kind == "sgd") {
       const float mu = static_cast<float>(cfg_.momentum);
 #pragma omp parallel for simd schedule(static)

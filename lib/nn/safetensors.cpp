@@ -34,8 +34,7 @@ void save_safetensors(const std::filesystem::path& path, const std::vector<Named
   std::memcpy(buf.data() + 8, h.data(), h.size());
   size_t pos = 8 + h.size();
   for (const auto& t : tensors) {
-    MEDSEG_CHECK(t.value->device() == Device::CPU, "save_safetensors needs host tensors: ", t.name);
-    std::memcpy(buf.data() + pos, t.value->data(), t.value->bytes());
+    t.value->read_to(reinterpret_cast<float*>(buf.data() + pos));
     pos += t.value->bytes();
   }
   write_file_atomic(path, buf.data(), buf.size());
@@ -69,7 +68,7 @@ std::map<std::string, std::string> load_safetensors(const std::filesystem::path&
     const size_t a = e.at("data_offsets")[0].get<size_t>(), b = e.at("data_offsets")[1].get<size_t>();
     if (b < a || b - a != t.value->bytes() || data0 + b > buf.size())
       throw IoError(where + ": tensor '" + t.name + "' has bad data offsets (file truncated?)");
-    std::memcpy(t.value->data(), buf.data() + data0 + a, t.value->bytes());
+    t.value->assign_from(reinterpret_cast<const float*>(buf.data() + data0 + a));
   }
   std::map<std::string, std::string> meta;
   if (header.contains("__metadata__"))

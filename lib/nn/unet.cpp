@@ -5,6 +5,7 @@
 
 #include "core/error.hpp"
 #include "kernels/cpu/ops.hpp"
+#include "nn/device_ops.hpp"
 
 namespace medseg::nn {
 
@@ -45,18 +46,49 @@ cpu::NormKind parse_norm_kind(const std::string& s) {
 }
 
 namespace {
-void ensure(Tensor& t, const Shape& s) {
-  if (!t.defined() || !(t.shape() == s)) t = Tensor(s);
-}
-void add_inplace(Tensor& a, const Tensor& b) {
-  check_same_shape(a.shape(), b.shape(), "gradient sum");
-  float* pa = a.data();
-  const float* pb = b.data();
-  const int64_t n = a.numel();
-#pragma omp parallel for simd schedule(static)
-  for (int64_t i = 0; i < n; ++i) pa[i] += pb[i];
+void ensure_on(Tensor& t, const Shape& s, Device d) {
+  if (!t.defined() || !(t.shape() == s) || t.device() != d) t = Tensor(s, d);
 }
 }  // namespace
+
+void UNet::ensure(Tensor& t, const Shape& s) const { ensure_on(t, s, device_); }
+
+const Tensor& UNet::on_device(const Tensor& x) {
+  if (x.device() == device_) return x;
+  ensure(input_dev_, x.shape());
+  input_dev_.copy_from(x);
+  return input_dev_;
+}
+
+void UNet::to(Device device) {
+  if (device == device_) return;
+  auto move_stage = [&](Stage& st) {
+    for (auto& b : st.blocks) {
+      b.conv.to(device);
+      b.norm.to(device);
+      b.z = Tensor();
+      b.y = Tensor();
+      b.folded.reset();
+    }
+  };
+  for (auto& st : enc_) move_stage(st);
+  for (auto& st : dec_) move_stage(st);
+  for (auto& u : up_) u.to(device);
+  head_.to(device);
+  for (auto& h : aux_heads_) h.to(device);
+  folded_ = false;
+  device_ = device;
+  // The tape is rebuilt on the new device at the next forward.
+  in_shape_ = Shape{};
+  input_ = nullptr;
+  input_dev_ = Tensor();
+  cat_.clear();
+  dcat_.clear();
+  dskip_.clear();
+  grad_pool_.clear();
+  logits_ = Tensor();
+  aux_logits_.clear();
+}
 
 UNet::UNet(const UNetConfig& cfg, uint64_t seed)
     : cfg_(cfg), head_(cfg.filters(0), cfg.num_classes, 1, 1, false) {
@@ -159,7 +191,7 @@ Tensor& UNet::grad_buffer(const Shape& s, const Tensor* a, const Tensor* b) {
   for (auto& t : pool)
     if (&t != a && &t != b) return t;
   MEDSEG_CHECK(pool.size() < 3, "gradient pool: a fourth live buffer of shape ", s);
-  pool.emplace_back(s);
+  pool.emplace_back(s, device_);
   return pool.back();
 }
 
@@ -190,8 +222,7 @@ void UNet::run_forward(const Tensor& x, bool train, bool aux, Tensor& logits) {
     const Tensor& skip = enc_[l].blocks.back().y;
     Tensor& up = grad_buffer(skip.shape(), nullptr, nullptr);
     up_[l].forward(*in, up);
-    cpu::concat_channels_forward(skip.shape().per_channel(), up.data(), skip.shape().c,
-                                 skip.data(), skip.shape().c, cat_[l].data());
+    concat_channels(up, skip, cat_[l]);
     stage_forward(dec_[l], cat_[l], train);
     in = &dec_[l].blocks.back().y;
     if (aux)
@@ -203,9 +234,10 @@ void UNet::run_forward(const Tensor& x, bool train, bool aux, Tensor& logits) {
 
 const Tensor& UNet::forward_train(const Tensor& x) {
   folded_ = false;  // the weights are about to change; fold_norms() must run again
-  allocate(x.shape());
-  input_ = &x;
-  run_forward(x, true, true, logits_);
+  const Tensor& xd = on_device(x);
+  allocate(xd.shape());
+  input_ = &xd;
+  run_forward(xd, true, true, logits_);
   return logits_;
 }
 
@@ -235,8 +267,9 @@ void UNet::backward(const Tensor& dlogits, const std::vector<Tensor>* aux_dlogit
     const int64_t c = enc_[l].blocks.back().y.shape().c;
     ensure(dskip_[l], enc_[l].blocks.back().y.shape());
     Tensor& dup = grad_buffer(dskip_[l].shape(), nullptr, nullptr);
-    cpu::concat_channels_backward(cat_[l].shape().per_channel(), dcat_[l].data(), c, c, dup.data(),
-                                  dskip_[l].data());
+    MEDSEG_CHECK(cat_[l].shape().c == 2 * c, "concat of level ", l, " has ", cat_[l].shape().c,
+                 " channels, expected ", 2 * c);
+    split_channels(dcat_[l], dup, dskip_[l]);
     // The up-conv's input: the next decoder stage's output, or the bottleneck.
     const Tensor& below = (l + 2 < L ? dec_[l + 1] : enc_[L - 1]).blocks.back().y;
     g = &grad_buffer(below.shape(), &dup, nullptr);
@@ -255,17 +288,24 @@ void UNet::backward(const Tensor& dlogits, const std::vector<Tensor>* aux_dlogit
   }
 }
 
-void UNet::forward_infer(const Tensor& x, Tensor& logits) {
-  allocate(x.shape());
-  ensure(logits, logits_.shape());
-  run_forward(x, false, false, logits);
+void UNet::forward_to(const Tensor& x, bool train, Tensor& logits) {
+  const Tensor& xd = on_device(x);
+  allocate(xd.shape());
+  if (x.device() == device_) {
+    ensure(logits, logits_.shape());
+    run_forward(xd, train, false, logits);
+  } else {  // back to the caller's device
+    run_forward(xd, train, false, logits_);
+    ensure_on(logits, logits_.shape(), x.device());
+    logits.copy_from(logits_);
+  }
 }
 
+void UNet::forward_infer(const Tensor& x, Tensor& logits) { forward_to(x, false, logits); }
+
 void UNet::forward_batch_stats(const Tensor& x, Tensor& logits) {
-  allocate(x.shape());
-  ensure(logits, logits_.shape());
   const auto saved = snapshot_buffers();
-  run_forward(x, true, false, logits);
+  forward_to(x, true, logits);
   restore_buffers(saved);
   input_ = nullptr;  // the tape no longer belongs to a training step
 }
@@ -279,10 +319,11 @@ void UNet::fold_norms() {
     for (auto& b : st.blocks) {
       auto f = std::make_unique<ConvLayer>(b.conv.cin(), b.conv.cout(), b.conv.kernel(),
                                            b.conv.stride(), false);
-      f->weight.copy_from(b.conv.weight);
+      f->weight.copy_from(b.conv.weight);  // f is on the host here, b.conv on any device
       f->bias.copy_from(b.conv.bias);
       f->use_reference = b.conv.use_reference;
       fold_norm_into_conv(b.norm, f->weight, f->bias);
+      f->to(device_);
       b.folded = std::move(f);
     }
   };
@@ -348,7 +389,7 @@ void UNet::restore_buffers(const std::vector<std::vector<float>>& saved) {
   for (size_t k = 0; k < bufs.size(); ++k) {
     MEDSEG_CHECK(static_cast<int64_t>(saved[k].size()) == bufs[k].value->numel(), "restore_buffers: ",
                  bufs[k].name, " size differs");
-    std::copy(saved[k].begin(), saved[k].end(), bufs[k].value->data());
+    bufs[k].value->assign_from(saved[k].data());
   }
 }
 

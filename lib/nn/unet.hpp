@@ -57,6 +57,13 @@ class UNet {
   explicit UNet(const UNetConfig& cfg, uint64_t seed = 0);
   const UNetConfig& config() const { return cfg_; }
 
+  // Moves the network (parameters, gradients, running statistics; the tape is rebuilt) to `device`.
+  // A CUDA network needs nn::use_cuda_device() first. It accepts inputs on either device: a host
+  // input is copied to the device; forward_infer then returns the logits on the input's device, while
+  // forward_train's logits (and backward's dlogits) stay on the network's device.
+  void to(Device device);
+  Device device() const { return device_; }
+
   // Training forward (batch statistics, running-statistics update). Returns the logits
   // (N, D, H, W, num_classes), valid until the next call. x must stay alive until backward().
   const Tensor& forward_train(const Tensor& x);
@@ -103,9 +110,14 @@ class UNet {
     std::vector<Block> blocks;
   };
   void allocate(const Shape& in);
+  void ensure(Tensor& t, const Shape& s) const;  // (re)allocates t on the network's device
+  // x itself when on the network's device, else its copy in input_dev_.
+  const Tensor& on_device(const Tensor& x);
   // train: batch statistics (and running-statistics updates); aux: also the auxiliary heads (a
   // training step only).
   void run_forward(const Tensor& x, bool train, bool aux, Tensor& logits);
+  // forward_infer / forward_batch_stats: x on either device, logits on x's.
+  void forward_to(const Tensor& x, bool train, Tensor& logits);
   void stage_forward(Stage& st, const Tensor& x, bool train);
   // dy: the gradient w.r.t. the stage output. Writes the gradient w.r.t. the stage input to `dx`
   // (may be null: the network input needs none).
@@ -125,8 +137,10 @@ class UNet {
   std::vector<ConvLayer> aux_heads_;  // one per supervised level
   std::vector<Tensor> aux_logits_;
   bool folded_ = false;
+  Device device_ = Device::CPU;
 
   Shape in_shape_{};
+  Tensor input_dev_;  // a host input copied to the device
   const Tensor* input_ = nullptr;  // the input of the last forward_train
   std::vector<Tensor> cat_, dcat_, dskip_;
   std::map<std::array<int64_t, 5>, std::deque<Tensor>> grad_pool_;  // deque: stable references

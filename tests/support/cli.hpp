@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <string>
 
@@ -23,8 +24,12 @@ inline Run run_shell(const std::string& command) {
   const int status = p ? ::pclose(p) : -1;
   return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, out};
 }
-// `medseg ARGS`.
-inline Run run(const std::string& args) { return run_shell(std::string(MEDSEG_BINARY) + " " + args); }
+// `medseg ARGS`: the binary of this build, or $MEDSEG_BINARY (the GPU bundle runs the tests on another
+// machine, where the build path does not exist).
+inline Run run(const std::string& args) {
+  const char* env = std::getenv("MEDSEG_BINARY");
+  return run_shell("'" + std::string(env && *env ? env : MEDSEG_BINARY) + "' " + args);
+}
 // An empty folder in the temp dir, unique to this process.
 inline std::filesystem::path scratch(const std::string& name) {
   namespace fs = std::filesystem;

@@ -1,0 +1,236 @@
+// The whole U-Net on the GPU against the same network on the CPU: one training step (logits, loss,
+// every parameter gradient, running statistics, norm diagnostics), one optimizer step (weights), and
+// inference (unfolded and folded). Both networks start from the same seed; the GPU one is moved
+// with UNet::to(Device::CUDA) and fed host tensors, as the trainer and the sliding window do. TF32
+// is off: the only differences are the summation orders of cuDNN and oneDNN, so every tensor must
+// agree to 1e-3 of its largest magnitude (fp32 through a dozen normalized layers; a wrong index, a
+// missing term or a stale buffer is off by O(1)). Without a device every test skips with
+// "no CUDA device".
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "core/error.hpp"
+#include "core/rng.hpp"
+#include "nn/deep_supervision.hpp"
+#include "nn/device_ops.hpp"
+#include "nn/optimizer.hpp"
+#include "nn/unet.hpp"
+#ifdef MEDSEG_HAVE_CUDA
+#include "kernels/cuda/device.hpp"
+#endif
+
+namespace medseg {
+namespace {
+
+#define MEDSEG_REQUIRE_CUDA_NET()                                                   \
+  do {                                                                              \
+    try {                                                                           \
+      nn::use_cuda_device(0, /*allow_tf32=*/false);                                 \
+    } catch (const CudaError& e) {                                                  \
+      GTEST_SKIP() << "no CUDA device: " << e.what();                               \
+    }                                                                               \
+    nn::set_cuda_allow_tf32(false);                                                 \
+  } while (0)
+
+// max |got - want| <= rel * max |want| (+ a floor for all-zero tensors); names the first offenders.
+void expect_close_rel(const std::vector<float>& got, const std::vector<float>& want, double rel,
+                      const std::string& what) {
+  ASSERT_EQ(got.size(), want.size()) << what;
+  double scale = 0;
+  for (float w : want) scale = std::max(scale, static_cast<double>(std::fabs(w)));
+  const double tol = rel * std::max(scale, 1e-6);
+  int64_t bad = 0;
+  double worst = 0;
+  std::ostringstream first;
+  for (size_t i = 0; i < got.size(); ++i) {
+    const double d = std::fabs(static_cast<double>(got[i]) - want[i]);
+    if (!(d <= tol)) {  // NaN fails too
+      if (bad < 6) first << "\n  [" << i << "] cuda " << got[i] << " cpu " << want[i];
+      ++bad;
+    }
+    if (std::isfinite(d)) worst = std::max(worst, d);
+  }
+  EXPECT_EQ(bad, 0) << what << ": " << bad << " of " << got.size() << " values differ by more than "
+                    << tol << " (" << rel << " x max |cpu| " << scale << "), worst " << worst
+                    << "; first:" << first.str();
+}
+
+Tensor random_input(const Shape& s, uint64_t seed) {
+  Rng rng(seed);
+  std::vector<float> v(static_cast<size_t>(s.numel()));
+  for (auto& x : v) x = static_cast<float>(rng.normal(0.3, 1.2));
+  return Tensor::from(s, v);
+}
+
+std::vector<uint16_t> random_labels(const Shape& s, int classes, uint64_t seed) {
+  Rng rng(seed);
+  std::vector<uint16_t> l(static_cast<size_t>(s.per_channel()));
+  // Blocks of one class (a random field of single voxels would make Dice meaningless).
+  for (int64_t i = 0; i < static_cast<int64_t>(l.size()); ++i) {
+    const int64_t w = i % s.w, h = (i / s.w) % s.h;
+    l[static_cast<size_t>(i)] = static_cast<uint16_t>(((w / 4) + (h / 4) + (rng.below(5) == 0)) % classes);
+  }
+  return l;
+}
+
+struct Case {
+  const char* name;
+  cpu::NormKind kind;
+  int levels;
+  bool deep_supervision;
+  Shape input;
+};
+
+void compare_training_step(const Case& c) {
+  SCOPED_TRACE(c.name);
+  nn::UNetConfig cfg;
+  cfg.in_channels = c.input.c;
+  cfg.num_classes = 3;
+  cfg.levels = c.levels;
+  cfg.base_filters = 4;
+  cfg.norm.kind = c.kind;
+  cfg.deep_supervision = c.deep_supervision;
+  nn::UNet cpu_net(cfg, 11), gpu_net(cfg, 11);
+  gpu_net.to(Device::CUDA);
+  ASSERT_EQ(gpu_net.device(), Device::CUDA);
+  for (auto* n : {&cpu_net, &gpu_net}) n->set_renorm_clips(1.5f, 0.5f);  // clipping active
+
+  const Tensor x = random_input(c.input, 5);
+  const auto labels = random_labels(c.input, cfg.num_classes, 6);
+  nn::OptimizerConfig ocfg;
+  nn::Optimizer cpu_opt(ocfg, cpu_net.parameters()), gpu_opt(ocfg, gpu_net.parameters());
+
+  for (int step = 0; step < 2; ++step) {
+    SCOPED_TRACE("step " + std::to_string(step));
+    Tensor dl_cpu, dl_gpu;
+    nn::SupervisionBuffers sup_cpu, sup_gpu;
+    const Tensor& lc = cpu_net.forward_train(x);
+    const Tensor& lg = gpu_net.forward_train(x);
+    ASSERT_EQ(lg.device(), Device::CUDA);
+    expect_close_rel(lg.to_vector(), lc.to_vector(), 1e-3, "logits");
+    for (size_t i = 0; i < cpu_net.aux_logits().size(); ++i)
+      expect_close_rel(gpu_net.aux_logits()[i].to_vector(), cpu_net.aux_logits()[i].to_vector(), 1e-3,
+                       "auxiliary logits " + std::to_string(i));
+    const auto rc = nn::supervised_loss(cpu_net, lc, labels.data(), dl_cpu, sup_cpu);
+    const auto rg = nn::supervised_loss(gpu_net, lg, labels.data(), dl_gpu, sup_gpu);
+    EXPECT_NEAR(rg.loss, rc.loss, 1e-4 * std::fabs(rc.loss) + 1e-6);
+    EXPECT_NEAR(rg.ce, rc.ce, 1e-4 * std::fabs(rc.ce) + 1e-6);
+    EXPECT_NEAR(rg.soft_dice, rc.soft_dice, 1e-4);
+    ASSERT_EQ(dl_gpu.device(), Device::CUDA);
+    expect_close_rel(dl_gpu.to_vector(), dl_cpu.to_vector(), 1e-3, "dlogits");
+    cpu_net.backward(dl_cpu, &sup_cpu.aux_dlogits);
+    gpu_net.backward(dl_gpu, &sup_gpu.aux_dlogits);
+
+    const auto pc = cpu_net.parameters(), pg = gpu_net.parameters();
+    ASSERT_EQ(pc.size(), pg.size());
+    for (size_t k = 0; k < pc.size(); ++k) {
+      ASSERT_EQ(pg[k].name, pc[k].name);
+      EXPECT_EQ(pg[k].grad->device(), Device::CUDA) << pg[k].name;
+      // Gradients pass the whole backward: allow 2e-3 of the tensor's largest magnitude.
+      expect_close_rel(pg[k].grad->to_vector(), pc[k].grad->to_vector(), 2e-3, "gradient " + pc[k].name);
+    }
+    const auto bc = cpu_net.buffers(), bg = gpu_net.buffers();
+    for (size_t k = 0; k < bc.size(); ++k)
+      expect_close_rel(bg[k].value->to_vector(), bc[k].value->to_vector(), 1e-4, "buffer " + bc[k].name);
+    const auto dc = cpu_net.diagnostics(), dg = gpu_net.diagnostics();
+    EXPECT_NEAR(dg.mean_abs_log_r, dc.mean_abs_log_r, 1e-3 * dc.mean_abs_log_r + 1e-6);
+    EXPECT_NEAR(dg.mean_abs_d, dc.mean_abs_d, 1e-3 * dc.mean_abs_d + 1e-6);
+    EXPECT_EQ(dg.skipped_updates, dc.skipped_updates);
+
+    const double nc = cpu_opt.step(0.01), ng = gpu_opt.step(0.01);
+    EXPECT_NEAR(ng, nc, 1e-3 * nc) << "gradient norm";
+    for (size_t k = 0; k < pc.size(); ++k)
+      expect_close_rel(pg[k].value->to_vector(), pc[k].value->to_vector(), 1e-4, "weight " + pc[k].name);
+  }
+
+  // Inference with the running statistics: host input, host logits, unfolded then folded.
+  for (bool fold : {false, true}) {
+    SCOPED_TRACE(fold ? "folded" : "unfolded");
+    if (fold) {
+      cpu_net.fold_norms();
+      gpu_net.fold_norms();
+    }
+    Tensor oc, og;
+    cpu_net.forward_infer(x, oc);
+    gpu_net.forward_infer(x, og);
+    ASSERT_EQ(og.device(), Device::CPU) << "logits come back to the input's device";
+    expect_close_rel(og.to_vector(), oc.to_vector(), 1e-3, "inference logits");
+  }
+}
+
+TEST(CudaUNet, BatchRenormTrainingStepMatchesCpu) {
+  MEDSEG_REQUIRE_CUDA_NET();
+  compare_training_step({"batchrenorm, 3 levels, N=2, odd channel count", cpu::NormKind::BatchRenorm, 3,
+                         false, Shape{2, 16, 12, 8, 2}});
+}
+
+TEST(CudaUNet, BatchNormAndInstanceNormTrainingStepsMatchCpu) {
+  MEDSEG_REQUIRE_CUDA_NET();
+  compare_training_step({"batchnorm, N=1", cpu::NormKind::BatchNorm, 3, false, Shape{1, 8, 16, 12, 1}});
+  compare_training_step({"instancenorm", cpu::NormKind::InstanceNorm, 2, false, Shape{2, 6, 10, 4, 1}});
+}
+
+TEST(CudaUNet, DeepSupervisionTrainingStepMatchesCpu) {
+  MEDSEG_REQUIRE_CUDA_NET();
+  compare_training_step({"batchrenorm, 4 levels, deep supervision", cpu::NormKind::BatchRenorm, 4, true,
+                         Shape{1, 16, 16, 16, 1}});
+}
+
+// The caching allocator: after the first training step (tape, workspaces, cuDNN plans), further steps
+// (forward, loss, backward, optimizer) call cudaMalloc no more.
+TEST(CudaUNet, NoCudaMallocAfterTheFirstTrainingStep) {
+  MEDSEG_REQUIRE_CUDA_NET();
+#ifdef MEDSEG_HAVE_CUDA
+  nn::UNetConfig cfg;
+  cfg.levels = 4;
+  cfg.base_filters = 8;
+  cfg.deep_supervision = true;
+  nn::UNet net(cfg, 2);
+  net.to(Device::CUDA);
+  nn::Optimizer opt(nn::OptimizerConfig{}, net.parameters());
+  const Tensor x = random_input(Shape{2, 16, 16, 16, 1}, 1);
+  const auto labels = random_labels(x.shape(), cfg.num_classes, 2);
+  Tensor dl;
+  nn::SupervisionBuffers sup;
+  int64_t mallocs_after_first = 0;
+  for (int step = 0; step < 4; ++step) {
+    const Tensor& lg = net.forward_train(x);
+    nn::supervised_loss(net, lg, labels.data(), dl, sup);
+    net.backward(dl, &sup.aux_dlogits);
+    EXPECT_TRUE(std::isfinite(opt.step(0.01)));
+    nn::synchronize_device();
+    if (step == 0) mallocs_after_first = cuda::allocator_stats().cuda_malloc_count;
+  }
+  EXPECT_EQ(cuda::allocator_stats().cuda_malloc_count, mallocs_after_first)
+      << "steps 2-4 called cudaMalloc";
+#endif
+}
+
+TEST(CudaUNet, MovingBackToTheCpuKeepsTheWeights) {
+  MEDSEG_REQUIRE_CUDA_NET();
+  nn::UNetConfig cfg;
+  cfg.levels = 3;
+  cfg.base_filters = 4;
+  nn::UNet a(cfg, 3), b(cfg, 3);
+  b.to(Device::CUDA);
+  b.to(Device::CPU);
+  const auto pa = a.parameters(), pb = b.parameters();
+  for (size_t k = 0; k < pa.size(); ++k) {
+    EXPECT_EQ(pb[k].value->device(), Device::CPU);
+    EXPECT_EQ(pb[k].value->to_vector(), pa[k].value->to_vector()) << pa[k].name;
+  }
+  // And it still computes there.
+  const Tensor x = random_input(Shape{1, 8, 8, 8, 1}, 9);
+  Tensor oa, ob;
+  a.forward_infer(x, oa);
+  b.forward_infer(x, ob);
+  EXPECT_EQ(ob.to_vector(), oa.to_vector());
+}
+
+}  // namespace
+}  // namespace medseg
