@@ -4,11 +4,25 @@
 #include <exception>
 #include <string>
 
+#include "nn/device_ops.hpp"
+
 namespace medseg::pipelines {
 
 void average_gradients(const dist::Comm& comm, const std::vector<nn::NamedTensor>& params,
-                       StepScalars& scalars, std::vector<float>& scratch) {
+                       StepScalars& scalars, std::vector<float>& scratch, dist::NcclComm* nccl) {
   if (comm.size() == 1) return;
+  if (nccl && !params.empty() && params.front().grad->device() == Device::CUDA) {
+    void* stream = nn::cuda_stream();
+    nccl->group_start();
+    for (const auto& p : params)
+      nccl->allreduce_average(p.grad->data(), static_cast<size_t>(p.grad->numel()), stream);
+    nccl->group_end();
+    double s[4] = {scalars.bad, scalars.loss, scalars.ce, scalars.soft_dice};
+    comm.allreduce_sum(s, 4);
+    const double invd = 1.0 / comm.size();
+    scalars = {s[0], s[1] * invd, s[2] * invd, s[3] * invd};
+    return;
+  }
   size_t n = 0;
   for (const auto& p : params) n += static_cast<size_t>(p.grad->numel());
   scratch.resize(n);

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "dist/comm.hpp"
+#include "dist/nccl.hpp"
 #include "nn/unet.hpp"
 
 namespace medseg::pipelines {
@@ -24,8 +25,11 @@ struct StepScalars {
 
 // Averages every parameter gradient and the scalars across ranks (one allreduce). After it, `bad` is
 // the number of ranks whose loss was not finite; the other scalars are means over the ranks.
+// With `nccl` (gradients on the GPU): one fused group of ncclAllReduce(avg) on the training stream,
+// the gradients never leave the device; otherwise they go through host memory and MPI.
 void average_gradients(const dist::Comm& comm, const std::vector<nn::NamedTensor>& params,
-                       StepScalars& scalars, std::vector<float>& scratch);
+                       StepScalars& scalars, std::vector<float>& scratch,
+                       dist::NcclComm* nccl = nullptr);
 // Averages tensors (running statistics) across ranks in place.
 void average_tensors(const dist::Comm& comm, const std::vector<nn::NamedTensor>& tensors);
 // Copies rank 0's tensors to every rank.

@@ -5,6 +5,7 @@
 #include "core/error.hpp"
 #include "core/threads.hpp"
 #include "dist/comm.hpp"
+#include "dist/nccl.hpp"
 #include "kernels/cpu/conv.hpp"
 #include "nn/device_ops.hpp"
 #ifdef MEDSEG_HAVE_CUDA
@@ -85,6 +86,8 @@ std::string build_info() {
      << (dist::built_with_mpi() ? "MPI (" + dist::mpi_version() + "; mpirun -np P medseg train ...)"
                                 : std::string("not built with MPI"))
      << "\n";
+  if (dist::nccl_compiled())
+    os << "NCCL (multi-GPU gradients): " << dist::nccl_version() << "\n";
 #ifdef MEDSEG_HAVE_CUDA
   os << "CUDA backend: compiled in (cuDNN " << cuda::cudnn_version() << ")\n";
   std::string why;

@@ -9,6 +9,7 @@
 #include <functional>
 #include <iomanip>
 #include <iostream>
+#include <memory>
 #include <numeric>
 #include <optional>
 #include <thread>
@@ -574,6 +575,30 @@ int run_train(const TrainConfig& cfg) {
   bool stopped_by_signal = false;
   const std::vector<nn::NamedTensor> params = net.parameters();
   std::vector<float> grad_scratch;
+  // One GPU per rank: gradients averaged by NCCL on the device when every rank can load it (the
+  // communicator's creation blocks until all ranks join, so they agree first); else through MPI.
+  std::unique_ptr<dist::NcclComm> nccl;
+  if (parallel && device.cuda) {
+    std::string why;
+    const auto unavailable = comm.first_failure(dist::nccl_loadable(&why) ? "" : why);
+    std::string error;
+    if (unavailable.rank < 0) {
+      try {
+        nccl = std::make_unique<dist::NcclComm>(comm);
+      } catch (const Error& e) {
+        error = e.what();
+      }
+    }
+    const auto failed = unavailable.rank >= 0 ? unavailable : comm.first_failure(error);
+    if (failed.rank >= 0) {
+      nccl.reset();
+      if (root)
+        log_warn("NCCL not usable on rank ", failed.rank, " (", failed.message,
+                 "): GPU gradients are averaged through MPI on the host");
+    } else if (root) {
+      log_info("gradients averaged on the GPUs with NCCL ", dist::nccl_version());
+    }
+  }
 
   while (true) {
     if (cfg.stop_after_steps > 0 && st.step - first_step >= cfg.stop_after_steps) break;
@@ -627,7 +652,7 @@ int run_train(const TrainConfig& cfg) {
     // Data parallel: the mean gradient (and loss) over the ranks; a non-finite loss on any rank skips
     // the step on all of them.
     StepScalars sc{local_bad ? 1.0 : 0.0, res.loss, res.ce, res.soft_dice};
-    average_gradients(comm, params, sc, grad_scratch);
+    average_gradients(comm, params, sc, grad_scratch, nccl.get());
     double gnorm = 0;
     bool bad = sc.bad > 0;
     if (!bad) {

@@ -187,3 +187,28 @@ TEST(DataParallel, ResumeBetweenCheckpointsContinuesExactly) {
   EXPECT_EQ(max_difference(w / "full/model.safetensors", w / "res/model.safetensors"), 0.0);
   fs::remove_all(w);
 }
+
+// Two ranks on two GPUs (cuda:<local rank>), gradients averaged by NCCL when it loads: with the same
+// batches on both ranks the result is the one-GPU run's. Not bit for bit: cuDNN picks its algorithms
+// by timing, separately in each process, so sums may be ordered differently.
+TEST(DataParallel, TwoGpuRanksWithTheSameBatchesEqualOneGpu) {
+  REQUIRE_MPI();
+  const std::string info = run("info").output;
+  if (info.find("cuda:1") == std::string::npos)
+    GTEST_SKIP() << "no CUDA device: two GPUs needed for one per rank (medseg info: "
+                 << info.substr(info.find("CUDA")) << ")";
+  std::string args = kTrainArgs;
+  args.replace(args.find("--device cpu"), std::strlen("--device cpu"), "--device cuda --no-tf32");
+  const fs::path w = scratch("mpi_gpu");
+  sample(w);
+  auto one = run("train --data " + (w / "data").string() + " --out " + (w / "one").string() + args);
+  ASSERT_EQ(one.code, 0) << one.output;
+  auto two = test::run_shell(mpirun(2) + MEDSEG_BINARY + " train --data " + (w / "data").string() +
+                             " --out " + (w / "two").string() + args + " --same-batches-on-all-ranks");
+  ASSERT_EQ(two.code, 0) << two.output;
+  if (info.find("NCCL (multi-GPU gradients): 2.") != std::string::npos) {
+    EXPECT_NE(two.output.find("gradients averaged on the GPUs with NCCL"), std::string::npos) << two.output;
+  }
+  EXPECT_NE(two.output.find("weights identical on all 2 ranks"), std::string::npos) << two.output;
+  EXPECT_LE(max_difference(w / "one/model.safetensors", w / "two/model.safetensors"), 1e-3);
+}

@@ -81,6 +81,8 @@ void synchronize_device() {
   if (cuda_device_active()) cuda_context().synchronize();
 }
 
+void* cuda_stream() { return cuda_device_active() ? static_cast<void*>(cuda_context().stream()) : nullptr; }
+
 std::string cuda_device_name() {
   if (!cuda_device_active()) return "";
   cudaDeviceProp prop{};
@@ -96,6 +98,7 @@ void use_cuda_device(int index, bool) {
 }
 bool cuda_device_active() { return false; }
 void set_cuda_allow_tf32(bool) {}
+void* cuda_stream() { return nullptr; }
 void synchronize_device() {}
 std::string cuda_device_name() { return ""; }
 size_t cuda_peak_bytes() { return 0; }

@@ -28,6 +28,9 @@ bool cuda_device_active();
 // TF32 tensor-core convolutions (on by default in training and inference, off in the comparisons
 // with the CPU reference).
 void set_cuda_allow_tf32(bool on);
+// The shared context's stream as a cudaStream_t (null without an active device): for NCCL, which
+// must order its collectives with the training kernels.
+void* cuda_stream();
 // Waits for the device's queued work (no-op without an active device).
 void synchronize_device();
 // The active device's name ("" without one) and the caching allocator's peak bytes in use since

@@ -28,7 +28,11 @@ inline Run run_shell(const std::string& command) {
 // machine, where the build path does not exist).
 inline Run run(const std::string& args) {
   const char* env = std::getenv("MEDSEG_BINARY");
-  return run_shell("'" + std::string(env && *env ? env : MEDSEG_BINARY) + "' " + args);
+  std::string cmd = "'";
+  cmd += env && *env ? env : MEDSEG_BINARY;
+  cmd += "' ";
+  cmd += args;
+  return run_shell(cmd);
 }
 // An empty folder in the temp dir, unique to this process.
 inline std::filesystem::path scratch(const std::string& name) {
