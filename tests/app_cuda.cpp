@@ -15,6 +15,7 @@
 
 #include "io/image_io.hpp"
 #include "support/cli.hpp"
+#include "support/train_log.hpp"
 
 namespace fs = std::filesystem;
 using namespace medseg;
@@ -22,6 +23,7 @@ using namespace medseg;
 namespace {
 using test::run;
 using test::scratch;
+using test::step_losses;
 
 // Empty when a CUDA device is usable, else why not.
 std::string no_cuda_reason() {
@@ -40,16 +42,6 @@ std::string no_cuda_reason() {
     if (!why_.empty()) GTEST_SKIP() << "no CUDA device: " << why_; \
   } while (0)
 
-std::vector<double> step_losses(const fs::path& bundle) {
-  std::ifstream in(bundle / "log.jsonl");
-  std::string line;
-  std::vector<double> out;
-  while (std::getline(in, line)) {
-    auto j = nlohmann::json::parse(line);
-    if (j["kind"] == "step") out.push_back(j["loss"].get<double>());
-  }
-  return out;
-}
 }  // namespace
 
 // Runs everywhere: `medseg info` says whether the backend is compiled in and which devices it sees.

@@ -14,8 +14,10 @@
 #include "io/image_io.hpp"
 #include "nn/model_bundle.hpp"
 #include "pipelines/train.hpp"
+#include "support/train_log.hpp"
 
 using namespace medseg;
+using test::step_losses;
 namespace fs = std::filesystem;
 
 namespace {
@@ -47,16 +49,6 @@ pipelines::TrainConfig tiny_config(const fs::path& out) {
   return c;
 }
 
-std::vector<double> step_losses(const fs::path& bundle) {
-  std::ifstream in(bundle / "log.jsonl");
-  std::string line;
-  std::vector<double> out;
-  while (std::getline(in, line)) {
-    auto j = nlohmann::json::parse(line);
-    if (j["kind"] == "step") out.push_back(j["loss"].get<double>());
-  }
-  return out;
-}
 }  // namespace
 
 class TrainPipeline : public ::testing::Test {
