@@ -14,8 +14,9 @@
 #   gpu-bundle/cudart-fallback/   libcudart.so.13, used only if the target has no CUDA 13 runtime
 #   gpu-bundle/run-gpu-checks.sh  sets LD_LIBRARY_PATH, runs the tests and the benchmarks, writes
 #                                 results to $OUT (or gpu-bundle/results)
-# Usage: scripts/gpu-bundle.sh            (then copy gpu-bundle/ to the GPU machine and run
-#                                          gpu-bundle/run-gpu-checks.sh there)
+#   gpu-bundle.tar.gz             the same, as one archive (about 40 MB)
+# Usage: scripts/gpu-bundle.sh            (then copy gpu-bundle/ or the archive to the GPU machine
+#                                          and run gpu-bundle/run-gpu-checks.sh there)
 # The CPU flags are x86-64-v3 (AVX2), not -march=native: the GPU machine's CPU is not this one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -198,5 +199,8 @@ say "results in $out (exit status $status)"
 exit $status
 EOF
 chmod +x "$bundle/run-gpu-checks.sh"
-du -sh "$bundle"
-echo "bundle ready: copy $bundle to the GPU machine and run run-gpu-checks.sh there"
+# One archive for transports with a size limit (the repository's device runner carries 64 MiB).
+tar czf "$root/gpu-bundle.tar.gz" -C "$root" gpu-bundle
+du -sh "$bundle" "$root/gpu-bundle.tar.gz"
+echo "bundle ready: copy $bundle (or gpu-bundle.tar.gz, then tar xzf it) to the GPU machine and run"
+echo "gpu-bundle/run-gpu-checks.sh there"

@@ -33,8 +33,11 @@
 //  - One engine and one stream for the process. A CPU stream with the OpenMP runtime executes in
 //    the calling thread; each cache entry has its own mutex because its memory objects carry the
 //    caller's pointers during a call.
+#include <cstdlib>
 #include <cstring>
 #include <dnnl.hpp>
+
+#include "kernels/cpu/conv_internal.hpp"
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -448,16 +451,7 @@ void transposed_backward_weights_by_gemm(const ConvGeometry& g, const float* dy,
   if (st != dnnl_success)
     throw Error("dnnl_sgemm failed for " + g.str() + " (status " +
                 std::to_string(static_cast<int>(st)) + ")");
-  if (!db) return;
-  // Bias gradient: per-channel sums over N*OD*OH*OW values, accumulated in double per thread.
-  thread_local std::vector<double> acc_storage;
-  acc_storage.assign(static_cast<size_t>(cout), 0.0);
-  double* acc = acc_storage.data();
-  const int64_t voxels = g.n * g.od * g.oh * g.ow;
-#pragma omp parallel for schedule(static) reduction(+ : acc[:cout])
-  for (int64_t v = 0; v < voxels; ++v)
-    for (int64_t co = 0; co < cout; ++co) acc[co] += dy[v * cout + co];
-  for (int64_t co = 0; co < cout; ++co) db[co] = static_cast<float>(acc[co]);
+  if (db) detail::bias_gradient(dy, g.n * g.od * g.oh * g.ow, cout, db);
 }
 
 bool below_avx512() {
@@ -518,6 +512,14 @@ void conv3d_backward_weights(const ConvGeometry& g, const float* dy, const float
   validate(g);
   MEDSEG_CHECK(dy && x && dw, "conv3d_backward_weights: null dy, x or dw for ", g.str());
   if (g.transposed && below_avx512()) return transposed_backward_weights_by_gemm(g, dy, x, dw, db);
+  // Below AVX-512 oneDNN's channels-last backward-weights runs at half its forward rate; the direct
+  // register-tiled kernel covers the U-Net's channel counts (conv_direct.cpp). MEDSEG_CONV_DIRECT=0
+  // keeps oneDNN (A/B benchmarks).
+  static const bool direct = [] {
+    const char* e = std::getenv("MEDSEG_CONV_DIRECT");
+    return !(e && std::string(e) == "0");
+  }();
+  if (direct && below_avx512() && conv3d_backward_weights_direct(g, dy, x, dw, db)) return;
   auto e = lookup(g, Pass::BackwardWeights, db != nullptr);
   std::lock_guard<std::mutex> lock(e->mu);
   set(e->src, e->depth_pad > 0 ? copy_depth_padded(g, e->depth_pad, x) : x);
@@ -528,6 +530,19 @@ void conv3d_backward_weights(const ConvGeometry& g, const float* dy, const float
   if (e->reorder_weights) execute(g, e->weights_reorder, e->reorder_args, "weight reorder");
   stream().wait();
 }
+
+namespace detail {
+void bias_gradient(const float* dy, int64_t voxels, int64_t cout, float* db) {
+  // Per-channel sums, accumulated in double per thread.
+  thread_local std::vector<double> acc_storage;
+  acc_storage.assign(static_cast<size_t>(cout), 0.0);
+  double* acc = acc_storage.data();
+#pragma omp parallel for schedule(static) reduction(+ : acc[:cout])
+  for (int64_t v = 0; v < voxels; ++v)
+    for (int64_t co = 0; co < cout; ++co) acc[co] += dy[v * cout + co];
+  for (int64_t co = 0; co < cout; ++co) db[co] = static_cast<float>(acc[co]);
+}
+}  // namespace detail
 
 void clear_conv_cache() {
   Cache& c = cache();

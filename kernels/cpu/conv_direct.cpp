@@ -1,0 +1,181 @@
+// Direct backward-weights convolution for AVX2 + FMA CPUs (see conv.hpp).
+//
+// Why: oneDNN 2.6's AVX2 backward-weights kernel runs at 53-61 GFLOP/s on the U-Net's channels-last
+// shapes, half the rate of its forward and backward-data (117-128 GFLOP/s), and was about half the
+// training step (docs/benchmarks.md). The pass is a sum over voxels of outer products:
+//   dw[co, kz, ky, kx, ci] = sum_{n, od, oh, ow} dy[n, od, oh, ow, co] * x[n, id, ih, iw, ci],
+//   (id, ih, iw) = (od, oh, ow) * stride + (kz, ky, kx) - pad (terms outside x are zero padding).
+// For one kernel tap, 6 output channels and 16 input channels, the 6 x 16 block of dw lives in 12
+// ymm registers (AVX2 has 16: with the two x vectors and the broadcast dy value, 15 are live); each
+// voxel adds 6 broadcast dy values times 2 vectors of x: 12 FMAs for 8 loads, FMA-bound, and 12
+// independent accumulators cover the FMA latency. 8 input channels: 12 x 8 tiles. Work is split by (tap, Cout block, Cin block), each owned by one thread,
+// so no reduction is needed and the result does not depend on the thread count; the voxels are
+// walked in blocks of rows small enough for the x and dy rows a block touches to stay in L2 while
+// every thread runs its tiles over them.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <array>
+#include <cstring>
+#include <utility>
+#include <vector>
+
+#include "core/error.hpp"
+#include "kernels/cpu/conv.hpp"
+#include "kernels/cpu/conv_internal.hpp"
+
+namespace medseg::cpu {
+
+namespace {
+
+constexpr int kCoAlign = 8;  // Cout must be a multiple of this (and Cin of 8)
+
+int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
+int64_t ceil_div(int64_t a, int64_t b) { return -floor_div(-a, b); }
+
+struct Tile {
+  int kz, ky, kx;
+  int nco;  // output channels in this tile (1 .. max_co<CIV>)
+  int64_t co0, ci0;
+};
+
+// Widest tile of output channels for CIV vectors of 8 input channels: accumulators (CO * CIV), the
+// x vectors (CIV) and the broadcast must fit in 16 ymm registers.
+template <int CIV>
+constexpr int max_co() {
+  return CIV == 2 ? 6 : 12;
+}
+
+// One output row: acc (CO x 8*CIV floats, in memory) += sum over `count` voxels of the outer product
+// of dy[co0 .. co0+CO) and x[ci0 .. ci0+8*CIV). The accumulators are locals of this call, so that
+// they stay in registers through the voxel loop (an array carried across rows was kept in memory).
+template <int CO, int CIV>
+__attribute__((target("avx2,fma"), always_inline)) inline void row_kernel(const float* xp, const float* dp,
+                                                                          int64_t count, int64_t xstep,
+                                                                          int64_t dstep, float* acc) {
+  __m256 a[CO][CIV];
+#pragma GCC unroll 16
+  for (int c = 0; c < CO; ++c)
+#pragma GCC unroll 4
+    for (int v = 0; v < CIV; ++v) a[c][v] = _mm256_setzero_ps();
+  for (int64_t i = 0; i < count; ++i, xp += xstep, dp += dstep) {
+    __m256 xv[CIV];
+#pragma GCC unroll 4
+    for (int v = 0; v < CIV; ++v) xv[v] = _mm256_loadu_ps(xp + 8 * v);
+#pragma GCC unroll 16
+    for (int c = 0; c < CO; ++c) {
+      const __m256 d = _mm256_broadcast_ss(dp + c);
+#pragma GCC unroll 4
+      for (int v = 0; v < CIV; ++v) a[c][v] = _mm256_fmadd_ps(d, xv[v], a[c][v]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int c = 0; c < CO; ++c)
+#pragma GCC unroll 4
+    for (int v = 0; v < CIV; ++v) {
+      float* p = acc + (c * CIV + v) * 8;
+      _mm256_storeu_ps(p, _mm256_add_ps(_mm256_loadu_ps(p), a[c][v]));
+    }
+}
+
+// Adds the contribution of output rows [oh0, oh1) of (n, od) to one tile of dw (CO x 8*CIV).
+template <int CO, int CIV>
+__attribute__((target("avx2,fma"))) void accumulate_tile(const ConvGeometry& g, const float* dy,
+                                                         const float* x, int64_t n, int64_t od,
+                                                         int64_t oh0, int64_t oh1, const Tile& t,
+                                                         float* dw) {
+  const int64_t s = g.stride, p = g.pad, K = g.k;
+  const int64_t id = od * s + t.kz - p;
+  if (id < 0 || id >= g.id) return;
+  // ow whose input column iw = ow * s + kx - p lies inside x.
+  const int64_t ow_lo = std::max<int64_t>(0, ceil_div(p - t.kx, s));
+  const int64_t ow_hi = std::min<int64_t>(g.ow - 1, floor_div(g.iw - 1 + p - t.kx, s));
+  if (ow_lo > ow_hi) return;
+  alignas(32) float acc[CO * CIV * 8] = {};
+  const int64_t cin = g.cin, cout = g.cout;
+  bool any = false;
+  for (int64_t oh = oh0; oh < oh1; ++oh) {
+    const int64_t ih = oh * s + t.ky - p;
+    if (ih < 0 || ih >= g.ih) continue;
+    any = true;
+    const float* xp = x + (((n * g.id + id) * g.ih + ih) * g.iw + ow_lo * s + t.kx - p) * cin + t.ci0;
+    const float* dp = dy + (((n * g.od + od) * g.oh + oh) * g.ow + ow_lo) * cout + t.co0;
+    row_kernel<CO, CIV>(xp, dp, ow_hi - ow_lo + 1, s * cin, cout, acc);
+  }
+  if (!any) return;
+  for (int c = 0; c < CO; ++c) {
+    float* out = dw + ((((t.co0 + c) * K + t.kz) * K + t.ky) * K + t.kx) * cin + t.ci0;
+    for (int v = 0; v < CIV * 8; ++v) out[v] += acc[c * CIV * 8 + v];
+  }
+}
+
+bool cpu_has_avx2_fma() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+}
+
+using TileFn = void (*)(const ConvGeometry&, const float*, const float*, int64_t, int64_t, int64_t,
+                       int64_t, const Tile&, float*);
+
+template <int CIV, int... CO>
+constexpr std::array<TileFn, sizeof...(CO) + 1> tile_functions(std::integer_sequence<int, CO...>) {
+  return {nullptr, &accumulate_tile<CO + 1, CIV>...};
+}
+
+template <int CIV>
+void run_tiles(const ConvGeometry& g, const float* dy, const float* x, float* dw) {
+  constexpr int kMaxCo = max_co<CIV>();
+  static constexpr auto fns = tile_functions<CIV>(std::make_integer_sequence<int, kMaxCo>{});
+  const int K = g.k;
+  const int64_t cib = g.cin / (8 * CIV);
+  std::vector<Tile> tiles;
+  for (int kz = 0; kz < K; ++kz)
+    for (int ky = 0; ky < K; ++ky)
+      for (int kx = 0; kx < K; ++kx)
+        for (int64_t co = 0; co < g.cout; co += kMaxCo)
+          for (int64_t ci = 0; ci < cib; ++ci)
+            tiles.push_back({kz, ky, kx, static_cast<int>(std::min<int64_t>(kMaxCo, g.cout - co)), co,
+                             ci * 8 * CIV});
+  // Output rows per block: about 512 voxels, so that a block's dy rows (and the x rows its taps
+  // read) stay in L2 while each thread runs all its tiles over them.
+  const int64_t rows = std::clamp<int64_t>(1024 / std::max<int64_t>(g.ow, 1), 1, g.oh);
+  const int64_t ntiles = static_cast<int64_t>(tiles.size());
+#pragma omp parallel
+  {
+    const int64_t nt = omp_threads(), t = omp_thread();
+    // Contiguous tile ranges: each tile of dw belongs to one thread.
+    const int64_t lo = ntiles * t / nt, hi = ntiles * (t + 1) / nt;
+    for (int64_t n = 0; n < g.n; ++n)
+      for (int64_t od = 0; od < g.od; ++od)
+        for (int64_t oh0 = 0; oh0 < g.oh; oh0 += rows) {
+          const int64_t oh1 = std::min(g.oh, oh0 + rows);
+          for (int64_t i = lo; i < hi; ++i) {
+            const Tile& tile = tiles[static_cast<size_t>(i)];
+            fns[static_cast<size_t>(tile.nco)](g, dy, x, n, od, oh0, oh1, tile, dw);
+          }
+        }
+  }
+}
+
+}  // namespace
+
+bool conv3d_backward_weights_direct_covers(const ConvGeometry& g) {
+  return cpu_has_avx2_fma() && !g.transposed && g.cin % 8 == 0 && g.cout % kCoAlign == 0 &&
+         g.n > 0 && g.od > 0 && g.oh > 0 && g.ow > 0;
+}
+
+bool conv3d_backward_weights_direct(const ConvGeometry& g, const float* dy, const float* x, float* dw,
+                                    float* db) {
+  validate(g);
+  if (!conv3d_backward_weights_direct_covers(g)) return false;
+  MEDSEG_CHECK(dy && x && dw, "conv3d_backward_weights_direct: null dy, x or dw for ", g.str());
+  std::memset(dw, 0, static_cast<size_t>(g.weight_shape().numel()) * sizeof(float));
+  if (g.cin % 16 == 0)
+    run_tiles<2>(g, dy, x, dw);
+  else
+    run_tiles<1>(g, dy, x, dw);
+  if (db) detail::bias_gradient(dy, g.n * g.od * g.oh * g.ow, g.cout, db);
+  return true;
+}
+
+}  // namespace medseg::cpu
