@@ -73,15 +73,20 @@ void NormLayer::set_clips(float r_max, float d_max) {
 }
 
 void NormLayer::to(Device device) {
+  if (device == this->device()) return;
+  if (counters_) {  // leaving the GPU: its count of skipped updates comes along
+    skipped_updates_ = skipped_updates();
+    counters_.reset();
+  }
   for (Tensor* t : {&gamma, &beta, &running_mean, &running_std, &dgamma, &dbeta})
     if (t->device() != device) *t = t->to(device);
-  cache_mean_.clear();
+  for (auto* v : {&cache_mean_, &cache_inv_std_, &cache_r_, &cache_d_}) v->clear();
+  last_info_ = {};
   cache_dev_ = Tensor();
   cache_slots_ = 0;
   cached_shape_ = Shape{};
 #ifdef MEDSEG_HAVE_CUDA
-  if (device == Device::CUDA && !counters_)
-    counters_ = std::make_shared<cuda::NormDeviceCounters>(cuda_context());
+  if (device == Device::CUDA) counters_ = std::make_shared<cuda::NormDeviceCounters>(cuda_context());
 #endif
 }
 
