@@ -1,5 +1,7 @@
 #include <gtest/gtest.h>
 
+#include <vector>
+
 #include "core/error.hpp"
 #include "core/rng.hpp"
 #include "core/tensor.hpp"
@@ -21,6 +23,20 @@ TEST(Tensor, CloneIsDeep) {
   Tensor b = a.clone();
   b.data()[0] = 9;
   EXPECT_EQ(a.data()[0], 1);
+}
+
+TEST(Tensor, HostTransfersCopyExactlyNumelValues) {
+  Tensor a = Tensor::from(Shape{1, 1, 1, 2, 2}, {1, 2, 3, 4});
+  float out[5] = {0, 0, 0, 0, -7};
+  a.read_to(out);
+  EXPECT_EQ(std::vector<float>(out, out + 4), (std::vector<float>{1, 2, 3, 4}));
+  EXPECT_EQ(out[4], -7) << "read_to wrote past numel()";
+  const float in[4] = {5, 6, 7, 8};
+  a.assign_from(in);
+  EXPECT_EQ(a.to_vector(), (std::vector<float>{5, 6, 7, 8}));
+  Tensor empty(Shape{0, 1, 1, 1, 1});
+  empty.read_to(nullptr);  // nothing to copy: no access
+  empty.assign_from(nullptr);
 }
 
 TEST(Tensor, WrongShapesThrowNamingBoth) {
