@@ -46,34 +46,39 @@ constexpr int max_co() {
   return CIV == 2 ? 6 : 12;
 }
 
-// One output row: acc (CO x 8*CIV floats, in memory) += sum over `count` voxels of the outer product
-// of dy[co0 .. co0+CO) and x[ci0 .. ci0+8*CIV). The accumulators are locals of this call, so that
-// they stay in registers through the voxel loop (an array carried across rows was kept in memory).
+// rows x count voxels: dw tile (CO rows of 8*CIV floats, row stride dw_row) += sum of the outer
+// products of dy[co0 .. co0+CO) and x[ci0 .. ci0+8*CIV). The accumulators are locals that stay in
+// registers through both loops (no branch inside them: the caller passes only valid rows and
+// columns); they are added to dw once at the end.
 template <int CO, int CIV>
-__attribute__((target("avx2,fma"), always_inline)) inline void row_kernel(const float* xp, const float* dp,
-                                                                          int64_t count, int64_t xstep,
-                                                                          int64_t dstep, float* acc) {
+__attribute__((target("avx2,fma"), always_inline)) inline void tile_kernel(
+    const float* xp, const float* dp, int64_t rows, int64_t count, int64_t x_row, int64_t d_row,
+    int64_t xstep, int64_t dstep, float* dw, int64_t dw_row) {
   __m256 a[CO][CIV];
 #pragma GCC unroll 16
   for (int c = 0; c < CO; ++c)
 #pragma GCC unroll 4
     for (int v = 0; v < CIV; ++v) a[c][v] = _mm256_setzero_ps();
-  for (int64_t i = 0; i < count; ++i, xp += xstep, dp += dstep) {
-    __m256 xv[CIV];
+  for (int64_t r = 0; r < rows; ++r, xp += x_row, dp += d_row) {
+    const float* xq = xp;
+    const float* dq = dp;
+    for (int64_t i = 0; i < count; ++i, xq += xstep, dq += dstep) {
+      __m256 xv[CIV];
 #pragma GCC unroll 4
-    for (int v = 0; v < CIV; ++v) xv[v] = _mm256_loadu_ps(xp + 8 * v);
+      for (int v = 0; v < CIV; ++v) xv[v] = _mm256_loadu_ps(xq + 8 * v);
 #pragma GCC unroll 16
-    for (int c = 0; c < CO; ++c) {
-      const __m256 d = _mm256_broadcast_ss(dp + c);
+      for (int c = 0; c < CO; ++c) {
+        const __m256 d = _mm256_broadcast_ss(dq + c);
 #pragma GCC unroll 4
-      for (int v = 0; v < CIV; ++v) a[c][v] = _mm256_fmadd_ps(d, xv[v], a[c][v]);
+        for (int v = 0; v < CIV; ++v) a[c][v] = _mm256_fmadd_ps(d, xv[v], a[c][v]);
+      }
     }
   }
 #pragma GCC unroll 16
   for (int c = 0; c < CO; ++c)
 #pragma GCC unroll 4
     for (int v = 0; v < CIV; ++v) {
-      float* p = acc + (c * CIV + v) * 8;
+      float* p = dw + c * dw_row + 8 * v;
       _mm256_storeu_ps(p, _mm256_add_ps(_mm256_loadu_ps(p), a[c][v]));
     }
 }
@@ -87,26 +92,20 @@ __attribute__((target("avx2,fma"))) void accumulate_tile(const ConvGeometry& g, 
   const int64_t s = g.stride, p = g.pad, K = g.k;
   const int64_t id = od * s + t.kz - p;
   if (id < 0 || id >= g.id) return;
-  // ow whose input column iw = ow * s + kx - p lies inside x.
+  // Output columns / rows whose input column iw = ow * s + kx - p (row ih = oh * s + ky - p) lies
+  // inside x.
   const int64_t ow_lo = std::max<int64_t>(0, ceil_div(p - t.kx, s));
   const int64_t ow_hi = std::min<int64_t>(g.ow - 1, floor_div(g.iw - 1 + p - t.kx, s));
-  if (ow_lo > ow_hi) return;
-  alignas(32) float acc[CO * CIV * 8] = {};
+  const int64_t oh_lo = std::max<int64_t>(oh0, ceil_div(p - t.ky, s));
+  const int64_t oh_hi = std::min<int64_t>(oh1 - 1, floor_div(g.ih - 1 + p - t.ky, s));
+  if (ow_lo > ow_hi || oh_lo > oh_hi) return;
   const int64_t cin = g.cin, cout = g.cout;
-  bool any = false;
-  for (int64_t oh = oh0; oh < oh1; ++oh) {
-    const int64_t ih = oh * s + t.ky - p;
-    if (ih < 0 || ih >= g.ih) continue;
-    any = true;
-    const float* xp = x + (((n * g.id + id) * g.ih + ih) * g.iw + ow_lo * s + t.kx - p) * cin + t.ci0;
-    const float* dp = dy + (((n * g.od + od) * g.oh + oh) * g.ow + ow_lo) * cout + t.co0;
-    row_kernel<CO, CIV>(xp, dp, ow_hi - ow_lo + 1, s * cin, cout, acc);
-  }
-  if (!any) return;
-  for (int c = 0; c < CO; ++c) {
-    float* out = dw + ((((t.co0 + c) * K + t.kz) * K + t.ky) * K + t.kx) * cin + t.ci0;
-    for (int v = 0; v < CIV * 8; ++v) out[v] += acc[c * CIV * 8 + v];
-  }
+  const int64_t ih = oh_lo * s + t.ky - p;
+  const float* xp = x + (((n * g.id + id) * g.ih + ih) * g.iw + ow_lo * s + t.kx - p) * cin + t.ci0;
+  const float* dp = dy + (((n * g.od + od) * g.oh + oh_lo) * g.ow + ow_lo) * cout + t.co0;
+  float* out = dw + (((t.co0 * K + t.kz) * K + t.ky) * K + t.kx) * cin + t.ci0;
+  tile_kernel<CO, CIV>(xp, dp, oh_hi - oh_lo + 1, ow_hi - ow_lo + 1, s * g.iw * cin, g.ow * cout,
+                       s * cin, cout, out, K * K * K * cin);
 }
 
 bool cpu_has_avx2_fma() {
