@@ -16,7 +16,6 @@
 #include "core/rng.hpp"
 #include "core/threads.hpp"
 #include "kernels/cpu/conv.hpp"
-#include "kernels/cpu/ops.hpp"
 #include "nn/deep_supervision.hpp"
 #include "nn/device_ops.hpp"
 #include "nn/optimizer.hpp"

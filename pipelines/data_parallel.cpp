@@ -8,6 +8,17 @@
 
 namespace medseg::pipelines {
 
+namespace {
+// The step's scalars in double, in their own (tiny) allreduce: a float sum of losses would round.
+// `bad` stays a count of ranks; the others become means.
+void average_scalars(const dist::Comm& comm, StepScalars& scalars) {
+  double s[4] = {scalars.bad, scalars.loss, scalars.ce, scalars.soft_dice};
+  comm.allreduce_sum(s, 4);
+  const double inv = 1.0 / comm.size();
+  scalars = {s[0], s[1] * inv, s[2] * inv, s[3] * inv};
+}
+}  // namespace
+
 void average_gradients(const dist::Comm& comm, const std::vector<nn::NamedTensor>& params,
                        StepScalars& scalars, std::vector<float>& scratch, dist::NcclComm* nccl) {
   if (comm.size() == 1) return;
@@ -17,10 +28,7 @@ void average_gradients(const dist::Comm& comm, const std::vector<nn::NamedTensor
     for (const auto& p : params)
       nccl->allreduce_average(p.grad->data(), static_cast<size_t>(p.grad->numel()), stream);
     nccl->group_end();
-    double s[4] = {scalars.bad, scalars.loss, scalars.ce, scalars.soft_dice};
-    comm.allreduce_sum(s, 4);
-    const double invd = 1.0 / comm.size();
-    scalars = {s[0], s[1] * invd, s[2] * invd, s[3] * invd};
+    average_scalars(comm, scalars);
     return;
   }
   size_t n = 0;
@@ -32,9 +40,7 @@ void average_gradients(const dist::Comm& comm, const std::vector<nn::NamedTensor
     off += static_cast<size_t>(p.grad->numel());
   }
   comm.allreduce_sum(scratch.data(), n);
-  // The scalars in double, in a second (tiny) allreduce: a float sum of losses would round.
-  double s[4] = {scalars.bad, scalars.loss, scalars.ce, scalars.soft_dice};
-  comm.allreduce_sum(s, 4);
+  average_scalars(comm, scalars);
   const float inv = 1.0f / static_cast<float>(comm.size());
   for (auto& v : scratch) v *= inv;
   off = 0;
@@ -42,8 +48,6 @@ void average_gradients(const dist::Comm& comm, const std::vector<nn::NamedTensor
     p.grad->assign_from(scratch.data() + off);
     off += static_cast<size_t>(p.grad->numel());
   }
-  const double invd = 1.0 / comm.size();
-  scalars = {s[0], s[1] * invd, s[2] * invd, s[3] * invd};
 }
 
 void average_tensors(const dist::Comm& comm, const std::vector<nn::NamedTensor>& tensors) {

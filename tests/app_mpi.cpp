@@ -78,8 +78,9 @@ fs::path sample(const fs::path& w) {
 }
 
 // `medseg train` on w/data into w/<out> with kTrainArgs and `extra`, as one process or under mpirun.
-test::Run train_one(const fs::path& w, const std::string& out, const std::string& extra = "") {
-  return run("train --data " + (w / "data").string() + " --out " + (w / out).string() + kTrainArgs + extra);
+test::Run train_one(const fs::path& w, const std::string& out, const std::string& extra = "",
+                    const std::string& args = kTrainArgs) {
+  return run("train --data " + (w / "data").string() + " --out " + (w / out).string() + args + extra);
 }
 // Two ranks with different command lines (MPMD): rank 0 trains on data0, rank 1 on data1 with extra1.
 test::Run train_two_apart(const fs::path& w, const fs::path& data0, const fs::path& data1,
@@ -88,9 +89,10 @@ test::Run train_two_apart(const fs::path& w, const fs::path& data0, const fs::pa
   return test::run_shell(mpirun(1) + MEDSEG_BINARY + common + " --data " + data0.string() + " : -np 1 " +
                          MEDSEG_BINARY + common + " --data " + data1.string() + extra1);
 }
-test::Run train_two(const fs::path& w, const std::string& out, const std::string& extra = "") {
+test::Run train_two(const fs::path& w, const std::string& out, const std::string& extra = "",
+                    const std::string& args = kTrainArgs) {
   return test::run_shell(mpirun(2) + MEDSEG_BINARY + " train --data " + (w / "data").string() + " --out " +
-                         (w / out).string() + kTrainArgs + extra);
+                         (w / out).string() + args + extra);
 }
 
 }  // namespace
@@ -201,10 +203,9 @@ TEST(DataParallel, TwoGpuRanksWithTheSameBatchesEqualOneGpu) {
   args.replace(args.find("--device cpu"), std::strlen("--device cpu"), "--device cuda --no-tf32");
   const fs::path w = scratch("mpi_gpu");
   sample(w);
-  auto one = run("train --data " + (w / "data").string() + " --out " + (w / "one").string() + args);
+  auto one = train_one(w, "one", "", args);
   ASSERT_EQ(one.code, 0) << one.output;
-  auto two = test::run_shell(mpirun(2) + MEDSEG_BINARY + " train --data " + (w / "data").string() +
-                             " --out " + (w / "two").string() + args + " --same-batches-on-all-ranks");
+  auto two = train_two(w, "two", " --same-batches-on-all-ranks", args);
   ASSERT_EQ(two.code, 0) << two.output;
   if (info.find("NCCL (multi-GPU gradients): 2.") != std::string::npos) {
     EXPECT_NE(two.output.find("gradients averaged on the GPUs with NCCL"), std::string::npos) << two.output;

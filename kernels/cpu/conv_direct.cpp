@@ -13,6 +13,7 @@
 // walked in blocks of rows small enough for the x and dy rows a block touches to stay in L2 while
 // every thread runs its tiles over them.
 #include <immintrin.h>
+#include <omp.h>
 
 #include <algorithm>
 #include <array>
@@ -141,7 +142,7 @@ void run_tiles(const ConvGeometry& g, const float* dy, const float* x, float* dw
   const int64_t ntiles = static_cast<int64_t>(tiles.size());
 #pragma omp parallel
   {
-    const int64_t nt = omp_threads(), t = omp_thread();
+    const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
     // Contiguous tile ranges: each tile of dw belongs to one thread.
     const int64_t lo = ntiles * t / nt, hi = ntiles * (t + 1) / nt;
     for (int64_t n = 0; n < g.n; ++n)

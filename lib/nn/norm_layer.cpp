@@ -209,15 +209,16 @@ void NormLayer::set_skipped_updates(int64_t n) {
 
 NormDiagnostics NormLayer::diagnostics() const {
   NormDiagnostics diag;
-  diag.skipped_updates = skipped_updates();
+  diag.skipped_updates = skipped_updates_;
   const float* r = cache_r_.data();
   const float* d = cache_d_.data();
   int64_t r_clipped = last_info_.r_clipped, d_clipped = last_info_.d_clipped;
   std::vector<float> host;
   if (device() == Device::CUDA) {
 #ifdef MEDSEG_HAVE_CUDA
-    if (cfg_.kind == cpu::NormKind::InstanceNorm || cache_slots_ == 0) return diag;
     const auto counts = static_cast<const cuda::NormDeviceCounters*>(counters_.get())->read(cuda_context());
+    diag.skipped_updates += counts.skipped_updates;  // one read (one synchronization) for both
+    if (cfg_.kind == cpu::NormKind::InstanceNorm || cache_slots_ == 0) return diag;
     r_clipped = counts.last_r_clipped;
     d_clipped = counts.last_d_clipped;
     host = cache_dev_.to_vector();
