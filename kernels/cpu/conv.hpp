@@ -14,6 +14,7 @@
 // Callers that need accumulation add the result themselves.
 #pragma once
 #include <cstdint>
+#include <optional>
 #include <string>
 
 #include "core/tensor.hpp"
@@ -76,6 +77,20 @@ void conv3d_forward_leaky(const ConvGeometry& g, const float* x, const float* w,
 bool conv3d_backward_weights_direct_covers(const ConvGeometry& g);
 bool conv3d_backward_weights_direct(const ConvGeometry& g, const float* dy, const float* x, float* dw,
                                     float* db);
+
+// ---- Winograd F(2x2x2, 3x3x3) for AVX2 + FMA CPUs (conv_winograd.cpp) ----
+// 64 multiplications per 2x2x2 output block and channel pair instead of 216. Covers regular
+// convolutions with k = 3, stride 1, pad 1, Cin % 8 == 0 and Cout % 8 == 0 on CPUs with AVX2 and FMA:
+// then it computes the pass and returns true; otherwise it returns false and touches nothing. The
+// forward optionally applies LeakyReLU (slope) after the bias. Each output element is computed by
+// one thread in a fixed order (same bits for any thread count). conv3d_forward,
+// conv3d_forward_leaky and conv3d_backward_data use it below AVX-512 (MEDSEG_CONV_WINOGRAD=0 keeps
+// oneDNN).
+bool conv3d_winograd_covers(const ConvGeometry& g);
+bool conv3d_forward_winograd(const ConvGeometry& g, const float* x, const float* w, const float* b,
+                             float* y, std::optional<float> leaky_slope = std::nullopt);
+bool conv3d_backward_data_winograd(const ConvGeometry& g, const float* dy, const float* w,
+                                   float* dx);
 
 // Drops every cached oneDNN primitive (tests; thread-count changes).
 void clear_conv_cache();

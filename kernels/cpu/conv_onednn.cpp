@@ -454,11 +454,26 @@ void transposed_backward_weights_by_gemm(const ConvGeometry& g, const float* dy,
   if (db) detail::bias_gradient(dy, g.n * g.od * g.oh * g.ow, cout, db);
 }
 
+// Environment switch for A/B benchmarks: false when `name` is set to "0".
+bool enabled_unless_zero(const char* name) {
+  const char* e = std::getenv(name);
+  return !(e && std::string(e) == "0");
+}
+
 bool below_avx512() {
   static const bool below = static_cast<int>(dnnl::get_effective_cpu_isa()) <
                                 static_cast<int>(dnnl::cpu_isa::avx512_core) ||
                             dnnl::get_effective_cpu_isa() == dnnl::cpu_isa::avx2_vnni;
   return below;
+}
+
+// Below AVX-512 the Winograd kernels replace oneDNN's forward and backward-data on the 3x3x3
+// stride-1 convolutions they cover (conv_winograd.cpp; 1.4-1.9x oneDNN's AVX2 kernels on the U-Net's
+// shapes); MEDSEG_CONV_WINOGRAD=0 keeps oneDNN. On AVX-512 oneDNN's kernels run at twice the AVX2
+// rate and the AVX2 Winograd kernels are not measured against them, so oneDNN stays.
+bool use_winograd(const ConvGeometry& g) {
+  static const bool on = enabled_unless_zero("MEDSEG_CONV_WINOGRAD");
+  return on && below_avx512() && conv3d_winograd_covers(g);
 }
 
 }  // namespace
@@ -471,6 +486,7 @@ void forward(const ConvGeometry& g, const float* x, const float* w, const float*
   MEDSEG_CHECK(x && w && y, "conv3d_forward: null x, w or y for ", g.str());
   MEDSEG_CHECK(!slope || !g.transposed, "conv3d_forward_leaky: not for transposed convolutions (",
                g.str(), ")");
+  if (use_winograd(g) && conv3d_forward_winograd(g, x, w, b, y, slope)) return;
   auto e = lookup(g, Pass::Forward, b != nullptr, slope.has_value(), slope.value_or(0.f));
   if (e->forward_by_gemm) return transposed_forward_by_gemm(g, x, w, b, y);
   std::lock_guard<std::mutex> lock(e->mu);
@@ -497,6 +513,7 @@ void conv3d_forward_leaky(const ConvGeometry& g, const float* x, const float* w,
 void conv3d_backward_data(const ConvGeometry& g, const float* dy, const float* w, float* dx) {
   validate(g);
   MEDSEG_CHECK(dy && w && dx, "conv3d_backward_data: null dy, w or dx for ", g.str());
+  if (use_winograd(g) && conv3d_backward_data_winograd(g, dy, w, dx)) return;
   auto e = lookup(g, Pass::BackwardData, false);
   std::lock_guard<std::mutex> lock(e->mu);
   set(e->dst, dy);
@@ -515,10 +532,7 @@ void conv3d_backward_weights(const ConvGeometry& g, const float* dy, const float
   // Below AVX-512 oneDNN's channels-last backward-weights runs at half its forward rate; the direct
   // register-tiled kernel covers the U-Net's channel counts (conv_direct.cpp). MEDSEG_CONV_DIRECT=0
   // keeps oneDNN (A/B benchmarks).
-  static const bool direct = [] {
-    const char* e = std::getenv("MEDSEG_CONV_DIRECT");
-    return !(e && std::string(e) == "0");
-  }();
+  static const bool direct = enabled_unless_zero("MEDSEG_CONV_DIRECT");
   if (direct && below_avx512() && conv3d_backward_weights_direct(g, dy, x, dw, db)) return;
   auto e = lookup(g, Pass::BackwardWeights, db != nullptr);
   std::lock_guard<std::mutex> lock(e->mu);
