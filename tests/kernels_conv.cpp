@@ -434,7 +434,7 @@ TEST(Conv3d, DirectBackwardWeightsMatchesReference) {
 
 // The Winograd F(2x2x2, 3x3x3) kernels, called explicitly (so that they are tested on AVX-512
 // machines too, where the dispatch keeps oneDNN): forward with and without bias, with the fused
-// LeakyReLU, and backward-data against the reference, on sizes with partial tiles (odd), volumes
+// LeakyReLU, backward-data and backward-weights (with db) against the reference, on sizes with partial tiles (odd), volumes
 // smaller than one tile, Cin != Cout, channel counts with a tail of 8 output channels, and a
 // volume with several blocks of tiles and a partial last group; the same bits for 1 and 2 threads.
 TEST(Conv3d, WinogradMatchesReference) {
@@ -460,7 +460,10 @@ TEST(Conv3d, WinogradMatchesReference) {
     auto y_leaky_ref = run_ref_forward(g, x, w, b.data());
     leaky_relu_forward(static_cast<int64_t>(y_leaky_ref.size()), y_leaky_ref.data(), 0.01f,
                        y_leaky_ref.data());
-    std::vector<float> first_y, first_dx;
+    std::vector<float> dw_ref(static_cast<size_t>(g.weight_shape().numel()));
+    std::vector<float> db_ref(static_cast<size_t>(g.cout));
+    conv3d_backward_weights_ref(g, dy.data(), x.data(), dw_ref.data(), db_ref.data());
+    std::vector<float> first_y, first_dx, first_dw;
     for (int threads : {1, 2}) {
       const int saved = num_threads();
       set_num_threads(threads);
@@ -483,6 +486,16 @@ TEST(Conv3d, WinogradMatchesReference) {
       Guarded yl(g.out_shape().numel());
       ASSERT_TRUE(conv3d_forward_winograd(g, x.data(), w.data(), b.data(), yl.data(), 0.01f)) << tt;
       expect_close(yl, y_leaky_ref, tt + " forward+bias+leaky");
+      Guarded dw(g.weight_shape().numel()), db(g.cout);
+      ASSERT_TRUE(conv3d_backward_weights_winograd(g, dy.data(), x.data(), dw.data(), db.data()))
+          << tt;
+      expect_close(dw, dw_ref, tt + " backward-weights dw");
+      expect_close(db, db_ref, tt + " backward-weights db");
+      std::vector<float> got_dw(dw.data(), dw.data() + dw.size());
+      if (first_dw.empty())
+        first_dw = got_dw;
+      else
+        EXPECT_EQ(got_dw, first_dw) << tt << ": backward-weights differs between 1 and 2 threads";
       Guarded dx(g.in_shape().numel());
       ASSERT_TRUE(conv3d_backward_data_winograd(g, dy.data(), w.data(), dx.data())) << tt;
       expect_close(dx, dx_ref, tt + " backward-data");
@@ -507,6 +520,8 @@ TEST(Conv3d, WinogradMatchesReference) {
     std::vector<float> buf(static_cast<size_t>(n), 7.f), out(static_cast<size_t>(n), 7.f);
     EXPECT_FALSE(conv3d_forward_winograd(g, buf.data(), buf.data(), nullptr, out.data())) << g.str();
     EXPECT_FALSE(conv3d_backward_data_winograd(g, buf.data(), buf.data(), out.data())) << g.str();
+    EXPECT_FALSE(conv3d_backward_weights_winograd(g, buf.data(), buf.data(), out.data(), nullptr))
+        << g.str();
     for (float v : out) ASSERT_EQ(v, 7.f) << g.str();
   }
 }

@@ -91,6 +91,10 @@ bool conv3d_forward_winograd(const ConvGeometry& g, const float* x, const float*
                              float* y, std::optional<float> leaky_slope = std::nullopt);
 bool conv3d_backward_data_winograd(const ConvGeometry& g, const float* dy, const float* w,
                                    float* dx);
+// Backward-weights (and db when not null) by the transposed Winograd algorithm; also requires the
+// 64 transformed Cin x Cout gradients to take at most 8 MB (Cin * Cout <= 32768).
+bool conv3d_backward_weights_winograd(const ConvGeometry& g, const float* dy, const float* x,
+                                      float* dw, float* db);
 
 // Drops every cached oneDNN primitive (tests; thread-count changes).
 void clear_conv_cache();

@@ -533,6 +533,7 @@ void conv3d_backward_weights(const ConvGeometry& g, const float* dy, const float
   // register-tiled kernel covers the U-Net's channel counts (conv_direct.cpp). MEDSEG_CONV_DIRECT=0
   // keeps oneDNN (A/B benchmarks).
   static const bool direct = enabled_unless_zero("MEDSEG_CONV_DIRECT");
+  if (use_winograd(g) && conv3d_backward_weights_winograd(g, dy, x, dw, db)) return;
   if (direct && below_avx512() && conv3d_backward_weights_direct(g, dy, x, dw, db)) return;
   auto e = lookup(g, Pass::BackwardWeights, db != nullptr);
   std::lock_guard<std::mutex> lock(e->mu);

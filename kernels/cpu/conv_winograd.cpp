@@ -45,6 +45,7 @@
 
 #include "core/error.hpp"
 #include "kernels/cpu/conv.hpp"
+#include "kernels/cpu/conv_internal.hpp"
 
 namespace medseg::cpu {
 
@@ -148,6 +149,14 @@ __attribute__((target("avx2,fma"))) void gather_tile(const Problem& p, const flo
       const int64_t z = o.z + a, y = o.y + b;
       const bool row_in = !kBorder || (z >= 0 && z < p.d && y >= 0 && y < p.h);
       const float* row = in + (((o.n * p.d + z) * p.h + y) * p.w + o.x) * cin;
+      if constexpr (!kBorder) {
+        // The 16 rows are 16 interleaved streams that advance 2 voxels per tile, more than the
+        // hardware prefetchers follow: fetch the 2 voxels tile t + 4 will add (prefetches beyond
+        // the row are harmless hints).
+        const char* ahead = reinterpret_cast<const char*>(row + 10 * cin);
+        for (int64_t off = 0; off < 2 * cin * 4; off += 64)
+          _mm_prefetch(ahead + off, _MM_HINT_T0);
+      }
       float* dst = L + (a * 4 + b) * 8;
       for (int64_t cb = 0; cb < cin / 8; ++cb, dst += kCb, row += 8) {
         __m256 d[4];
@@ -186,17 +195,18 @@ __attribute__((target("avx2,fma"), always_inline)) inline void input_column(cons
   }
 }
 
-// The V entries of one tile from its x-transformed block L; v: V + group * 64 * sv + slot * 8
-// (slot = the tile's row in its group of kRows). Channel block cb of point xi is at
-// v + xi * sv + cb * 8 * kRows.
+// The transformed inputs of one tile from its x-transformed block L: channel block cb of point xi
+// goes to v + xi * xs + cb * cs. Forward: v = V + group * 64 * sv + slot * 8 (slot = the tile's row
+// in its group of kRows), xs = sv, cs = 8 * kRows; backward-weights: v = V + tile * cin,
+// xs = tiles * cin, cs = 8.
 __attribute__((target("avx2,fma"))) void input_transform(const Problem& p, const float* L,
-                                                         float* v) {
+                                                         float* v, int64_t xs, int64_t cs) {
   for (int64_t cb = 0; cb < p.cin / 8; ++cb) {
-    float* vc = v + cb * 8 * kRows;
-    input_column<0>(L + cb * kCb, vc, p.sv);
-    input_column<1>(L + cb * kCb, vc, p.sv);
-    input_column<2>(L + cb * kCb, vc, p.sv);
-    input_column<3>(L + cb * kCb, vc, p.sv);
+    float* vc = v + cb * cs;
+    input_column<0>(L + cb * kCb, vc, xs);
+    input_column<1>(L + cb * kCb, vc, xs);
+    input_column<2>(L + cb * kCb, vc, xs);
+    input_column<3>(L + cb * kCb, vc, xs);
   }
 }
 
@@ -256,40 +266,47 @@ __attribute__((target("avx2,fma"))) void output_transform(const Problem& p, cons
 
 // ------------------------------------------------------------------------------------- GEMM
 
-// One transformed point, one group of R <= kRows tiles, 8*NV output channels: M (R x 8*NV) =
-// V (R x cin) * U[xi] (cin x 8*NV). a: the group's V at this point (tile r, channel k at
-// a + (k/8)*8*kRows + r*8 + k%8); b: U[xi] + co0 (row k at b + k*ldb); c: the group's M at this
-// point + (co0/8)*8*kRows (vector v of tile r at c + v*8*kRows + r*8). The 6 broadcasts of a step
-// come from 192 contiguous bytes and the results go to 12 contiguous vectors.
+// One transformed point, `count` groups of R <= kRows tiles, 8*NV output channels: M (R x 8*NV) =
+// V (R x cin) * U[xi] (cin x 8*NV) for each group. a: the first group's V at this point (tile r,
+// channel k at a + (k/8)*8*kRows + r*8 + k%8); b: U[xi] + co0 (row k at b + k*ldb); c: the first
+// group's M at this point + (co0/8)*8*kRows (vector v of tile r at c + v*8*kRows + r*8); a and c
+// advance by `step` and `cstep` per group. The 6 broadcasts of a step come from 192 contiguous
+// bytes and the results go to 12 contiguous vectors.
 template <int R, int NV>
-__attribute__((target("avx2,fma"))) void gemm_tile(const float* a, const float* b, int64_t ldb,
-                                                   float* c, int64_t cin) {
-  __m256 acc[R][NV];
+__attribute__((target("avx2,fma"))) void gemm_tile(const float* a, int64_t step, const float* b,
+                                                   int64_t ldb, float* c, int64_t cstep,
+                                                   int64_t cin, int64_t count) {
+  for (int64_t g = 0; g < count; ++g, a += step, c += cstep) {
+    __m256 acc[R][NV];
 #pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
+    for (int r = 0; r < R; ++r)
 #pragma GCC unroll 2
-    for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_setzero_ps();
-  for (int64_t k0 = 0; k0 < cin; k0 += 8, a += 8 * kRows, b += 8 * ldb) {
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_setzero_ps();
+    const float* ak = a;
+    const float* bk = b;
+    for (int64_t k0 = 0; k0 < cin; k0 += 8, ak += 8 * kRows, bk += 8 * ldb) {
 #pragma GCC unroll 8
-    for (int k = 0; k < 8; ++k) {
-      __m256 bv[NV];
+      for (int k = 0; k < 8; ++k) {
+        __m256 bv[NV];
 #pragma GCC unroll 2
-      for (int v = 0; v < NV; ++v) bv[v] = _mm256_loadu_ps(b + k * ldb + 8 * v);
+        for (int v = 0; v < NV; ++v) bv[v] = _mm256_loadu_ps(bk + k * ldb + 8 * v);
 #pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) {
-        const __m256 av = _mm256_broadcast_ss(a + r * 8 + k);
+        for (int r = 0; r < R; ++r) {
+          const __m256 av = _mm256_broadcast_ss(ak + r * 8 + k);
 #pragma GCC unroll 2
-        for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_fmadd_ps(av, bv[v], acc[r][v]);
+          for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_fmadd_ps(av, bv[v], acc[r][v]);
+        }
       }
     }
-  }
 #pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
+    for (int r = 0; r < R; ++r)
 #pragma GCC unroll 2
-    for (int v = 0; v < NV; ++v) _mm256_storeu_ps(c + v * 8 * kRows + r * 8, acc[r][v]);
+      for (int v = 0; v < NV; ++v) _mm256_storeu_ps(c + v * 8 * kRows + r * 8, acc[r][v]);
+  }
 }
 
-using GemmFn = void (*)(const float*, const float*, int64_t, float*, int64_t);
+using GemmFn = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t,
+                        int64_t);
 
 template <int NV>
 constexpr GemmFn gemm_fns[kRows + 1] = {nullptr,           &gemm_tile<1, NV>, &gemm_tile<2, NV>,
@@ -299,17 +316,22 @@ constexpr GemmFn gemm_fns[kRows + 1] = {nullptr,           &gemm_tile<1, NV>, &g
 // M = V * U[xi] for every point xi and the block's tiles: point-major, so that U[xi] is reused by
 // every group of the block while V and M of the block stay in L2.
 void block_gemms(const Problem& p, const float* V, const float* U, float* M, int64_t rows) {
-  const int64_t groups = (rows + kRows - 1) / kRows;
+  const int64_t full = rows / kRows;
+  const int tail = static_cast<int>(rows % kRows);
+  const int64_t vstep = kXi * p.sv, mstep = kXi * p.sm;
   for (int xi = 0; xi < kXi; ++xi) {
     const float* u = U + xi * p.cin * p.cout;
-    for (int64_t gi = 0; gi < groups; ++gi) {
-      const int nr = static_cast<int>(std::min<int64_t>(kRows, rows - gi * kRows));
-      const float* a = V + (gi * kXi + xi) * p.sv;
-      float* c = M + (gi * kXi + xi) * p.sm;
-      for (int64_t co = 0; co < p.cout; co += 16) {
-        const GemmFn fn = co + 16 <= p.cout ? gemm_fns<2>[nr] : gemm_fns<1>[nr];
-        fn(a, u + co, p.cout, c + (co / 8) * 8 * kRows, p.cin);
-      }
+    const float* a = V + xi * p.sv;
+    float* c = M + xi * p.sm;
+    for (int64_t co = 0; co < p.cout; co += 16) {
+      const bool two = co + 16 <= p.cout;
+      float* cc = c + (co / 8) * 8 * kRows;
+      if (full > 0)
+        (two ? gemm_fns<2>[kRows] : gemm_fns<1>[kRows])(a, vstep, u + co, p.cout, cc, mstep, p.cin,
+                                                        full);
+      if (tail > 0)
+        (two ? gemm_fns<2>[tail] : gemm_fns<1>[tail])(a + full * vstep, vstep, u + co, p.cout,
+                                                      cc + full * mstep, mstep, p.cin, 1);
     }
   }
 }
@@ -352,6 +374,13 @@ void advance(const Problem& p, TileOrigin& o) {
   ++o.n;
 }
 
+void gather(const Problem& p, const float* in, const TileOrigin& o, float* L) {
+  if (interior(p, o))
+    gather_tile<false>(p, in, o, L);
+  else
+    gather_tile<true>(p, in, o, L);
+}
+
 void run(const Problem& p, const float* in, const float* w, bool backward, const Epilogue& ep,
          float* out) {
   float* U = weights_buffer(static_cast<size_t>(kXi * p.cin * p.cout));
@@ -373,17 +402,212 @@ void run(const Problem& p, const float* in, const float* w, bool backward, const
       const TileOrigin first = tile_origin(p, t0);
       TileOrigin o = first;
       for (int64_t r = 0; r < rows; ++r, advance(p, o)) {
-        if (interior(p, o))
-          gather_tile<false>(p, in, o, L);
-        else
-          gather_tile<true>(p, in, o, L);
-        input_transform(p, L, V + (r / kRows) * group_v + (r % kRows) * 8);
+        gather(p, in, o, L);
+        input_transform(p, L, V + (r / kRows) * group_v + (r % kRows) * 8, p.sv, 8 * kRows);
       }
       block_gemms(p, V, U, M, rows);
       o = first;
       for (int64_t r = 0; r < rows; ++r, advance(p, o))
         output_transform(p, M + (r / kRows) * group_m + (r % kRows) * 8, o, ep, out);
     }
+  }
+}
+
+// ------------------------------------------------------------------------- backward-weights
+//
+// The forward per tile is y_t = A^T [U . V_t] (Kronecker products over the three axes implied), so
+// the weight gradient is dU[xi][ci][co] = sum_t V_t[xi][ci] * Z_t[xi][co] with Z_t = (A (x) A (x) A)
+// dy_t, the 2x2x2 output gradient of the tile spread to 64 points (A = the transpose of A^T:
+// z = (d0, d0 + d1, d0 - d1, -d1) per axis), and dw = (G^T (x) G^T (x) G^T) dU. Per block of tiles:
+// V (64 x T x cin, the forward's input transform) and Z (64 x T x cout), then 64 GEMMs
+// dU[xi] += V[xi]^T Z[xi] reducing over the block's tiles. The tiles are cut into a fixed number of
+// chunks (not one per thread) with one partial dU each, summed in chunk order: the result does not
+// depend on the thread count.
+
+// Z entries of one tile (z: Z + tile * cout, point xi of channel block cb at z + xi * xs + cb * 8)
+// from the tile's 2x2x2 block of dy (zeros for outputs beyond the volume).
+__attribute__((target("avx2,fma"))) void dy_transform(const Problem& p, const float* dy,
+                                                      const TileOrigin& o, float* z,
+                                                      int64_t xs) {
+  const int64_t cout = p.cout;
+  const int64_t z0 = o.z + 1, y0 = o.y + 1, x0 = o.x + 1;
+  const bool zin[2] = {true, z0 + 1 < p.d}, yin[2] = {true, y0 + 1 < p.h},
+             xin[2] = {true, x0 + 1 < p.w};
+  const float* base = dy + (((o.n * p.d + z0) * p.h + y0) * p.w + x0) * cout;
+  const int64_t zs = p.h * p.w * cout, ys = p.w * cout;
+  const __m256 zero = _mm256_setzero_ps();
+  for (int64_t cb = 0; cb < cout / 8; ++cb) {
+    __m256 d[2][2][2];
+    for (int a = 0; a < 2; ++a)
+      for (int b = 0; b < 2; ++b)
+        for (int c = 0; c < 2; ++c)
+          d[a][b][c] = zin[a] && yin[b] && xin[c]
+                           ? _mm256_loadu_ps(base + a * zs + b * ys + c * cout + cb * 8)
+                           : zero;
+    float* zc = z + cb * 8;
+    for (int j = 0; j < 4; ++j) {
+      __m256 e[2][2];  // x step: point j of each (z, y) row
+      for (int a = 0; a < 2; ++a)
+        for (int b = 0; b < 2; ++b) {
+          const __m256 d0 = d[a][b][0], d1 = d[a][b][1];
+          e[a][b] = j == 0   ? d0
+                    : j == 1 ? _mm256_add_ps(d0, d1)
+                    : j == 2 ? _mm256_sub_ps(d0, d1)
+                             : _mm256_sub_ps(zero, d1);
+        }
+      for (int i = 0; i < 4; ++i) {
+        __m256 f[2];  // y step: point i
+        for (int a = 0; a < 2; ++a) {
+          const __m256 e0 = e[a][0], e1 = e[a][1];
+          f[a] = i == 0   ? e0
+                 : i == 1 ? _mm256_add_ps(e0, e1)
+                 : i == 2 ? _mm256_sub_ps(e0, e1)
+                          : _mm256_sub_ps(zero, e1);
+        }
+        const int xi = i * 4 + j;  // z step: points 0..3 of the z axis
+        _mm256_storeu_ps(zc + (0 * 16 + xi) * xs, f[0]);
+        _mm256_storeu_ps(zc + (1 * 16 + xi) * xs, _mm256_add_ps(f[0], f[1]));
+        _mm256_storeu_ps(zc + (2 * 16 + xi) * xs, _mm256_sub_ps(f[0], f[1]));
+        _mm256_storeu_ps(zc + (3 * 16 + xi) * xs, _mm256_sub_ps(zero, f[1]));
+      }
+    }
+  }
+}
+
+// du (R rows of input channels x 8*NV output channels, row stride ldu) += sum over `rows` tiles of
+// v[t][0..R) (row stride ldv) outer z[t][0..8*NV) (row stride ldz), for one point.
+template <int R, int NV>
+__attribute__((target("avx2,fma"))) void wgrad_tile(const float* v, int64_t ldv, const float* z,
+                                                    int64_t ldz, int64_t rows, float* du,
+                                                    int64_t ldu) {
+  __m256 acc[R][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 2
+    for (int c = 0; c < NV; ++c) acc[r][c] = _mm256_setzero_ps();
+  for (int64_t t = 0; t < rows; ++t, v += ldv, z += ldz) {
+    __m256 zv[NV];
+#pragma GCC unroll 2
+    for (int c = 0; c < NV; ++c) zv[c] = _mm256_loadu_ps(z + 8 * c);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m256 av = _mm256_broadcast_ss(v + r);
+#pragma GCC unroll 2
+      for (int c = 0; c < NV; ++c) acc[r][c] = _mm256_fmadd_ps(av, zv[c], acc[r][c]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 2
+    for (int c = 0; c < NV; ++c) {
+      float* q = du + r * ldu + 8 * c;
+      _mm256_storeu_ps(q, _mm256_add_ps(_mm256_loadu_ps(q), acc[r][c]));
+    }
+}
+
+using WgradFn = void (*)(const float*, int64_t, const float*, int64_t, int64_t, float*, int64_t);
+
+template <int NV>
+constexpr WgradFn wgrad_fns[kRows + 1] = {nullptr,            &wgrad_tile<1, NV>,
+                                          &wgrad_tile<2, NV>, &wgrad_tile<3, NV>,
+                                          &wgrad_tile<4, NV>, &wgrad_tile<5, NV>,
+                                          &wgrad_tile<6, NV>};
+
+// dU[xi] += V[xi]^T Z[xi] over the block's `rows` tiles (V, Z: [xi][T][channels]).
+void block_wgrad(const Problem& p, const float* V, const float* Z, int64_t rows, float* dU) {
+  const int64_t cin = p.cin, cout = p.cout;
+  for (int xi = 0; xi < kXi; ++xi) {
+    const float* v = V + xi * p.block * cin;
+    const float* z = Z + xi * p.block * cout;
+    float* du = dU + xi * cin * cout;
+    for (int64_t ci = 0; ci < cin; ci += kRows) {
+      const int nr = static_cast<int>(std::min<int64_t>(kRows, cin - ci));
+      for (int64_t co = 0; co < cout; co += 16) {
+        const WgradFn fn = co + 16 <= cout ? wgrad_fns<2>[nr] : wgrad_fns<1>[nr];
+        fn(v + ci, cin, z + co, cout, rows, du + ci * cout + co, cout);
+      }
+    }
+  }
+}
+
+// One axis of the gradient's back-transform on 8 lanes: 4 points -> 3 taps (G^T).
+__attribute__((target("avx2,fma"), always_inline)) inline void gt_transform(const __m256* u,
+                                                                           int us, __m256* g,
+                                                                           int gs) {
+  const __m256 half = _mm256_set1_ps(0.5f);
+  const __m256 s = _mm256_mul_ps(half, _mm256_add_ps(u[us], u[2 * us]));
+  g[0] = _mm256_add_ps(u[0], s);
+  g[gs] = _mm256_mul_ps(half, _mm256_sub_ps(u[us], u[2 * us]));
+  g[2 * gs] = _mm256_add_ps(s, u[3 * us]);
+}
+
+// dw (cout, 3, 3, 3, cin) = (G^T (x) G^T (x) G^T) dU[:, ci, co], 8 output channels per vector.
+__attribute__((target("avx2,fma"))) void untransform_weights(const float* dU, int64_t cin,
+                                                             int64_t cout, float* dw) {
+#pragma omp for schedule(static)
+  for (int64_t ci = 0; ci < cin; ++ci)
+    for (int64_t co = 0; co < cout; co += 8) {
+      __m256 u[4][4][4], t1[4][4][3], t2[4][3][3], g[3][3][3];
+      __m256* uf = &u[0][0][0];
+      for (int xi = 0; xi < kXi; ++xi) uf[xi] = _mm256_loadu_ps(dU + (xi * cin + ci) * cout + co);
+      for (int a = 0; a < 4; ++a)
+        for (int b = 0; b < 4; ++b) gt_transform(&u[a][b][0], 1, &t1[a][b][0], 1);
+      for (int a = 0; a < 4; ++a)
+        for (int kx = 0; kx < 3; ++kx) gt_transform(&t1[a][0][kx], 3, &t2[a][0][kx], 3);
+      for (int ky = 0; ky < 3; ++ky)
+        for (int kx = 0; kx < 3; ++kx) gt_transform(&t2[0][ky][kx], 9, &g[0][ky][kx], 9);
+      alignas(32) float lanes[8];
+      const __m256* gf = &g[0][0][0];
+      for (int k = 0; k < 27; ++k) {
+        _mm256_store_ps(lanes, gf[k]);
+        for (int j = 0; j < 8; ++j) dw[((co + j) * 27 + k) * cin + ci] = lanes[j];
+      }
+    }
+}
+
+// Chunks of tiles with their own partial dU: fixed (not per thread) so that the sum's order does
+// not depend on the thread count; at most 8, and their partials at most 16 MB.
+int64_t wgrad_chunks(const Problem& p, int64_t blocks) {
+  const int64_t u_bytes = kXi * p.cin * p.cout * 4;
+  return std::clamp<int64_t>(std::min<int64_t>(8, (16 << 20) / u_bytes), 1, blocks);
+}
+
+// Winograd backward-weights applies where the partial dU of even one chunk stays small.
+bool wgrad_fits(const ConvGeometry& g) { return kXi * g.cin * g.cout * 4 <= (8 << 20); }
+
+void run_wgrad(const Problem& p, const float* x, const float* dy, float* dw) {
+  const int64_t blocks = (p.tiles + p.block - 1) / p.block;
+  const int64_t chunks = wgrad_chunks(p, blocks);
+  const int64_t u_floats = kXi * p.cin * p.cout;
+  float* partial = weights_buffer(static_cast<size_t>(chunks * u_floats));
+#pragma omp parallel
+  {
+    float* V = thread_buffer(static_cast<size_t>(kXi * p.block * (p.cin + p.cout) + kXi * p.cin));
+    float* Z = V + kXi * p.block * p.cin;
+    float* L = Z + kXi * p.block * p.cout;
+#pragma omp for schedule(static)
+    for (int64_t c = 0; c < chunks; ++c) {
+      float* dU = partial + c * u_floats;
+      std::memset(dU, 0, static_cast<size_t>(u_floats) * sizeof(float));
+      for (int64_t b = blocks * c / chunks; b < blocks * (c + 1) / chunks; ++b) {
+        const int64_t t0 = b * p.block, rows = std::min(p.block, p.tiles - t0);
+        TileOrigin o = tile_origin(p, t0);
+        for (int64_t r = 0; r < rows; ++r, advance(p, o)) {
+          gather(p, x, o, L);
+          input_transform(p, L, V + r * p.cin, p.block * p.cin, 8);
+          dy_transform(p, dy, o, Z + r * p.cout, p.block * p.cout);
+        }
+        block_wgrad(p, V, Z, rows, dU);
+      }
+    }
+    // Sum the partials into the first, in chunk order (an implicit barrier ends the loop above).
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < u_floats; i += 8) {
+      __m256 s = _mm256_loadu_ps(partial + i);
+      for (int64_t c = 1; c < chunks; ++c) s = _mm256_add_ps(s, _mm256_loadu_ps(partial + c * u_floats + i));
+      _mm256_storeu_ps(partial + i, s);
+    }
+    untransform_weights(partial, p.cin, p.cout, dw);
   }
 }
 
@@ -420,6 +644,16 @@ bool conv3d_backward_data_winograd(const ConvGeometry& g, const float* dy, const
   MEDSEG_CHECK(dy && w && dx, "conv3d_backward_data_winograd: null dy, w or dx for ", g.str());
   const Problem p = make_problem(g.n, g.id, g.ih, g.iw, g.cout, g.cin);
   run(p, dy, w, /*backward=*/true, Epilogue{}, dx);
+  return true;
+}
+
+bool conv3d_backward_weights_winograd(const ConvGeometry& g, const float* dy, const float* x,
+                                      float* dw, float* db) {
+  validate(g);
+  if (!conv3d_winograd_covers(g) || !wgrad_fits(g)) return false;
+  MEDSEG_CHECK(dy && x && dw, "conv3d_backward_weights_winograd: null dy, x or dw for ", g.str());
+  run_wgrad(make_problem(g.n, g.id, g.ih, g.iw, g.cin, g.cout), x, dy, dw);
+  if (db) detail::bias_gradient(dy, g.n * g.od * g.oh * g.ow, g.cout, db);
   return true;
 }
 
