@@ -96,6 +96,18 @@ bool conv3d_backward_data_winograd(const ConvGeometry& g, const float* dy, const
 bool conv3d_backward_weights_winograd(const ConvGeometry& g, const float* dy, const float* x,
                                       float* dw, float* db);
 
+// ---- direct transposed convolution (k = stride = 2) for AVX2 + FMA CPUs (conv_transposed.cpp) ----
+// The forward writes each tap's output block in place (no GEMM temporary, no scatter);
+// backward-weights reads them in place. Covers transposed geometries with Cout % 8 == 0 on CPUs with
+// AVX2 and FMA (then computes and returns true; otherwise returns false and touches nothing); the
+// results do not depend on the thread count. Used below AVX-512 (MEDSEG_CONV_DIRECT=0 keeps the
+// GEMM path).
+bool conv_transpose2_direct_covers(const ConvGeometry& g);
+bool conv_transpose2_forward_direct(const ConvGeometry& g, const float* x, const float* w,
+                                    const float* b, float* y);
+bool conv_transpose2_backward_weights_direct(const ConvGeometry& g, const float* dy,
+                                             const float* x, float* dw, float* db);
+
 // Drops every cached oneDNN primitive (tests; thread-count changes).
 void clear_conv_cache();
 // "avx512_core" etc.: the ISA oneDNN dispatches to on this CPU, and its version string.

@@ -471,6 +471,11 @@ bool below_avx512() {
 // stride-1 convolutions they cover (conv_winograd.cpp; 1.4-1.9x oneDNN's AVX2 kernels on the U-Net's
 // shapes); MEDSEG_CONV_WINOGRAD=0 keeps oneDNN. On AVX-512 oneDNN's kernels run at twice the AVX2
 // rate and the AVX2 Winograd kernels are not measured against them, so oneDNN stays.
+bool use_direct() {
+  static const bool on = enabled_unless_zero("MEDSEG_CONV_DIRECT");
+  return on;
+}
+
 bool use_winograd(const ConvGeometry& g) {
   static const bool on = enabled_unless_zero("MEDSEG_CONV_WINOGRAD");
   return on && below_avx512() && conv3d_winograd_covers(g);
@@ -488,7 +493,10 @@ void forward(const ConvGeometry& g, const float* x, const float* w, const float*
                g.str(), ")");
   if (use_winograd(g) && conv3d_forward_winograd(g, x, w, b, y, slope)) return;
   auto e = lookup(g, Pass::Forward, b != nullptr, slope.has_value(), slope.value_or(0.f));
-  if (e->forward_by_gemm) return transposed_forward_by_gemm(g, x, w, b, y);
+  if (e->forward_by_gemm) {
+    if (use_direct() && conv_transpose2_forward_direct(g, x, w, b, y)) return;
+    return transposed_forward_by_gemm(g, x, w, b, y);
+  }
   std::lock_guard<std::mutex> lock(e->mu);
   set(e->src, x);
   set(e->dst, y);
@@ -528,11 +536,14 @@ void conv3d_backward_weights(const ConvGeometry& g, const float* dy, const float
                              float* db) {
   validate(g);
   MEDSEG_CHECK(dy && x && dw, "conv3d_backward_weights: null dy, x or dw for ", g.str());
-  if (g.transposed && below_avx512()) return transposed_backward_weights_by_gemm(g, dy, x, dw, db);
   // Below AVX-512 oneDNN's channels-last backward-weights runs at half its forward rate; the direct
-  // register-tiled kernel covers the U-Net's channel counts (conv_direct.cpp). MEDSEG_CONV_DIRECT=0
-  // keeps oneDNN (A/B benchmarks).
-  static const bool direct = enabled_unless_zero("MEDSEG_CONV_DIRECT");
+  // register-tiled kernels cover the U-Net's channel counts (conv_direct.cpp, conv_transposed.cpp).
+  // MEDSEG_CONV_DIRECT=0 keeps oneDNN and the GEMM path (A/B benchmarks).
+  const bool direct = use_direct();
+  if (g.transposed && below_avx512()) {
+    if (direct && conv_transpose2_backward_weights_direct(g, dy, x, dw, db)) return;
+    return transposed_backward_weights_by_gemm(g, dy, x, dw, db);
+  }
   if (use_winograd(g) && conv3d_backward_weights_winograd(g, dy, x, dw, db)) return;
   if (direct && below_avx512() && conv3d_backward_weights_direct(g, dy, x, dw, db)) return;
   auto e = lookup(g, Pass::BackwardWeights, db != nullptr);
