@@ -562,8 +562,10 @@ TEST(Conv3d, DirectTransposedMatchesReference) {
             << tt;
         expect_close(y, y_ref, tt + (with_bias ? " forward+bias" : " forward"));
         std::vector<float> got(y.data(), y.data() + y.size());
-        if (with_bias && first_y.empty()) first_y = got;
-        if (with_bias) EXPECT_EQ(got, first_y) << tt << ": forward differs between thread counts";
+        if (with_bias) {
+          if (first_y.empty()) first_y = got;
+          EXPECT_EQ(got, first_y) << tt << ": forward differs between thread counts";
+        }
       }
       Guarded dw(g.weight_shape().numel()), db(g.cout);
       ASSERT_TRUE(
@@ -587,6 +589,53 @@ TEST(Conv3d, DirectTransposedMatchesReference) {
         << g.str();
     EXPECT_FALSE(conv_transpose2_backward_weights_direct(g, buf.data(), buf.data(), out.data(),
                                                          nullptr))
+        << g.str();
+    for (float v : out) ASSERT_EQ(v, 7.f) << g.str();
+  }
+}
+
+// The direct stride-2 backward-data kernel, called explicitly: against the reference on even and
+// odd sizes (odd: the last dx plane, row and column receive one tap fewer), N = 2, Cout not a
+// multiple of 8, Cin with a tail of 8; the same bits for 1 and 2 threads.
+TEST(Conv3d, DirectStride2BackwardDataMatchesReference) {
+  const std::vector<Case> cases = {
+      {ConvGeometry::conv(Shape{2, 8, 8, 8, 16}, 32, 3, 2, 1), "16->32, even sizes, N=2"},
+      {ConvGeometry::conv(Shape{1, 7, 9, 13, 24}, 12, 3, 2, 1), "24->12, odd sizes"},
+      {ConvGeometry::conv(Shape{1, 5, 4, 3, 8}, 16, 3, 2, 1), "8->16, short rows"},
+  };
+  uint64_t seed = 900;
+  for (const Case& c : cases) {
+    const ConvGeometry& g = c.g;
+    const std::string tag = std::string(c.what) + " [" + g.str() + "]";
+    Rng rng(seed++);
+    const auto w = random_values(g.weight_shape().numel(), rng);
+    const auto dy = random_values(g.out_shape().numel(), rng);
+    std::vector<float> dx_ref(static_cast<size_t>(g.in_shape().numel()));
+    conv3d_backward_data_ref(g, dy.data(), w.data(), dx_ref.data());
+    std::vector<float> first;
+    for (int threads : {1, 2}) {
+      const int saved = num_threads();
+      set_num_threads(threads);
+      const std::string tt = tag + ", " + std::to_string(threads) + " thread(s)";
+      Guarded dx(g.in_shape().numel());
+      const bool ran = conv3d_stride2_backward_data_direct(g, dy.data(), w.data(), dx.data());
+      set_num_threads(saved);
+      if (!ran) GTEST_SKIP() << "this CPU has no AVX2/FMA";
+      expect_close(dx, dx_ref, tt + " backward-data");
+      std::vector<float> got(dx.data(), dx.data() + dx.size());
+      if (first.empty()) first = got;
+      EXPECT_EQ(got, first) << tt << ": backward-data differs between thread counts";
+    }
+  }
+  // Not covered: stride 1, k 1, transposed, Cin not a multiple of 8: false, nothing written.
+  for (const ConvGeometry& g : {ConvGeometry::conv(Shape{1, 4, 4, 4, 16}, 16, 3, 1, 1),
+                                ConvGeometry::conv(Shape{1, 4, 4, 4, 16}, 16, 1, 2, 0),
+                                ConvGeometry::transpose2(Shape{1, 2, 2, 2, 16}, 8),
+                                ConvGeometry::conv(Shape{1, 4, 4, 4, 12}, 16, 3, 2, 1)}) {
+    const int64_t n = std::max({g.in_shape().numel(), g.out_shape().numel(),
+                                g.weight_shape().numel()});
+    std::vector<float> buf(static_cast<size_t>(n), 7.f), out(static_cast<size_t>(n), 7.f);
+    EXPECT_FALSE(conv3d_stride2_backward_data_direct(g, buf.data(), buf.data(), out.data()))
         << g.str();
     for (float v : out) ASSERT_EQ(v, 7.f) << g.str();
   }

@@ -108,6 +108,13 @@ bool conv_transpose2_forward_direct(const ConvGeometry& g, const float* x, const
 bool conv_transpose2_backward_weights_direct(const ConvGeometry& g, const float* dy,
                                              const float* x, float* dw, float* db);
 
+// ---- direct backward-data of the stride-2 convolution (k = 3, pad = 1) for AVX2 + FMA CPUs ----
+// (conv_strided.cpp) Needs Cin % 8 == 0; returns false and touches nothing when not covered (or
+// without AVX2/FMA). The result does not depend on the thread count. Used below AVX-512
+// (MEDSEG_CONV_DIRECT=0 keeps oneDNN).
+bool conv3d_stride2_backward_data_direct(const ConvGeometry& g, const float* dy, const float* w,
+                                         float* dx);
+
 // Drops every cached oneDNN primitive (tests; thread-count changes).
 void clear_conv_cache();
 // "avx512_core" etc.: the ISA oneDNN dispatches to on this CPU, and its version string.

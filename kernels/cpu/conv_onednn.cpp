@@ -522,6 +522,7 @@ void conv3d_backward_data(const ConvGeometry& g, const float* dy, const float* w
   validate(g);
   MEDSEG_CHECK(dy && w && dx, "conv3d_backward_data: null dy, w or dx for ", g.str());
   if (use_winograd(g) && conv3d_backward_data_winograd(g, dy, w, dx)) return;
+  if (use_direct() && below_avx512() && conv3d_stride2_backward_data_direct(g, dy, w, dx)) return;
   auto e = lookup(g, Pass::BackwardData, false);
   std::lock_guard<std::mutex> lock(e->mu);
   set(e->dst, dy);
