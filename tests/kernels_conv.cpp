@@ -384,8 +384,8 @@ TEST(Conv3d, FastMatchesReferenceOnOddShapes) {
 // The direct AVX2 backward-weights kernel, called explicitly (so that it is tested on AVX-512
 // machines too, where conv3d_backward_weights keeps oneDNN): every geometry it covers - strides 1
 // and 2, k 1 and 3, padded and unpadded, odd sizes, N = 1 and 2, Cin 8 (one vector per tile) and
-// 16 / 48 (two), Cout 8 and 24 - against the reference, and the same bits for 1 and 2 threads
-// (each tile of dw has one owning thread).
+// 16 / 48 (two), Cout 8 and 24, and the few-input-channel path (Cin 1, 3, 4) - against the
+// reference, and the same bits for 1 and 2 threads.
 TEST(Conv3d, DirectBackwardWeightsMatchesReference) {
   const std::vector<Case> cases = {
       {ConvGeometry::conv(Shape{2, 5, 7, 6, 16}, 8, 3, 1, 1), "16->8, odd sizes"},
@@ -395,6 +395,9 @@ TEST(Conv3d, DirectBackwardWeightsMatchesReference) {
       {ConvGeometry::conv(Shape{2, 5, 3, 7, 16}, 8, 1, 1, 0), "k=1"},
       {ConvGeometry::conv(Shape{1, 5, 6, 7, 8}, 8, 3, 1, 0), "k=3 unpadded"},
       {ConvGeometry::conv(Shape{1, 3, 40, 2, 16}, 8, 3, 1, 1), "tall: several row blocks"},
+      {ConvGeometry::conv(Shape{2, 5, 7, 6, 1}, 16, 3, 1, 1), "Cin 1 (first layer), odd sizes"},
+      {ConvGeometry::conv(Shape{1, 4, 9, 5, 4}, 24, 3, 1, 1), "Cin 4 (4 modalities) -> 24"},
+      {ConvGeometry::conv(Shape{1, 9, 9, 9, 3}, 8, 3, 1, 1), "Cin 3, more rows than chunks"},
   };
   uint64_t seed = 300;
   for (const Case& c : cases) {
@@ -422,8 +425,9 @@ TEST(Conv3d, DirectBackwardWeightsMatchesReference) {
         EXPECT_EQ(got, first) << tag << ": 1 and 2 threads give different bits";
     }
   }
-  // Not covered: Cin or Cout not a multiple of 8, transposed; nothing is written then.
-  for (const ConvGeometry& g : {ConvGeometry::conv(Shape{1, 4, 4, 4, 4}, 8, 3, 1, 1),
+  // Not covered: Cout not a multiple of 8, Cin not a multiple of 8 outside k 3 / stride 1 / pad 1,
+  // transposed; nothing is written then.
+  for (const ConvGeometry& g : {ConvGeometry::conv(Shape{1, 4, 4, 4, 4}, 8, 3, 2, 1),
                                 ConvGeometry::conv(Shape{1, 4, 4, 4, 16}, 3, 1, 1, 0),
                                 ConvGeometry::transpose2(Shape{1, 2, 2, 2, 16}, 8)}) {
     std::vector<float> dw(static_cast<size_t>(g.weight_shape().numel()), 7.f);

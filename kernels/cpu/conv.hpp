@@ -69,10 +69,12 @@ void conv3d_forward_leaky(const ConvGeometry& g, const float* x, const float* w,
                           float* y, float slope);
 
 // ---- direct backward-weights for AVX2 + FMA CPUs (conv_direct.cpp) ----
-// Register-tiled (8 Cout x 16 or 8 Cin per tile), no reduction across threads (each dw tile has one
-// owner, so the result does not depend on the thread count). Covers regular convolutions (any k,
-// stride, pad) with Cin % 8 == 0 and Cout % 8 == 0 on CPUs with AVX2 and FMA: then it computes dw
-// (and db when not null) and returns true; otherwise it returns false and touches nothing.
+// Register-tiled (6 Cout x 16 or 12 x 8 Cin per tile), no reduction across threads (each dw tile has
+// one owner, so the result does not depend on the thread count). Covers regular convolutions (any
+// k, stride, pad) with Cin % 8 == 0 and Cout % 8 == 0, and k 3 / stride 1 / pad 1 convolutions with
+// any Cin and Cout % 8 == 0 (the first layer: 6 (tap, input channel) pairs x 16 Cout per tile, fixed
+// chunks summed in order), on CPUs with AVX2 and FMA: then it computes dw (and db when not null)
+// and returns true; otherwise it returns false and touches nothing.
 // conv3d_backward_weights uses it below AVX-512, where oneDNN 2.6's kernel is the slow pass.
 bool conv3d_backward_weights_direct_covers(const ConvGeometry& g);
 bool conv3d_backward_weights_direct(const ConvGeometry& g, const float* dy, const float* x, float* dw,

@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <array>
 #include <cstring>
+#include <memory>
 #include <utility>
 #include <vector>
 
@@ -157,11 +158,136 @@ void run_tiles(const ConvGeometry& g, const float* dy, const float* x, float* dw
   }
 }
 
+// ---- few input channels (the first layer: Cin = the number of modalities) ----
+// With Cin < 8 the tiles above have no input-channel vector to fill. Here the rows of a tile are
+// 6 (tap, input channel) pairs and its columns 16 output channels: per output voxel 2 dy vectors
+// and 6 broadcast x values, 12 FMAs. x is copied once with its zero padding made explicit, so every
+// tap is valid everywhere and a pair is a constant offset. Output rows are cut into fixed chunks
+// with one partial dw each, summed in chunk order (no dependence on the thread count).
+
+constexpr int kPairs = 6;
+
+bool small_cin_covers(const ConvGeometry& g) {
+  return !g.transposed && g.k == 3 && g.stride == 1 && g.pad == 1 && g.cin % 8 != 0 &&
+         g.cout % kCoAlign == 0;
+}
+
+// acc (R pairs x 8*NV output channels) over `count` voxels of one output row; xp: the padded x at
+// the row's first voxel, off: the pairs' offsets from it, dp: dy at the row's first voxel + co0.
+template <int R, int NV>
+__attribute__((target("avx2,fma"))) void pair_tile(const float* xp, const int64_t* off,
+                                                   int64_t xstep, const float* dp, int64_t dstep,
+                                                   int64_t count, float* dw, const int64_t* dw_off) {
+  __m256 acc[R][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_setzero_ps();
+  const float* src[R];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) src[r] = xp + off[r];
+  for (int64_t i = 0; i < count; ++i, dp += dstep) {
+    __m256 d[NV];
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) d[v] = _mm256_loadu_ps(dp + 8 * v);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m256 a = _mm256_broadcast_ss(src[r] + i * xstep);
+#pragma GCC unroll 2
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_fmadd_ps(a, d[v], acc[r][v]);
+    }
+  }
+  // dw here is [pair][co] (the chunk's partial, transposed to KRSC at the end).
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) {
+      float* q = dw + dw_off[r] + 8 * v;
+      _mm256_storeu_ps(q, _mm256_add_ps(_mm256_loadu_ps(q), acc[r][v]));
+    }
+}
+
+using PairFn = void (*)(const float*, const int64_t*, int64_t, const float*, int64_t, int64_t,
+                        float*, const int64_t*);
+
+template <int NV>
+constexpr PairFn pair_fns[kPairs + 1] = {nullptr,           &pair_tile<1, NV>, &pair_tile<2, NV>,
+                                         &pair_tile<3, NV>, &pair_tile<4, NV>, &pair_tile<5, NV>,
+                                         &pair_tile<6, NV>};
+
+template <class T>
+T* grow(std::unique_ptr<T[]>& data, size_t& size, size_t count) {
+  if (size < count) {
+    data.reset(new T[count]);
+    size = count;
+  }
+  return data.get();
+}
+
+void small_cin_backward_weights(const ConvGeometry& g, const float* dy, const float* x,
+                                float* dw) {
+  const int64_t cin = g.cin, cout = g.cout;
+  const int64_t pd = g.id + 2, ph = g.ih + 2, pw = g.iw + 2;  // padded input
+  thread_local std::unique_ptr<float[]> xpad_data, partial_data;
+  thread_local size_t xpad_size = 0, partial_size = 0;
+  float* xp = grow(xpad_data, xpad_size, static_cast<size_t>(g.n * pd * ph * pw * cin));
+  const int64_t pairs = 27 * cin;
+  const int64_t rows = g.n * g.od * g.oh;
+  const int64_t chunks = std::min<int64_t>(64, rows);
+  float* partial = grow(partial_data, partial_size, static_cast<size_t>(chunks * pairs * cout));
+  // Pair p = k * cin + ci: offset of x[o + tap k - 1][ci] from x at o in the padded copy.
+  std::vector<int64_t> off(static_cast<size_t>(pairs)), dw_off(static_cast<size_t>(pairs));
+  for (int k = 0; k < 27; ++k)
+    for (int64_t ci = 0; ci < cin; ++ci) {
+      const int kz = k / 9, ky = (k / 3) % 3, kx = k % 3;
+      off[static_cast<size_t>(k * cin + ci)] = ((kz * ph + ky) * pw + kx) * cin + ci;
+      dw_off[static_cast<size_t>(k * cin + ci)] = (k * cin + ci) * cout;
+    }
+#pragma omp parallel
+  {
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < g.n * pd * ph; ++i) {  // padded copy, one padded row at a time
+      const int64_t y = i % ph - 1, z = (i / ph) % pd - 1, n = i / (ph * pd);
+      float* dst = xp + i * pw * cin;
+      std::fill(dst, dst + pw * cin, 0.f);
+      if (z >= 0 && z < g.id && y >= 0 && y < g.ih)
+        std::copy_n(x + ((n * g.id + z) * g.ih + y) * g.iw * cin, g.iw * cin, dst + cin);
+    }
+#pragma omp for schedule(static)
+    for (int64_t c = 0; c < chunks; ++c) {
+      float* pw_c = partial + c * pairs * cout;
+      std::fill(pw_c, pw_c + pairs * cout, 0.f);
+      for (int64_t row = rows * c / chunks; row < rows * (c + 1) / chunks; ++row) {
+        const int64_t oy = row % g.oh, oz = (row / g.oh) % g.od, n = row / (g.oh * g.od);
+        // Output (oz, oy, 0) reads the padded input at (oz, oy, 0) + tap offset.
+        const float* xrow = xp + ((n * pd + oz) * ph + oy) * pw * cin;
+        const float* drow = dy + row * g.ow * cout;
+        for (int64_t p0 = 0; p0 < pairs; p0 += kPairs) {
+          const int nr = static_cast<int>(std::min<int64_t>(kPairs, pairs - p0));
+          for (int64_t co = 0; co < cout; co += 16) {
+            const bool two = co + 16 <= cout;
+            (two ? pair_fns<2>[nr] : pair_fns<1>[nr])(
+                xrow, off.data() + p0, cin, drow + co, cout, g.ow, pw_c + co, dw_off.data() + p0);
+          }
+        }
+      }
+    }
+    // dw[co][k][ci] = sum over chunks (in order) of partial[c][k * cin + ci][co].
+#pragma omp for schedule(static)
+    for (int64_t co = 0; co < cout; ++co)
+      for (int64_t p = 0; p < pairs; ++p) {
+        float s = 0.f;
+        for (int64_t c = 0; c < chunks; ++c) s += partial[(c * pairs + p) * cout + co];
+        dw[co * pairs + p] = s;
+      }
+  }
+}
+
 }  // namespace
 
 bool conv3d_backward_weights_direct_covers(const ConvGeometry& g) {
-  return cpu_has_avx2_fma() && !g.transposed && g.cin % 8 == 0 && g.cout % kCoAlign == 0 &&
-         g.n > 0 && g.od > 0 && g.oh > 0 && g.ow > 0;
+  return cpu_has_avx2_fma() && !g.transposed && g.n > 0 && g.od > 0 && g.oh > 0 && g.ow > 0 &&
+         ((g.cin % 8 == 0 && g.cout % kCoAlign == 0) || small_cin_covers(g));
 }
 
 bool conv3d_backward_weights_direct(const ConvGeometry& g, const float* dy, const float* x, float* dw,
@@ -169,6 +295,11 @@ bool conv3d_backward_weights_direct(const ConvGeometry& g, const float* dy, cons
   validate(g);
   if (!conv3d_backward_weights_direct_covers(g)) return false;
   MEDSEG_CHECK(dy && x && dw, "conv3d_backward_weights_direct: null dy, x or dw for ", g.str());
+  if (g.cin % 8 != 0) {
+    small_cin_backward_weights(g, dy, x, dw);
+    if (db) detail::bias_gradient(dy, g.n * g.od * g.oh * g.ow, g.cout, db);
+    return true;
+  }
   std::memset(dw, 0, static_cast<size_t>(g.weight_shape().numel()) * sizeof(float));
   if (g.cin % 16 == 0)
     run_tiles<2>(g, dy, x, dw);
