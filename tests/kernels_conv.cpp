@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <limits>
 #include <string>
 #include <thread>
@@ -381,268 +382,237 @@ TEST(Conv3d, FastMatchesReferenceOnOddShapes) {
   for (const Case& c : awkward_cases()) check_fast_against_reference(c.g, c.what, seed++);
 }
 
-// The direct AVX2 backward-weights kernel, called explicitly (so that it is tested on AVX-512
-// machines too, where conv3d_backward_weights keeps oneDNN): every geometry it covers - strides 1
-// and 2, k 1 and 3, padded and unpadded, odd sizes, N = 1 and 2, Cin 8 (one vector per tile) and
-// 16 / 48 (two), Cout 8 and 24, and the few-input-channel path (Cin 1, 3, 4) - against the
-// reference, and the same bits for 1 and 2 threads.
-TEST(Conv3d, DirectBackwardWeightsMatchesReference) {
-  const std::vector<Case> cases = {
-      {ConvGeometry::conv(Shape{2, 5, 7, 6, 16}, 8, 3, 1, 1), "16->8, odd sizes"},
-      {ConvGeometry::conv(Shape{1, 6, 6, 6, 8}, 16, 3, 1, 1), "Cin 8 -> 16, N=1"},
-      {ConvGeometry::conv(Shape{2, 7, 5, 9, 16}, 24, 3, 2, 1), "stride 2, odd input"},
-      {ConvGeometry::conv(Shape{1, 4, 4, 4, 48}, 8, 3, 2, 1), "stride 2, Cin 48"},
-      {ConvGeometry::conv(Shape{2, 5, 3, 7, 16}, 8, 1, 1, 0), "k=1"},
-      {ConvGeometry::conv(Shape{1, 5, 6, 7, 8}, 8, 3, 1, 0), "k=3 unpadded"},
-      {ConvGeometry::conv(Shape{1, 3, 40, 2, 16}, 8, 3, 1, 1), "tall: several row blocks"},
-      {ConvGeometry::conv(Shape{2, 5, 7, 6, 1}, 16, 3, 1, 1), "Cin 1 (first layer), odd sizes"},
-      {ConvGeometry::conv(Shape{1, 4, 9, 5, 4}, 24, 3, 1, 1), "Cin 4 (4 modalities) -> 24"},
-      {ConvGeometry::conv(Shape{1, 9, 9, 9, 3}, 8, 3, 1, 1), "Cin 3, more rows than chunks"},
-  };
-  uint64_t seed = 300;
-  for (const Case& c : cases) {
-    const ConvGeometry& g = c.g;
-    const std::string tag = std::string(c.what) + " [" + g.str() + "]";
-    if (!conv3d_backward_weights_direct_covers(g)) GTEST_SKIP() << "this CPU has no AVX2/FMA";
-    Rng rng(seed++);
-    const auto x = random_values(g.in_shape().numel(), rng);
-    const auto dy = random_values(g.out_shape().numel(), rng);
-    std::vector<float> dw_ref(static_cast<size_t>(g.weight_shape().numel())), db_ref(static_cast<size_t>(g.cout));
-    conv3d_backward_weights_ref(g, dy.data(), x.data(), dw_ref.data(), db_ref.data());
-    std::vector<float> first;
-    for (int threads : {1, 2}) {
-      const int saved = num_threads();
-      set_num_threads(threads);
-      Guarded dw(g.weight_shape().numel()), db(g.cout);
-      ASSERT_TRUE(conv3d_backward_weights_direct(g, dy.data(), x.data(), dw.data(), db.data())) << tag;
-      set_num_threads(saved);
-      expect_close(dw, dw_ref, tag + " dw, " + std::to_string(threads) + " thread(s)");
-      expect_close(db, db_ref, tag + " db");
-      std::vector<float> got(dw.data(), dw.data() + dw.size());
-      if (first.empty())
-        first = got;
-      else
-        EXPECT_EQ(got, first) << tag << ": 1 and 2 threads give different bits";
-    }
+// ---- our own AVX2 kernels, called explicitly (so that they are tested on AVX-512 machines too,
+// where the dispatch keeps oneDNN): against the reference, and the same bits for 1 and 2 threads.
+
+// Random inputs of one geometry and the reference result of every pass.
+struct RefProblem {
+  ConvGeometry g;
+  std::string tag;
+  std::vector<float> x, w, b, dy;
+  std::vector<float> y_bias, y_plain, y_leaky, dx, dw, db;  // references; y_leaky: bias, slope 0.01
+  RefProblem(const Case& c, uint64_t seed)
+      : g(c.g), tag(std::string(c.what) + " [" + g.str() + "]") {
+    Rng rng(seed);
+    x = random_values(g.in_shape().numel(), rng);
+    w = random_values(g.weight_shape().numel(), rng);
+    b = random_values(g.cout, rng);
+    dy = random_values(g.out_shape().numel(), rng);
+    y_bias = run_ref_forward(g, x, w, b.data());
+    y_plain = run_ref_forward(g, x, w, nullptr);
+    y_leaky = y_bias;
+    leaky_relu_forward(static_cast<int64_t>(y_leaky.size()), y_leaky.data(), 0.01f, y_leaky.data());
+    dx.resize(x.size());
+    dw.resize(w.size());
+    db.resize(b.size());
+    conv3d_backward_data_ref(g, dy.data(), w.data(), dx.data());
+    conv3d_backward_weights_ref(g, dy.data(), x.data(), dw.data(), db.data());
   }
-  // Not covered: Cout not a multiple of 8, Cin not a multiple of 8 outside k 3 / stride 1 / pad 1,
-  // transposed; nothing is written then.
-  for (const ConvGeometry& g : {ConvGeometry::conv(Shape{1, 4, 4, 4, 4}, 8, 3, 2, 1),
-                                ConvGeometry::conv(Shape{1, 4, 4, 4, 16}, 3, 1, 1, 0),
-                                ConvGeometry::transpose2(Shape{1, 2, 2, 2, 16}, 8)}) {
-    std::vector<float> dw(static_cast<size_t>(g.weight_shape().numel()), 7.f);
-    EXPECT_FALSE(conv3d_backward_weights_direct(g, dw.data(), dw.data(), dw.data(), nullptr)) << g.str();
-    for (float v : dw) ASSERT_EQ(v, 7.f) << g.str();
+};
+
+// Runs `pass` with 1 and then 2 OpenMP threads (restoring the count); `pass` checks its outputs
+// and returns them, and both thread counts must give the same bits.
+template <class Pass>
+void expect_thread_invariant(const std::string& tag, Pass pass) {
+  std::vector<float> first;
+  for (int threads : {1, 2}) {
+    const int saved = num_threads();
+    set_num_threads(threads);
+    std::vector<float> got = pass(tag + ", " + std::to_string(threads) + " thread(s)");
+    set_num_threads(saved);
+    if (threads == 1)
+      first = std::move(got);
+    else
+      EXPECT_EQ(got, first) << tag << ": 1 and 2 threads give different bits";
   }
 }
 
-// The Winograd F(2x2x2, 3x3x3) kernels, called explicitly (so that they are tested on AVX-512
-// machines too, where the dispatch keeps oneDNN): forward with and without bias, with the fused
-// LeakyReLU, backward-data and backward-weights (with db) against the reference, on sizes with partial tiles (odd), volumes
-// smaller than one tile, Cin != Cout, channel counts with a tail of 8 output channels, and a
-// volume with several blocks of tiles and a partial last group; the same bits for 1 and 2 threads.
-TEST(Conv3d, WinogradMatchesReference) {
-  const std::vector<Case> cases = {
-      {ConvGeometry::conv(Shape{2, 5, 7, 6, 16}, 16, 3, 1, 1), "16->16, odd sizes"},
-      {ConvGeometry::conv(Shape{1, 1, 2, 3, 8}, 24, 3, 1, 1), "smaller than a tile, 8->24"},
-      {ConvGeometry::conv(Shape{1, 9, 10, 11, 32}, 16, 3, 1, 1), "32->16 (decoder), several blocks"},
-      {ConvGeometry::conv(Shape{2, 4, 4, 4, 64}, 128, 3, 1, 1), "64->128, deep level"},
-      {ConvGeometry::conv(Shape{1, 3, 3, 3, 24}, 40, 3, 1, 1), "24->40: a tail of 8 output channels"},
-  };
-  uint64_t seed = 500;
-  for (const Case& c : cases) {
-    const ConvGeometry& g = c.g;
-    const std::string tag = std::string(c.what) + " [" + g.str() + "]";
-    if (!conv3d_winograd_covers(g)) GTEST_SKIP() << "this CPU has no AVX2/FMA";
-    Rng rng(seed++);
-    const auto x = random_values(g.in_shape().numel(), rng);
-    const auto w = random_values(g.weight_shape().numel(), rng);
-    const auto b = random_values(g.cout, rng);
-    const auto dy = random_values(g.out_shape().numel(), rng);
-    std::vector<float> dx_ref(static_cast<size_t>(g.in_shape().numel()));
-    conv3d_backward_data_ref(g, dy.data(), w.data(), dx_ref.data());
-    auto y_leaky_ref = run_ref_forward(g, x, w, b.data());
-    leaky_relu_forward(static_cast<int64_t>(y_leaky_ref.size()), y_leaky_ref.data(), 0.01f,
-                       y_leaky_ref.data());
-    std::vector<float> dw_ref(static_cast<size_t>(g.weight_shape().numel()));
-    std::vector<float> db_ref(static_cast<size_t>(g.cout));
-    conv3d_backward_weights_ref(g, dy.data(), x.data(), dw_ref.data(), db_ref.data());
-    std::vector<float> first_y, first_dx, first_dw;
-    for (int threads : {1, 2}) {
-      const int saved = num_threads();
-      set_num_threads(threads);
-      const std::string tt = tag + ", " + std::to_string(threads) + " thread(s)";
-      for (bool with_bias : {true, false}) {
-        const auto y_ref = run_ref_forward(g, x, w, with_bias ? b.data() : nullptr);
-        Guarded y(g.out_shape().numel());
-        ASSERT_TRUE(conv3d_forward_winograd(g, x.data(), w.data(), with_bias ? b.data() : nullptr,
-                                            y.data()))
-            << tt;
-        expect_close(y, y_ref, tt + (with_bias ? " forward+bias" : " forward"));
-        if (with_bias) {
-          std::vector<float> got(y.data(), y.data() + y.size());
-          if (first_y.empty())
-            first_y = got;
-          else
-            EXPECT_EQ(got, first_y) << tt << ": 1 and 2 threads give different bits";
-        }
-      }
-      Guarded yl(g.out_shape().numel());
-      ASSERT_TRUE(conv3d_forward_winograd(g, x.data(), w.data(), b.data(), yl.data(), 0.01f)) << tt;
-      expect_close(yl, y_leaky_ref, tt + " forward+bias+leaky");
-      Guarded dw(g.weight_shape().numel()), db(g.cout);
-      ASSERT_TRUE(conv3d_backward_weights_winograd(g, dy.data(), x.data(), dw.data(), db.data()))
-          << tt;
-      expect_close(dw, dw_ref, tt + " backward-weights dw");
-      expect_close(db, db_ref, tt + " backward-weights db");
-      std::vector<float> got_dw(dw.data(), dw.data() + dw.size());
-      if (first_dw.empty())
-        first_dw = got_dw;
-      else
-        EXPECT_EQ(got_dw, first_dw) << tt << ": backward-weights differs between 1 and 2 threads";
-      Guarded dx(g.in_shape().numel());
-      ASSERT_TRUE(conv3d_backward_data_winograd(g, dy.data(), w.data(), dx.data())) << tt;
-      expect_close(dx, dx_ref, tt + " backward-data");
-      std::vector<float> got(dx.data(), dx.data() + dx.size());
-      if (first_dx.empty())
-        first_dx = got;
-      else
-        EXPECT_EQ(got, first_dx) << tt << ": backward-data differs between 1 and 2 threads";
-      set_num_threads(saved);
-    }
+// A kernel's output (NaN-filled and guarded beforehand) against `ref`; returns the values.
+template <class Call>
+std::vector<float> checked(const std::vector<float>& ref, const std::string& what, Call call) {
+  Guarded out(static_cast<int64_t>(ref.size()));
+  if (!call(out.data())) {
+    ADD_FAILURE() << what << ": the kernel declined a geometry it covers";
+    return {};
   }
-  // Not covered (stride 2, k 1, unpadded, transposed, channels not a multiple of 8): false, and
-  // nothing is written.
+  expect_close(out, ref, what);
+  return std::vector<float>(out.data(), out.data() + out.size());
+}
+
+void append(std::vector<float>& to, const std::vector<float>& more) {
+  to.insert(to.end(), more.begin(), more.end());
+}
+
+// For a geometry a kernel does not cover: every call returns false and writes nothing.
+using DeclinedCall = std::function<bool(const ConvGeometry&, const float*, float*)>;
+void expect_declined(const ConvGeometry& g, const std::vector<DeclinedCall>& calls) {
+  const auto n = static_cast<size_t>(
+      std::max({g.in_shape().numel(), g.out_shape().numel(), g.weight_shape().numel()}));
+  std::vector<float> in(n, 7.f), out(n, 7.f);
+  for (const DeclinedCall& call : calls) EXPECT_FALSE(call(g, in.data(), out.data())) << g.str();
+  for (float v : out) ASSERT_EQ(v, 7.f) << g.str();
+}
+
+// The direct backward-weights kernel: strides 1 and 2, k 1 and 3, padded and unpadded, odd sizes,
+// N = 1 and 2, Cin 8 (one vector per tile) and 16 / 48 (two), Cout 8 and 24, and the
+// few-input-channel path (Cin 1, 3, 4).
+TEST(Conv3d, DirectBackwardWeightsMatchesReference) {
+  uint64_t seed = 300;
+  for (const Case& c : std::vector<Case>{
+           {ConvGeometry::conv(Shape{2, 5, 7, 6, 16}, 8, 3, 1, 1), "16->8, odd sizes"},
+           {ConvGeometry::conv(Shape{1, 6, 6, 6, 8}, 16, 3, 1, 1), "Cin 8 -> 16, N=1"},
+           {ConvGeometry::conv(Shape{2, 7, 5, 9, 16}, 24, 3, 2, 1), "stride 2, odd input"},
+           {ConvGeometry::conv(Shape{1, 4, 4, 4, 48}, 8, 3, 2, 1), "stride 2, Cin 48"},
+           {ConvGeometry::conv(Shape{2, 5, 3, 7, 16}, 8, 1, 1, 0), "k=1"},
+           {ConvGeometry::conv(Shape{1, 5, 6, 7, 8}, 8, 3, 1, 0), "k=3 unpadded"},
+           {ConvGeometry::conv(Shape{1, 3, 40, 2, 16}, 8, 3, 1, 1), "tall: several row blocks"},
+           {ConvGeometry::conv(Shape{2, 5, 7, 6, 1}, 16, 3, 1, 1), "Cin 1 (first layer)"},
+           {ConvGeometry::conv(Shape{1, 4, 9, 5, 4}, 24, 3, 1, 1), "Cin 4 (4 modalities) -> 24"},
+           {ConvGeometry::conv(Shape{1, 9, 9, 9, 3}, 8, 3, 1, 1), "Cin 3, more rows than chunks"},
+       }) {
+    if (!conv3d_backward_weights_direct_covers(c.g)) GTEST_SKIP() << "this CPU has no AVX2/FMA";
+    const RefProblem p(c, seed++);
+    expect_thread_invariant(p.tag, [&](const std::string& tt) {
+      Guarded db(p.g.cout);
+      auto dw = checked(p.dw, tt + " dw", [&](float* out) {
+        return conv3d_backward_weights_direct(p.g, p.dy.data(), p.x.data(), out, db.data());
+      });
+      expect_close(db, p.db, tt + " db");
+      return dw;
+    });
+  }
+  // Not covered: Cout not a multiple of 8, Cin not a multiple of 8 outside k 3 / stride 1 / pad 1,
+  // transposed.
+  for (const ConvGeometry& g : {ConvGeometry::conv(Shape{1, 4, 4, 4, 4}, 8, 3, 2, 1),
+                                ConvGeometry::conv(Shape{1, 4, 4, 4, 16}, 3, 1, 1, 0),
+                                ConvGeometry::transpose2(Shape{1, 2, 2, 2, 16}, 8)})
+    expect_declined(g, {[](const ConvGeometry& gg, const float* in, float* out) {
+                      return conv3d_backward_weights_direct(gg, in, in, out, nullptr);
+                    }});
+}
+
+// The Winograd F(2x2x2, 3x3x3) kernels: forward with and without bias, with the fused LeakyReLU,
+// backward-data and backward-weights (with db), on sizes with partial tiles (odd), a volume smaller
+// than one tile, Cin != Cout, a tail of 8 output channels, and a volume with several blocks of
+// tiles and a partial last group.
+TEST(Conv3d, WinogradMatchesReference) {
+  uint64_t seed = 500;
+  for (const Case& c : std::vector<Case>{
+           {ConvGeometry::conv(Shape{2, 5, 7, 6, 16}, 16, 3, 1, 1), "16->16, odd sizes"},
+           {ConvGeometry::conv(Shape{1, 1, 2, 3, 8}, 24, 3, 1, 1), "smaller than a tile, 8->24"},
+           {ConvGeometry::conv(Shape{1, 9, 10, 11, 32}, 16, 3, 1, 1), "32->16, several blocks"},
+           {ConvGeometry::conv(Shape{2, 4, 4, 4, 64}, 128, 3, 1, 1), "64->128, deep level"},
+           {ConvGeometry::conv(Shape{1, 3, 3, 3, 24}, 40, 3, 1, 1), "24->40: a tail of 8"},
+       }) {
+    if (!conv3d_winograd_covers(c.g)) GTEST_SKIP() << "this CPU has no AVX2/FMA";
+    const RefProblem p(c, seed++);
+    const ConvGeometry& g = p.g;
+    expect_thread_invariant(p.tag, [&](const std::string& tt) {
+      auto all = checked(p.y_bias, tt + " forward+bias", [&](float* out) {
+        return conv3d_forward_winograd(g, p.x.data(), p.w.data(), p.b.data(), out);
+      });
+      checked(p.y_plain, tt + " forward", [&](float* out) {
+        return conv3d_forward_winograd(g, p.x.data(), p.w.data(), nullptr, out);
+      });
+      checked(p.y_leaky, tt + " forward+bias+leaky", [&](float* out) {
+        return conv3d_forward_winograd(g, p.x.data(), p.w.data(), p.b.data(), out, 0.01f);
+      });
+      append(all, checked(p.dx, tt + " backward-data", [&](float* out) {
+               return conv3d_backward_data_winograd(g, p.dy.data(), p.w.data(), out);
+             }));
+      Guarded db(g.cout);
+      append(all, checked(p.dw, tt + " backward-weights dw", [&](float* out) {
+               return conv3d_backward_weights_winograd(g, p.dy.data(), p.x.data(), out, db.data());
+             }));
+      expect_close(db, p.db, tt + " backward-weights db");
+      return all;
+    });
+  }
+  // Not covered: stride 2, k 1, unpadded, transposed, channels not a multiple of 8.
   for (const ConvGeometry& g : {ConvGeometry::conv(Shape{1, 4, 4, 4, 16}, 16, 3, 2, 1),
                                 ConvGeometry::conv(Shape{1, 4, 4, 4, 16}, 16, 1, 1, 0),
                                 ConvGeometry::conv(Shape{1, 4, 4, 4, 16}, 16, 3, 1, 0),
                                 ConvGeometry::conv(Shape{1, 4, 4, 4, 12}, 16, 3, 1, 1),
                                 ConvGeometry::conv(Shape{1, 4, 4, 4, 16}, 3, 3, 1, 1),
-                                ConvGeometry::transpose2(Shape{1, 2, 2, 2, 16}, 8)}) {
-    const int64_t n = std::max({g.in_shape().numel(), g.out_shape().numel(),
-                                g.weight_shape().numel()});
-    std::vector<float> buf(static_cast<size_t>(n), 7.f), out(static_cast<size_t>(n), 7.f);
-    EXPECT_FALSE(conv3d_forward_winograd(g, buf.data(), buf.data(), nullptr, out.data())) << g.str();
-    EXPECT_FALSE(conv3d_backward_data_winograd(g, buf.data(), buf.data(), out.data())) << g.str();
-    EXPECT_FALSE(conv3d_backward_weights_winograd(g, buf.data(), buf.data(), out.data(), nullptr))
-        << g.str();
-    for (float v : out) ASSERT_EQ(v, 7.f) << g.str();
-  }
+                                ConvGeometry::transpose2(Shape{1, 2, 2, 2, 16}, 8)})
+    expect_declined(g, {[](const ConvGeometry& gg, const float* in, float* out) {
+                          return conv3d_forward_winograd(gg, in, in, nullptr, out);
+                        },
+                        [](const ConvGeometry& gg, const float* in, float* out) {
+                          return conv3d_backward_data_winograd(gg, in, in, out);
+                        },
+                        [](const ConvGeometry& gg, const float* in, float* out) {
+                          return conv3d_backward_weights_winograd(gg, in, in, out, nullptr);
+                        }});
 }
 
-// The direct transposed-conv kernels, called explicitly: forward (with and without bias) and
-// backward-weights (with db) against the reference on odd sizes, N = 2, Cin not a multiple of the
-// 6-row register tile, Cout with a tail of 8, and enough voxels for several chunks; the same bits
-// for 1 and 2 threads.
+// The direct transposed-conv kernels: forward (with and without bias) and backward-weights (with
+// db) on odd sizes, N = 2, Cin not a multiple of the 6-row register tile, Cout with a tail of 8,
+// and enough voxels for several chunks.
 TEST(Conv3d, DirectTransposedMatchesReference) {
-  const std::vector<Case> cases = {
-      {ConvGeometry::transpose2(Shape{2, 3, 5, 4, 32}, 16), "32->16, odd input, N=2"},
-      {ConvGeometry::transpose2(Shape{1, 2, 3, 3, 5}, 24), "Cin 5 -> 24"},
-      {ConvGeometry::transpose2(Shape{1, 9, 10, 11, 16}, 8), "16->8, several chunks"},
-  };
   uint64_t seed = 700;
-  for (const Case& c : cases) {
-    const ConvGeometry& g = c.g;
-    const std::string tag = std::string(c.what) + " [" + g.str() + "]";
-    if (!conv_transpose2_direct_covers(g)) GTEST_SKIP() << "this CPU has no AVX2/FMA";
-    Rng rng(seed++);
-    const auto x = random_values(g.in_shape().numel(), rng);
-    const auto w = random_values(g.weight_shape().numel(), rng);
-    const auto b = random_values(g.cout, rng);
-    const auto dy = random_values(g.out_shape().numel(), rng);
-    std::vector<float> dw_ref(static_cast<size_t>(g.weight_shape().numel()));
-    std::vector<float> db_ref(static_cast<size_t>(g.cout));
-    conv3d_backward_weights_ref(g, dy.data(), x.data(), dw_ref.data(), db_ref.data());
-    std::vector<float> first_y, first_dw;
-    for (int threads : {1, 2}) {
-      const int saved = num_threads();
-      set_num_threads(threads);
-      const std::string tt = tag + ", " + std::to_string(threads) + " thread(s)";
-      for (bool with_bias : {true, false}) {
-        const auto y_ref = run_ref_forward(g, x, w, with_bias ? b.data() : nullptr);
-        Guarded y(g.out_shape().numel());
-        ASSERT_TRUE(conv_transpose2_forward_direct(g, x.data(), w.data(),
-                                                   with_bias ? b.data() : nullptr, y.data()))
-            << tt;
-        expect_close(y, y_ref, tt + (with_bias ? " forward+bias" : " forward"));
-        std::vector<float> got(y.data(), y.data() + y.size());
-        if (with_bias) {
-          if (first_y.empty()) first_y = got;
-          EXPECT_EQ(got, first_y) << tt << ": forward differs between thread counts";
-        }
-      }
-      Guarded dw(g.weight_shape().numel()), db(g.cout);
-      ASSERT_TRUE(
-          conv_transpose2_backward_weights_direct(g, dy.data(), x.data(), dw.data(), db.data()))
-          << tt;
-      expect_close(dw, dw_ref, tt + " backward-weights dw");
-      expect_close(db, db_ref, tt + " backward-weights db");
-      std::vector<float> got(dw.data(), dw.data() + dw.size());
-      if (first_dw.empty()) first_dw = got;
-      EXPECT_EQ(got, first_dw) << tt << ": backward-weights differs between thread counts";
-      set_num_threads(saved);
-    }
+  for (const Case& c : std::vector<Case>{
+           {ConvGeometry::transpose2(Shape{2, 3, 5, 4, 32}, 16), "32->16, odd input, N=2"},
+           {ConvGeometry::transpose2(Shape{1, 2, 3, 3, 5}, 24), "Cin 5 -> 24"},
+           {ConvGeometry::transpose2(Shape{1, 9, 10, 11, 16}, 8), "16->8, several chunks"},
+       }) {
+    if (!conv_transpose2_direct_covers(c.g)) GTEST_SKIP() << "this CPU has no AVX2/FMA";
+    const RefProblem p(c, seed++);
+    const ConvGeometry& g = p.g;
+    expect_thread_invariant(p.tag, [&](const std::string& tt) {
+      auto all = checked(p.y_bias, tt + " forward+bias", [&](float* out) {
+        return conv_transpose2_forward_direct(g, p.x.data(), p.w.data(), p.b.data(), out);
+      });
+      checked(p.y_plain, tt + " forward", [&](float* out) {
+        return conv_transpose2_forward_direct(g, p.x.data(), p.w.data(), nullptr, out);
+      });
+      Guarded db(g.cout);
+      append(all, checked(p.dw, tt + " backward-weights dw", [&](float* out) {
+               return conv_transpose2_backward_weights_direct(g, p.dy.data(), p.x.data(), out,
+                                                              db.data());
+             }));
+      expect_close(db, p.db, tt + " backward-weights db");
+      return all;
+    });
   }
-  // Not covered (regular conv; Cout not a multiple of 8): false, nothing written.
+  // Not covered: a regular conv; Cout not a multiple of 8.
   for (const ConvGeometry& g : {ConvGeometry::conv(Shape{1, 4, 4, 4, 16}, 16, 3, 1, 1),
-                                ConvGeometry::transpose2(Shape{1, 2, 2, 2, 16}, 4)}) {
-    const int64_t n = std::max({g.in_shape().numel(), g.out_shape().numel(),
-                                g.weight_shape().numel()});
-    std::vector<float> buf(static_cast<size_t>(n), 7.f), out(static_cast<size_t>(n), 7.f);
-    EXPECT_FALSE(conv_transpose2_forward_direct(g, buf.data(), buf.data(), nullptr, out.data()))
-        << g.str();
-    EXPECT_FALSE(conv_transpose2_backward_weights_direct(g, buf.data(), buf.data(), out.data(),
-                                                         nullptr))
-        << g.str();
-    for (float v : out) ASSERT_EQ(v, 7.f) << g.str();
-  }
+                                ConvGeometry::transpose2(Shape{1, 2, 2, 2, 16}, 4)})
+    expect_declined(g, {[](const ConvGeometry& gg, const float* in, float* out) {
+                          return conv_transpose2_forward_direct(gg, in, in, nullptr, out);
+                        },
+                        [](const ConvGeometry& gg, const float* in, float* out) {
+                          return conv_transpose2_backward_weights_direct(gg, in, in, out, nullptr);
+                        }});
 }
 
-// The direct stride-2 backward-data kernel, called explicitly: against the reference on even and
-// odd sizes (odd: the last dx plane, row and column receive one tap fewer), N = 2, Cout not a
-// multiple of 8, Cin with a tail of 8; the same bits for 1 and 2 threads.
+// The direct stride-2 backward-data kernel: even and odd sizes (odd: the last dx plane, row and
+// column receive one tap fewer), N = 2, Cout not a multiple of 8, Cin with a tail of 8.
 TEST(Conv3d, DirectStride2BackwardDataMatchesReference) {
-  const std::vector<Case> cases = {
-      {ConvGeometry::conv(Shape{2, 8, 8, 8, 16}, 32, 3, 2, 1), "16->32, even sizes, N=2"},
-      {ConvGeometry::conv(Shape{1, 7, 9, 13, 24}, 12, 3, 2, 1), "24->12, odd sizes"},
-      {ConvGeometry::conv(Shape{1, 5, 4, 3, 8}, 16, 3, 2, 1), "8->16, short rows"},
-  };
   uint64_t seed = 900;
-  for (const Case& c : cases) {
-    const ConvGeometry& g = c.g;
-    const std::string tag = std::string(c.what) + " [" + g.str() + "]";
-    Rng rng(seed++);
-    const auto w = random_values(g.weight_shape().numel(), rng);
-    const auto dy = random_values(g.out_shape().numel(), rng);
-    std::vector<float> dx_ref(static_cast<size_t>(g.in_shape().numel()));
-    conv3d_backward_data_ref(g, dy.data(), w.data(), dx_ref.data());
-    std::vector<float> first;
-    for (int threads : {1, 2}) {
-      const int saved = num_threads();
-      set_num_threads(threads);
-      const std::string tt = tag + ", " + std::to_string(threads) + " thread(s)";
-      Guarded dx(g.in_shape().numel());
-      const bool ran = conv3d_stride2_backward_data_direct(g, dy.data(), w.data(), dx.data());
-      set_num_threads(saved);
-      if (!ran) GTEST_SKIP() << "this CPU has no AVX2/FMA";
-      expect_close(dx, dx_ref, tt + " backward-data");
-      std::vector<float> got(dx.data(), dx.data() + dx.size());
-      if (first.empty()) first = got;
-      EXPECT_EQ(got, first) << tt << ": backward-data differs between thread counts";
-    }
+  for (const Case& c : std::vector<Case>{
+           {ConvGeometry::conv(Shape{2, 8, 8, 8, 16}, 32, 3, 2, 1), "16->32, even sizes, N=2"},
+           {ConvGeometry::conv(Shape{1, 7, 9, 13, 24}, 12, 3, 2, 1), "24->12, odd sizes"},
+           {ConvGeometry::conv(Shape{1, 5, 4, 3, 8}, 16, 3, 2, 1), "8->16, short rows"},
+       }) {
+    const RefProblem p(c, seed++);
+    std::vector<float> probe(p.dx.size());
+    if (!conv3d_stride2_backward_data_direct(p.g, p.dy.data(), p.w.data(), probe.data()))
+      GTEST_SKIP() << "this CPU has no AVX2/FMA";
+    expect_thread_invariant(p.tag, [&](const std::string& tt) {
+      return checked(p.dx, tt + " backward-data", [&](float* out) {
+        return conv3d_stride2_backward_data_direct(p.g, p.dy.data(), p.w.data(), out);
+      });
+    });
   }
-  // Not covered: stride 1, k 1, transposed, Cin not a multiple of 8: false, nothing written.
+  // Not covered: stride 1, k 1, transposed, Cin not a multiple of 8.
   for (const ConvGeometry& g : {ConvGeometry::conv(Shape{1, 4, 4, 4, 16}, 16, 3, 1, 1),
                                 ConvGeometry::conv(Shape{1, 4, 4, 4, 16}, 16, 1, 2, 0),
                                 ConvGeometry::transpose2(Shape{1, 2, 2, 2, 16}, 8),
-                                ConvGeometry::conv(Shape{1, 4, 4, 4, 12}, 16, 3, 2, 1)}) {
-    const int64_t n = std::max({g.in_shape().numel(), g.out_shape().numel(),
-                                g.weight_shape().numel()});
-    std::vector<float> buf(static_cast<size_t>(n), 7.f), out(static_cast<size_t>(n), 7.f);
-    EXPECT_FALSE(conv3d_stride2_backward_data_direct(g, buf.data(), buf.data(), out.data()))
-        << g.str();
-    for (float v : out) ASSERT_EQ(v, 7.f) << g.str();
-  }
+                                ConvGeometry::conv(Shape{1, 4, 4, 4, 12}, 16, 3, 2, 1)})
+    expect_declined(g, {[](const ConvGeometry& gg, const float* in, float* out) {
+                      return conv3d_stride2_backward_data_direct(gg, in, in, out);
+                    }});
 }
 
 TEST(Conv3d, BackwardAssignsRatherThanAccumulates) {

@@ -18,7 +18,6 @@
 #include <algorithm>
 #include <array>
 #include <cstring>
-#include <memory>
 #include <utility>
 #include <vector>
 
@@ -110,10 +109,6 @@ __attribute__((target("avx2,fma"))) void accumulate_tile(const ConvGeometry& g, 
                        s * cin, cout, out, K * K * K * cin);
 }
 
-bool cpu_has_avx2_fma() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
-}
 
 using TileFn = void (*)(const ConvGeometry&, const float*, const float*, int64_t, int64_t, int64_t,
                        int64_t, const Tile&, float*);
@@ -177,7 +172,8 @@ bool small_cin_covers(const ConvGeometry& g) {
 template <int R, int NV>
 __attribute__((target("avx2,fma"))) void pair_tile(const float* xp, const int64_t* off,
                                                    int64_t xstep, const float* dp, int64_t dstep,
-                                                   int64_t count, float* dw, const int64_t* dw_off) {
+                                                   int64_t count, float* dw,
+                                                   const int64_t* dw_off) {
   __m256 acc[R][NV];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
@@ -207,34 +203,18 @@ __attribute__((target("avx2,fma"))) void pair_tile(const float* xp, const int64_
     }
 }
 
-using PairFn = void (*)(const float*, const int64_t*, int64_t, const float*, int64_t, int64_t,
-                        float*, const int64_t*);
-
 template <int NV>
-constexpr PairFn pair_fns[kPairs + 1] = {nullptr,           &pair_tile<1, NV>, &pair_tile<2, NV>,
-                                         &pair_tile<3, NV>, &pair_tile<4, NV>, &pair_tile<5, NV>,
-                                         &pair_tile<6, NV>};
+constexpr auto pair_fns = detail::row_kernels<kPairs>([]<int R>() { return &pair_tile<R, NV>; });
 
-template <class T>
-T* grow(std::unique_ptr<T[]>& data, size_t& size, size_t count) {
-  if (size < count) {
-    data.reset(new T[count]);
-    size = count;
-  }
-  return data.get();
-}
-
-void small_cin_backward_weights(const ConvGeometry& g, const float* dy, const float* x,
-                                float* dw) {
+void small_cin_backward_weights(const ConvGeometry& g, const float* dy, const float* x, float* dw) {
   const int64_t cin = g.cin, cout = g.cout;
   const int64_t pd = g.id + 2, ph = g.ih + 2, pw = g.iw + 2;  // padded input
-  thread_local std::unique_ptr<float[]> xpad_data, partial_data;
-  thread_local size_t xpad_size = 0, partial_size = 0;
-  float* xp = grow(xpad_data, xpad_size, static_cast<size_t>(g.n * pd * ph * pw * cin));
+  thread_local detail::GrowingBuffer<float> xpad_buffer, partial_buffer;
+  float* xp = xpad_buffer.get(static_cast<size_t>(g.n * pd * ph * pw * cin));
   const int64_t pairs = 27 * cin;
   const int64_t rows = g.n * g.od * g.oh;
   const int64_t chunks = std::min<int64_t>(64, rows);
-  float* partial = grow(partial_data, partial_size, static_cast<size_t>(chunks * pairs * cout));
+  float* partial = partial_buffer.get(static_cast<size_t>(chunks * pairs * cout));
   // Pair p = k * cin + ci: offset of x[o + tap k - 1][ci] from x at o in the padded copy.
   std::vector<int64_t> off(static_cast<size_t>(pairs)), dw_off(static_cast<size_t>(pairs));
   for (int k = 0; k < 27; ++k)
@@ -266,8 +246,8 @@ void small_cin_backward_weights(const ConvGeometry& g, const float* dy, const fl
           const int nr = static_cast<int>(std::min<int64_t>(kPairs, pairs - p0));
           for (int64_t co = 0; co < cout; co += 16) {
             const bool two = co + 16 <= cout;
-            (two ? pair_fns<2>[nr] : pair_fns<1>[nr])(
-                xrow, off.data() + p0, cin, drow + co, cout, g.ow, pw_c + co, dw_off.data() + p0);
+            (two ? pair_fns<2>[nr] : pair_fns<1>[nr])(xrow, off.data() + p0, cin, drow + co, cout,
+                                                      g.ow, pw_c + co, dw_off.data() + p0);
           }
         }
       }
@@ -286,12 +266,12 @@ void small_cin_backward_weights(const ConvGeometry& g, const float* dy, const fl
 }  // namespace
 
 bool conv3d_backward_weights_direct_covers(const ConvGeometry& g) {
-  return cpu_has_avx2_fma() && !g.transposed && g.n > 0 && g.od > 0 && g.oh > 0 && g.ow > 0 &&
-         ((g.cin % 8 == 0 && g.cout % kCoAlign == 0) || small_cin_covers(g));
+  return detail::cpu_has_avx2_fma() && !g.transposed && g.n > 0 && g.od > 0 && g.oh > 0 &&
+         g.ow > 0 && ((g.cin % 8 == 0 && g.cout % kCoAlign == 0) || small_cin_covers(g));
 }
 
-bool conv3d_backward_weights_direct(const ConvGeometry& g, const float* dy, const float* x, float* dw,
-                                    float* db) {
+bool conv3d_backward_weights_direct(const ConvGeometry& g, const float* dy, const float* x,
+                                    float* dw, float* db) {
   validate(g);
   if (!conv3d_backward_weights_direct_covers(g)) return false;
   MEDSEG_CHECK(dy && x && dw, "conv3d_backward_weights_direct: null dy, x or dw for ", g.str());
@@ -308,5 +288,12 @@ bool conv3d_backward_weights_direct(const ConvGeometry& g, const float* dy, cons
   if (db) detail::bias_gradient(dy, g.n * g.od * g.oh * g.ow, g.cout, db);
   return true;
 }
+
+namespace detail {
+bool cpu_has_avx2_fma() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+}
+}  // namespace detail
 
 }  // namespace medseg::cpu

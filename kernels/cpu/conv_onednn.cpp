@@ -370,17 +370,8 @@ void set(const memory& m, const float* p) {
 // both in one call). It grows to the largest geometry a thread meets and is then reused, so
 // steady-state training steps allocate nothing.
 float* thread_workspace(size_t floats) {
-  struct Workspace {
-    std::unique_ptr<float[]> data;
-    size_t size = 0;
-  };
-  thread_local Workspace ws;
-  if (ws.size < floats) {
-    ws.data.reset();
-    ws.data.reset(new float[floats]);
-    ws.size = floats;
-  }
-  return ws.data.get();
+  thread_local detail::GrowingBuffer<float> ws;
+  return ws.get(floats);
 }
 
 // x (N, D, H, W, C) -> out (N, p + D + p, H, W, C) with zero planes in front and behind every

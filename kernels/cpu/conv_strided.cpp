@@ -6,13 +6,13 @@
 //
 // dx[i] = sum over the taps k with 2o + k - 1 = i of dy[o] . w[:, k, :] (a Cout x Cin matrix per
 // tap). Per axis, a dx coordinate receives 1 tap where it is even (k = 1) and 2 where it is odd
-// (k = 0 and 2), so dx is walked per x-parity and every voxel of a run of R = 6 along x has the same
-// taps: 6 voxels x 16 input channels in 12 ymm registers, each step broadcasting one dy value per
-// voxel against 2 weight vectors (12 FMAs for 8 loads). Each voxel's dy row per tap is given by a
-// pointer (a row of zeros where the tap reaches beyond dy), so borders need no branches in the loop.
-// (A forward kernel of the same form measured slower than oneDNN's forward, 21-24 against 16 ms on
-// 16->32 at 64^3, and was dropped.) Each dx element is written once, by one thread: no dependence on
-// the thread count.
+// (k = 0 and 2), so dx is walked per x-parity and every voxel of a run of R = 6 along x has the
+// same taps: 6 voxels x 16 input channels in 12 ymm registers, each step broadcasting one dy value
+// per voxel against 2 weight vectors (12 FMAs for 8 loads). Each voxel's dy row per tap is given by
+// a pointer (a row of zeros where the tap reaches beyond dy), so borders need no branches in the
+// loop. (A forward kernel of the same form measured slower than oneDNN's forward, 21-24 against 16
+// ms on 16->32 at 64^3, and was dropped.) Each dx element is written once, by one thread: no
+// dependence on the thread count.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -20,17 +20,13 @@
 
 #include "core/error.hpp"
 #include "kernels/cpu/conv.hpp"
+#include "kernels/cpu/conv_internal.hpp"
 
 namespace medseg::cpu {
 
 namespace {
 
 constexpr int kR = 6;
-
-bool cpu_has_avx2_fma() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
-}
 
 struct TapList {
   int count = 0;
@@ -70,12 +66,8 @@ __attribute__((target("avx2,fma"))) void tap_tile(const TapList& taps, int64_t K
     for (int v = 0; v < NV; ++v) _mm256_storeu_ps(out[r] + c0 + 8 * v, acc[r][v]);
 }
 
-using TapFn = void (*)(const TapList&, int64_t, int64_t, int64_t, float* const*);
-
 template <int NV>
-constexpr TapFn tap_fns[kR + 1] = {nullptr,        &tap_tile<1, NV>, &tap_tile<2, NV>,
-                                   &tap_tile<3, NV>, &tap_tile<4, NV>, &tap_tile<5, NV>,
-                                   &tap_tile<6, NV>};
+constexpr auto tap_fns = detail::row_kernels<kR>([]<int R>() { return &tap_tile<R, NV>; });
 
 // Runs the tile over all output channels (blocks of 16, then 8).
 void tap_tiles(const TapList& taps, int nr, int64_t K, int64_t ldw, int64_t channels,
@@ -93,7 +85,7 @@ const float* zeros(int64_t count) {
 }
 
 bool covered(const ConvGeometry& g) {
-  return cpu_has_avx2_fma() && !g.transposed && g.k == 3 && g.stride == 2 && g.pad == 1 &&
+  return detail::cpu_has_avx2_fma() && !g.transposed && g.k == 3 && g.stride == 2 && g.pad == 1 &&
          g.n > 0 && g.od > 0 && g.oh > 0 && g.ow > 0;
 }
 
@@ -103,7 +95,8 @@ bool conv3d_stride2_backward_data_direct(const ConvGeometry& g, const float* dy,
                                          float* dx) {
   validate(g);
   if (!covered(g) || g.cin % 8 != 0) return false;
-  MEDSEG_CHECK(dy && w && dx, "conv3d_stride2_backward_data_direct: null dy, w or dx for ", g.str());
+  MEDSEG_CHECK(dy && w && dx, "conv3d_stride2_backward_data_direct: null dy, w or dx for ",
+               g.str());
   const int64_t cin = g.cin, cout = g.cout;
   const int64_t rows = g.n * g.id * g.ih;
   // Taps reaching input coordinate i along one axis: k with i + 1 - k even, o = (i + 1 - k) / 2

@@ -10,7 +10,8 @@
 //   forward           6 input voxels x 16 output channels of one tap in 12 ymm registers; the sum
 //                     over Cin broadcasts 6 x values per weight row (2 vectors); the result goes
 //                     straight to the 6 output voxels of that tap.
-//   backward-weights  dw[ci][tap][co] = sum over input voxels of x[v][ci] * dy[tap position of v][co]:
+//   backward-weights  dw[ci][tap][co] = sum over input voxels of x[v][ci] * dy[tap position of
+//   v][co]:
 //                     6 input channels x 16 output channels of one tap in registers while a run of
 //                     input voxels streams through; the voxels are cut into a fixed number of
 //                     chunks with one partial dw each, summed in chunk order (the result does not
@@ -20,9 +21,9 @@
 
 #include <algorithm>
 #include <cstring>
-#include <memory>
 
 #include "core/error.hpp"
+#include "kernels/cpu/avx2_tiles.hpp"
 #include "kernels/cpu/conv.hpp"
 #include "kernels/cpu/conv_internal.hpp"
 
@@ -31,11 +32,6 @@ namespace medseg::cpu {
 namespace {
 
 constexpr int kR = 6;  // register tile rows: input voxels (forward) or input channels (weights)
-
-bool cpu_has_avx2_fma() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
-}
 
 // Offsets (in floats) of the output voxels: input voxel v's tap 0 at base(v), tap t = (a*2 + b)*2
 // + c at base(v) + tap[t].
@@ -82,17 +78,8 @@ __attribute__((target("avx2,fma"))) void forward_tile(const float* x, int64_t ci
     for (int v = 0; v < NV; ++v) _mm256_storeu_ps(out[r] + 8 * v, acc[r][v]);
 }
 
-using ForwardFn = void (*)(const float*, int64_t, const float*, int64_t, const float*,
-                           float* const*);
-
 template <int NV>
-constexpr ForwardFn forward_fns[kR + 1] = {nullptr,
-                                           &forward_tile<1, NV>,
-                                           &forward_tile<2, NV>,
-                                           &forward_tile<3, NV>,
-                                           &forward_tile<4, NV>,
-                                           &forward_tile<5, NV>,
-                                           &forward_tile<6, NV>};
+constexpr auto forward_fns = detail::row_kernels<kR>([]<int R>() { return &forward_tile<R, NV>; });
 
 // dw[r][co0 ..] (row stride ldw) += sum over `count` voxels of x[v][ci0 + r] * dy[out(v)][co0 ..]
 // for R input channels; x rows have stride cin, the output voxel of each input voxel is given.
@@ -100,73 +87,32 @@ template <int R, int NV>
 __attribute__((target("avx2,fma"))) void weights_tile(const float* x, int64_t cin,
                                                       const int64_t* outs, const float* dy,
                                                       int64_t count, float* dw, int64_t ldw) {
-  __m256 acc[R][NV];
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 2
-    for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_setzero_ps();
-  for (int64_t i = 0; i < count; ++i, x += cin) {
-    const float* d = dy + outs[i];
-    __m256 dv[NV];
-#pragma GCC unroll 2
-    for (int v = 0; v < NV; ++v) dv[v] = _mm256_loadu_ps(d + 8 * v);
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      const __m256 xv = _mm256_broadcast_ss(x + r);
-#pragma GCC unroll 2
-      for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_fmadd_ps(xv, dv[v], acc[r][v]);
-    }
-  }
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 2
-    for (int v = 0; v < NV; ++v) {
-      float* q = dw + r * ldw + 8 * v;
-      _mm256_storeu_ps(q, _mm256_add_ps(_mm256_loadu_ps(q), acc[r][v]));
-    }
+  detail::outer_accumulate<R, NV>(
+      x, cin, [outs, dy](int64_t i) { return dy + outs[i]; }, count, dw, ldw);
 }
 
-using WeightsFn = void (*)(const float*, int64_t, const int64_t*, const float*, int64_t, float*,
-                           int64_t);
-
 template <int NV>
-constexpr WeightsFn weights_fns[kR + 1] = {nullptr,
-                                           &weights_tile<1, NV>,
-                                           &weights_tile<2, NV>,
-                                           &weights_tile<3, NV>,
-                                           &weights_tile<4, NV>,
-                                           &weights_tile<5, NV>,
-                                           &weights_tile<6, NV>};
+constexpr auto weights_fns = detail::row_kernels<kR>([]<int R>() { return &weights_tile<R, NV>; });
 
-// Per-thread output offsets of a run of voxels for one tap.
+// Per-thread output offsets of a run of voxels.
 int64_t* offsets_buffer(size_t count) {
-  thread_local std::unique_ptr<int64_t[]> data;
-  thread_local size_t size = 0;
-  if (size < count) {
-    data.reset(new int64_t[count]);
-    size = count;
-  }
-  return data.get();
+  thread_local detail::GrowingBuffer<int64_t> buf;
+  return buf.get(count);
 }
 
 // The partial dw of every chunk (calling thread's, shared by its parallel region).
 float* partials_buffer(size_t floats) {
-  thread_local std::unique_ptr<float[]> data;
-  thread_local size_t size = 0;
-  if (size < floats) {
-    data.reset(new float[floats]);
-    size = floats;
-  }
-  return data.get();
+  thread_local detail::GrowingBuffer<float> buf;
+  return buf.get(floats);
 }
 
-constexpr int64_t kRun = 256;     // input voxels streamed per register tile (x and dy rows in L2)
-constexpr int64_t kChunks = 16;   // fixed chunks of input voxels for backward-weights
+constexpr int64_t kRun = 256;    // input voxels streamed per register tile (x and dy rows in L2)
+constexpr int64_t kChunks = 16;  // fixed chunks of input voxels for backward-weights
 
 }  // namespace
 
 bool conv_transpose2_direct_covers(const ConvGeometry& g) {
-  return cpu_has_avx2_fma() && g.transposed && g.cout % 8 == 0 && g.n > 0 && g.id > 0 &&
+  return detail::cpu_has_avx2_fma() && g.transposed && g.cout % 8 == 0 && g.n > 0 && g.id > 0 &&
          g.ih > 0 && g.iw > 0;
 }
 
@@ -199,8 +145,8 @@ bool conv_transpose2_forward_direct(const ConvGeometry& g, const float* x, const
   return true;
 }
 
-bool conv_transpose2_backward_weights_direct(const ConvGeometry& g, const float* dy,
-                                             const float* x, float* dw, float* db) {
+bool conv_transpose2_backward_weights_direct(const ConvGeometry& g, const float* dy, const float* x,
+                                             float* dw, float* db) {
   validate(g);
   if (!conv_transpose2_direct_covers(g)) return false;
   MEDSEG_CHECK(dy && x && dw, "conv_transpose2_backward_weights_direct: null dy, x or dw for ",

@@ -2,9 +2,9 @@
 //
 // Why: after the direct backward-weights kernel, the forward and backward-data passes of the 3x3x3
 // convolutions were most of the training step and of inference, and oneDNN 2.6 already runs them at
-// 115-130 GFLOP/s of this class of machine's 157 GFLOP/s fp32 peak (two AVX2 cores): a faster direct
-// kernel has little room. Winograd's minimal filtering computes a 2x2x2 block of outputs from a
-// 4x4x4 block of inputs with 64 multiplications per (input, output) channel pair instead of
+// 115-130 GFLOP/s of this class of machine's 157 GFLOP/s fp32 peak (two AVX2 cores): a faster
+// direct kernel has little room. Winograd's minimal filtering computes a 2x2x2 block of outputs
+// from a 4x4x4 block of inputs with 64 multiplications per (input, output) channel pair instead of
 // 8 * 27 = 216, 3.4x fewer. The price is three linear transforms (input, weights, output) done with
 // additions only, and slightly larger rounding errors (the transforms' coefficients are 0, +-1 and
 // +-1/2, so the error stays a small multiple of the direct sum's; see the tests).
@@ -44,6 +44,7 @@
 #include <string>
 
 #include "core/error.hpp"
+#include "kernels/cpu/avx2_tiles.hpp"
 #include "kernels/cpu/conv.hpp"
 #include "kernels/cpu/conv_internal.hpp"
 
@@ -51,8 +52,8 @@ namespace medseg::cpu {
 
 namespace {
 
-constexpr int kXi = 64;    // 4 x 4 x 4 transformed points per tile
-constexpr int kRows = 6;   // GEMM micro-tile rows (tiles)
+constexpr int kXi = 64;       // 4 x 4 x 4 transformed points per tile
+constexpr int kRows = 6;      // GEMM micro-tile rows (tiles)
 constexpr int kCb = kXi * 8;  // floats of one 8-channel block of a gathered tile
 
 // The problem the core solves: a 3x3x3, stride-1, pad-1 convolution of `in` (n, d, h, w, cin) into
@@ -79,9 +80,8 @@ Problem make_problem(int64_t n, int64_t d, int64_t h, int64_t w, int64_t cin, in
 // ------------------------------------------------------------------------------------ weights
 
 // One axis of the weight transform on 8 lanes: 3 taps -> 4 points (G above).
-__attribute__((target("avx2,fma"), always_inline)) inline void g_transform(const __m256* g,
-                                                                          int gs, __m256* u,
-                                                                          int us) {
+__attribute__((target("avx2,fma"), always_inline)) inline void g_transform(const __m256* g, int gs,
+                                                                           __m256* u, int us) {
   const __m256 half = _mm256_set1_ps(0.5f);
   const __m256 g0 = g[0], g1 = g[gs], g2 = g[2 * gs];
   const __m256 s = _mm256_add_ps(g0, g2);
@@ -154,8 +154,7 @@ __attribute__((target("avx2,fma"))) void gather_tile(const Problem& p, const flo
         // hardware prefetchers follow: fetch the 2 voxels tile t + 4 will add (prefetches beyond
         // the row are harmless hints).
         const char* ahead = reinterpret_cast<const char*>(row + 10 * cin);
-        for (int64_t off = 0; off < 2 * cin * 4; off += 64)
-          _mm_prefetch(ahead + off, _MM_HINT_T0);
+        for (int64_t off = 0; off < 2 * cin * 4; off += 64) _mm_prefetch(ahead + off, _MM_HINT_T0);
       }
       float* dst = L + (a * 4 + b) * 8;
       for (int64_t cb = 0; cb < cin / 8; ++cb, dst += kCb, row += 8) {
@@ -174,7 +173,7 @@ __attribute__((target("avx2,fma"))) void gather_tile(const Problem& p, const flo
 // l[J] stay in registers; point xi = (zi*4 + yi)*4 + J goes to v + xi * sv.
 template <int J>
 __attribute__((target("avx2,fma"), always_inline)) inline void input_column(const float* l,
-                                                                           float* v, int64_t sv) {
+                                                                            float* v, int64_t sv) {
   __m256 t[4][4];
   for (int a = 0; a < 4; ++a)
     for (int b = 0; b < 4; ++b) t[a][b] = _mm256_loadu_ps(l + ((J * 4 + a) * 4 + b) * 8);
@@ -199,8 +198,8 @@ __attribute__((target("avx2,fma"), always_inline)) inline void input_column(cons
 // goes to v + xi * xs + cb * cs. Forward: v = V + group * 64 * sv + slot * 8 (slot = the tile's row
 // in its group of kRows), xs = sv, cs = 8 * kRows; backward-weights: v = V + tile * cin,
 // xs = tiles * cin, cs = 8.
-__attribute__((target("avx2,fma"))) void input_transform(const Problem& p, const float* L,
-                                                         float* v, int64_t xs, int64_t cs) {
+__attribute__((target("avx2,fma"))) void input_transform(const Problem& p, const float* L, float* v,
+                                                         int64_t xs, int64_t cs) {
   for (int64_t cb = 0; cb < p.cin / 8; ++cb) {
     float* vc = v + cb * cs;
     input_column<0>(L + cb * kCb, vc, xs);
@@ -222,8 +221,8 @@ struct Epilogue {
 // input transform, one output column (x index) at a time, so that the intermediates stay in
 // registers.
 __attribute__((target("avx2,fma"))) void output_transform(const Problem& p, const float* m,
-                                                          const TileOrigin& o,
-                                                          const Epilogue& ep, float* out) {
+                                                          const TileOrigin& o, const Epilogue& ep,
+                                                          float* out) {
   const int64_t cout = p.cout;
   const int64_t z0 = o.z + 1, y0 = o.y + 1, x0 = o.x + 1;  // first output of the tile
   const int nz = z0 + 1 < p.d ? 2 : 1, ny = y0 + 1 < p.h ? 2 : 1, nx = x0 + 1 < p.w ? 2 : 1;
@@ -305,13 +304,8 @@ __attribute__((target("avx2,fma"))) void gemm_tile(const float* a, int64_t step,
   }
 }
 
-using GemmFn = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t,
-                        int64_t);
-
 template <int NV>
-constexpr GemmFn gemm_fns[kRows + 1] = {nullptr,           &gemm_tile<1, NV>, &gemm_tile<2, NV>,
-                                        &gemm_tile<3, NV>, &gemm_tile<4, NV>, &gemm_tile<5, NV>,
-                                        &gemm_tile<6, NV>};
+constexpr auto gemm_fns = detail::row_kernels<kRows>([]<int R>() { return &gemm_tile<R, NV>; });
 
 // M = V * U[xi] for every point xi and the block's tiles: point-major, so that U[xi] is reused by
 // every group of the block while V and M of the block stay in L2.
@@ -336,31 +330,16 @@ void block_gemms(const Problem& p, const float* V, const float* U, float* M, int
   }
 }
 
-// Per-thread V, M and gathered tile, grown to the largest problem a thread meets and then reused.
+// Per-thread V, M (or Z) and gathered tile.
 float* thread_buffer(size_t floats) {
-  struct Buffer {
-    std::unique_ptr<float[]> data;
-    size_t size = 0;
-  };
-  thread_local Buffer buf;
-  if (buf.size < floats) {
-    buf.data.reset();
-    buf.data.reset(new float[floats]);
-    buf.size = floats;
-  }
-  return buf.data.get();
+  thread_local detail::GrowingBuffer<float> buf;
+  return buf.get(floats);
 }
 
-// U for the calling thread (shared by the parallel region it opens).
+// U (or the chunks' partial dU) for the calling thread, shared by the parallel region it opens.
 float* weights_buffer(size_t floats) {
-  thread_local std::unique_ptr<float[]> data;
-  thread_local size_t size = 0;
-  if (size < floats) {
-    data.reset();
-    data.reset(new float[floats]);
-    size = floats;
-  }
-  return data.get();
+  thread_local detail::GrowingBuffer<float> buf;
+  return buf.get(floats);
 }
 
 // The next tile in (n, tz, ty, tx) order.
@@ -416,19 +395,18 @@ void run(const Problem& p, const float* in, const float* w, bool backward, const
 // ------------------------------------------------------------------------- backward-weights
 //
 // The forward per tile is y_t = A^T [U . V_t] (Kronecker products over the three axes implied), so
-// the weight gradient is dU[xi][ci][co] = sum_t V_t[xi][ci] * Z_t[xi][co] with Z_t = (A (x) A (x) A)
-// dy_t, the 2x2x2 output gradient of the tile spread to 64 points (A = the transpose of A^T:
-// z = (d0, d0 + d1, d0 - d1, -d1) per axis), and dw = (G^T (x) G^T (x) G^T) dU. Per block of tiles:
-// V (64 x T x cin, the forward's input transform) and Z (64 x T x cout), then 64 GEMMs
-// dU[xi] += V[xi]^T Z[xi] reducing over the block's tiles. The tiles are cut into a fixed number of
-// chunks (not one per thread) with one partial dU each, summed in chunk order: the result does not
-// depend on the thread count.
+// the weight gradient is dU[xi][ci][co] = sum_t V_t[xi][ci] * Z_t[xi][co] with Z_t = (A (x) A (x)
+// A) dy_t, the 2x2x2 output gradient of the tile spread to 64 points (A = the transpose of A^T: z =
+// (d0, d0 + d1, d0 - d1, -d1) per axis), and dw = (G^T (x) G^T (x) G^T) dU. Per block of tiles: V
+// (64 x T x cin, the forward's input transform) and Z (64 x T x cout), then 64 GEMMs dU[xi] +=
+// V[xi]^T Z[xi] reducing over the block's tiles. The tiles are cut into a fixed number of chunks
+// (not one per thread) with one partial dU each, summed in chunk order: the result does not depend
+// on the thread count.
 
 // Z entries of one tile (z: Z + tile * cout, point xi of channel block cb at z + xi * xs + cb * 8)
 // from the tile's 2x2x2 block of dy (zeros for outputs beyond the volume).
 __attribute__((target("avx2,fma"))) void dy_transform(const Problem& p, const float* dy,
-                                                      const TileOrigin& o, float* z,
-                                                      int64_t xs) {
+                                                      const TileOrigin& o, float* z, int64_t xs) {
   const int64_t cout = p.cout;
   const int64_t z0 = o.z + 1, y0 = o.y + 1, x0 = o.x + 1;
   const bool zin[2] = {true, z0 + 1 < p.d}, yin[2] = {true, y0 + 1 < p.h},
@@ -480,38 +458,12 @@ template <int R, int NV>
 __attribute__((target("avx2,fma"))) void wgrad_tile(const float* v, int64_t ldv, const float* z,
                                                     int64_t ldz, int64_t rows, float* du,
                                                     int64_t ldu) {
-  __m256 acc[R][NV];
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 2
-    for (int c = 0; c < NV; ++c) acc[r][c] = _mm256_setzero_ps();
-  for (int64_t t = 0; t < rows; ++t, v += ldv, z += ldz) {
-    __m256 zv[NV];
-#pragma GCC unroll 2
-    for (int c = 0; c < NV; ++c) zv[c] = _mm256_loadu_ps(z + 8 * c);
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      const __m256 av = _mm256_broadcast_ss(v + r);
-#pragma GCC unroll 2
-      for (int c = 0; c < NV; ++c) acc[r][c] = _mm256_fmadd_ps(av, zv[c], acc[r][c]);
-    }
-  }
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 2
-    for (int c = 0; c < NV; ++c) {
-      float* q = du + r * ldu + 8 * c;
-      _mm256_storeu_ps(q, _mm256_add_ps(_mm256_loadu_ps(q), acc[r][c]));
-    }
+  detail::outer_accumulate<R, NV>(
+      v, ldv, [z, ldz](int64_t t) { return z + t * ldz; }, rows, du, ldu);
 }
 
-using WgradFn = void (*)(const float*, int64_t, const float*, int64_t, int64_t, float*, int64_t);
-
 template <int NV>
-constexpr WgradFn wgrad_fns[kRows + 1] = {nullptr,            &wgrad_tile<1, NV>,
-                                          &wgrad_tile<2, NV>, &wgrad_tile<3, NV>,
-                                          &wgrad_tile<4, NV>, &wgrad_tile<5, NV>,
-                                          &wgrad_tile<6, NV>};
+constexpr auto wgrad_fns = detail::row_kernels<kRows>([]<int R>() { return &wgrad_tile<R, NV>; });
 
 // dU[xi] += V[xi]^T Z[xi] over the block's `rows` tiles (V, Z: [xi][T][channels]).
 void block_wgrad(const Problem& p, const float* V, const float* Z, int64_t rows, float* dU) {
@@ -523,7 +475,7 @@ void block_wgrad(const Problem& p, const float* V, const float* Z, int64_t rows,
     for (int64_t ci = 0; ci < cin; ci += kRows) {
       const int nr = static_cast<int>(std::min<int64_t>(kRows, cin - ci));
       for (int64_t co = 0; co < cout; co += 16) {
-        const WgradFn fn = co + 16 <= cout ? wgrad_fns<2>[nr] : wgrad_fns<1>[nr];
+        const auto fn = co + 16 <= cout ? wgrad_fns<2>[nr] : wgrad_fns<1>[nr];
         fn(v + ci, cin, z + co, cout, rows, du + ci * cout + co, cout);
       }
     }
@@ -531,9 +483,8 @@ void block_wgrad(const Problem& p, const float* V, const float* Z, int64_t rows,
 }
 
 // One axis of the gradient's back-transform on 8 lanes: 4 points -> 3 taps (G^T).
-__attribute__((target("avx2,fma"), always_inline)) inline void gt_transform(const __m256* u,
-                                                                           int us, __m256* g,
-                                                                           int gs) {
+__attribute__((target("avx2,fma"), always_inline)) inline void gt_transform(const __m256* u, int us,
+                                                                            __m256* g, int gs) {
   const __m256 half = _mm256_set1_ps(0.5f);
   const __m256 s = _mm256_mul_ps(half, _mm256_add_ps(u[us], u[2 * us]));
   g[0] = _mm256_add_ps(u[0], s);
@@ -573,7 +524,9 @@ int64_t wgrad_chunks(const Problem& p, int64_t blocks) {
 }
 
 // Winograd backward-weights applies where the partial dU of even one chunk stays small.
-bool wgrad_fits(const ConvGeometry& g) { return kXi * g.cin * g.cout * 4 <= (8 << 20); }
+bool wgrad_fits(const ConvGeometry& g) {
+  return kXi * g.cin * g.cout * 4 <= (8 << 20);
+}
 
 void run_wgrad(const Problem& p, const float* x, const float* dy, float* dw) {
   const int64_t blocks = (p.tiles + p.block - 1) / p.block;
@@ -604,22 +557,18 @@ void run_wgrad(const Problem& p, const float* x, const float* dy, float* dw) {
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < u_floats; i += 8) {
       __m256 s = _mm256_loadu_ps(partial + i);
-      for (int64_t c = 1; c < chunks; ++c) s = _mm256_add_ps(s, _mm256_loadu_ps(partial + c * u_floats + i));
+      for (int64_t c = 1; c < chunks; ++c)
+        s = _mm256_add_ps(s, _mm256_loadu_ps(partial + c * u_floats + i));
       _mm256_storeu_ps(partial + i, s);
     }
     untransform_weights(partial, p.cin, p.cout, dw);
   }
 }
 
-bool cpu_has_avx2_fma() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
-}
-
 }  // namespace
 
 bool conv3d_winograd_covers(const ConvGeometry& g) {
-  return cpu_has_avx2_fma() && !g.transposed && g.k == 3 && g.stride == 1 && g.pad == 1 &&
+  return detail::cpu_has_avx2_fma() && !g.transposed && g.k == 3 && g.stride == 1 && g.pad == 1 &&
          g.cin % 8 == 0 && g.cout % 8 == 0 && g.n > 0 && g.id > 0 && g.ih > 0 && g.iw > 0;
 }
 
