@@ -94,18 +94,6 @@ __attribute__((target("avx2,fma"))) void weights_tile(const float* x, int64_t ci
 template <int NV>
 constexpr auto weights_fns = detail::row_kernels<kR>([]<int R>() { return &weights_tile<R, NV>; });
 
-// Per-thread output offsets of a run of voxels.
-int64_t* offsets_buffer(size_t count) {
-  thread_local detail::GrowingBuffer<int64_t> buf;
-  return buf.get(count);
-}
-
-// The partial dw of every chunk (calling thread's, shared by its parallel region).
-float* partials_buffer(size_t floats) {
-  thread_local detail::GrowingBuffer<float> buf;
-  return buf.get(floats);
-}
-
 constexpr int64_t kRun = 256;    // input voxels streamed per register tile (x and dy rows in L2)
 constexpr int64_t kChunks = 16;  // fixed chunks of input voxels for backward-weights
 
@@ -155,10 +143,12 @@ bool conv_transpose2_backward_weights_direct(const ConvGeometry& g, const float*
   const OutIndex out_index(g);
   const int64_t wsize = cin * 8 * cout;
   const int64_t chunks = std::min<int64_t>(kChunks, (voxels + kRun - 1) / kRun);
-  float* partial = partials_buffer(static_cast<size_t>(chunks * wsize));
+  thread_local detail::GrowingBuffer<float> partials;  // the calling thread's, shared by its team
+  float* partial = partials.get(static_cast<size_t>(chunks * wsize));
 #pragma omp parallel
   {
-    int64_t* outs = offsets_buffer(static_cast<size_t>(kRun));
+    thread_local detail::GrowingBuffer<int64_t> offsets;  // output offsets of a run of voxels
+    int64_t* outs = offsets.get(static_cast<size_t>(kRun));
 #pragma omp for schedule(static)
     for (int64_t c = 0; c < chunks; ++c) {
       float* pw = partial + c * wsize;
