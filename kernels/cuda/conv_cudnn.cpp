@@ -141,18 +141,24 @@ ConvPlan& find_plan(CudaContext& ctx, const ConvGeometry& g) {
   return *cache.plans.back();
 }
 
-// Picks the fastest successful result that fits the workspace limit, in cuDNN's timing order. With
-// TF32 off only exact fp32 is acceptable: results reported with CUDNN_FMA_MATH first; failing
-// those, CUDNN_DEFAULT_MATH ones, which are then run with the math type forced to FMA (DEFAULT
-// permits TF32 on Ampere and later, so it is never left in place).
+// Picks the fastest successful result that fits the workspace limit, in cuDNN's timing order.
+// Deterministic algorithms first (some backward algorithms accumulate with atomics, and the
+// timing-based choice could then change the bits from one run to the next); a non-deterministic
+// one only when no deterministic one fits. With TF32 off only exact fp32 is acceptable: results
+// reported with CUDNN_FMA_MATH first; failing those, CUDNN_DEFAULT_MATH ones, which are then run
+// with the math type forced to FMA (DEFAULT permits TF32 on Ampere and later, so it is never left
+// in place).
 template <typename Perf>
 Choice pick(const Perf* results, int count, size_t limit, bool tf32, const char* what,
             const ConvGeometry& g) {
-  for (int pass = 0; pass < 2; ++pass) {
+  for (int pass = 0; pass < 4; ++pass) {
+    const bool deterministic_only = pass < 2;
+    const cudnnMathType_t exact = pass % 2 == 0 ? CUDNN_FMA_MATH : CUDNN_DEFAULT_MATH;
     for (int i = 0; i < count; ++i) {
       const Perf& r = results[i];
       if (r.status != CUDNN_STATUS_SUCCESS || r.memory > limit) continue;
-      if (!tf32 && r.mathType != (pass == 0 ? CUDNN_FMA_MATH : CUDNN_DEFAULT_MATH)) continue;
+      if (deterministic_only && r.determinism != CUDNN_DETERMINISTIC) continue;
+      if (!tf32 && r.mathType != exact) continue;
       Choice c;
       c.ready = true;
       c.algo = static_cast<int>(r.algo);
@@ -181,6 +187,12 @@ size_t search_workspace(CudaContext& ctx) {
   return std::max(ws, ctx.workspace_bytes());
 }
 
+// The largest workspace a chosen algorithm may use: what the search had, but never more than the
+// limit (the search buffer can exceed it when the context's workspace already did).
+size_t choice_limit(const CudaContext& ctx, size_t search_bytes) {
+  return std::min(search_bytes, ctx.workspace_limit());
+}
+
 // The chosen algorithm's math type is set on the descriptor before every call: cuDNN reports, and
 // runs, each algorithm with a specific math type, and with TF32 allowed the search may return
 // either.
@@ -203,7 +215,8 @@ void run_fwd(CudaContext& ctx, ConvPlan& p, const float* a, const float* w, floa
     MEDSEG_CUDNN_CHECK(cudnnFindConvolutionForwardAlgorithmEx(ctx.cudnn(), p.a, a, p.w, w, p.conv,
                                                               p.b, b, static_cast<int>(perf.size()),
                                                               &returned, perf.data(), wsp, ws));
-    c = pick(perf.data(), returned, ws, p.tf32, "forward", p.g);
+    c = pick(perf.data(), returned, choice_limit(ctx, ws), p.tf32, "forward", p.g);
+    ctx.settle_workspace(c.workspace);
   }
   apply_math(p, c);
   void* wsp = ctx.workspace(c.workspace);
@@ -227,7 +240,8 @@ void run_bwd_data(CudaContext& ctx, ConvPlan& p, const float* w, const float* db
     MEDSEG_CUDNN_CHECK(cudnnFindConvolutionBackwardDataAlgorithmEx(
         ctx.cudnn(), p.w, w, p.b, db, p.conv, p.a, da, static_cast<int>(perf.size()), &returned,
         perf.data(), wsp, ws));
-    c = pick(perf.data(), returned, ws, p.tf32, "backward-data", p.g);
+    c = pick(perf.data(), returned, choice_limit(ctx, ws), p.tf32, "backward-data", p.g);
+    ctx.settle_workspace(c.workspace);
   }
   apply_math(p, c);
   void* wsp = ctx.workspace(c.workspace);
@@ -251,7 +265,8 @@ void run_bwd_filter(CudaContext& ctx, ConvPlan& p, const float* a, const float* 
     MEDSEG_CUDNN_CHECK(cudnnFindConvolutionBackwardFilterAlgorithmEx(
         ctx.cudnn(), p.a, a, p.b, db, p.conv, p.w, dw, static_cast<int>(perf.size()), &returned,
         perf.data(), wsp, ws));
-    c = pick(perf.data(), returned, ws, p.tf32, "backward-filter", p.g);
+    c = pick(perf.data(), returned, choice_limit(ctx, ws), p.tf32, "backward-filter", p.g);
+    ctx.settle_workspace(c.workspace);
   }
   apply_math(p, c);
   void* wsp = ctx.workspace(c.workspace);

@@ -334,6 +334,7 @@ CudaContext::CudaContext(CudaContext&& o) noexcept
       allow_tf32_(o.allow_tf32_),
       workspace_limit_(o.workspace_limit_),
       workspace_(std::move(o.workspace_)),
+      workspace_needed_(o.workspace_needed_),
       conv_plans_(std::move(o.conv_plans_)) {
   o.stream_ = nullptr;
   o.cudnn_ = nullptr;
@@ -348,6 +349,7 @@ CudaContext& CudaContext::operator=(CudaContext&& o) noexcept {
     allow_tf32_ = o.allow_tf32_;
     workspace_limit_ = o.workspace_limit_;
     workspace_ = std::move(o.workspace_);
+    workspace_needed_ = o.workspace_needed_;
     conv_plans_ = std::move(o.conv_plans_);
     o.stream_ = nullptr;
     o.cudnn_ = nullptr;
@@ -362,6 +364,14 @@ void* CudaContext::workspace(size_t bytes) {
     workspace_ = DeviceBuffer(bytes);
   }
   return workspace_.get();
+}
+
+void CudaContext::settle_workspace(size_t chosen_bytes) {
+  workspace_needed_ = std::max(workspace_needed_, std::max<size_t>(chosen_bytes, 256));
+  if (workspace_.bytes() > workspace_needed_) {
+    workspace_ = DeviceBuffer();  // back to the allocator's cache first
+    workspace_ = DeviceBuffer(workspace_needed_);
+  }
 }
 
 void CudaContext::synchronize() const {

@@ -155,6 +155,11 @@ class CudaContext {
   // At least `bytes` of device scratch, 256-byte aligned; grows (never shrinks) on demand.
   void* workspace(size_t bytes);
   size_t workspace_bytes() const { return workspace_.bytes(); }
+  // After an algorithm search: the workspace shrinks back to the largest amount any chosen
+  // algorithm needs (the search may have grown it to the whole limit, up to 1 GiB, which would
+  // otherwise stay held for the life of the context). That amount only grows, so once every
+  // shape has been planned no call reallocates.
+  void settle_workspace(size_t chosen_bytes);
   void synchronize() const;
   // Opaque slot owned by conv_cudnn (plans hold cuDNN descriptors bound to this context's choices).
   std::shared_ptr<void>& conv_plan_slot() { return conv_plans_; }
@@ -167,6 +172,7 @@ class CudaContext {
   bool allow_tf32_ = false;
   size_t workspace_limit_ = size_t{1} << 30;
   DeviceBuffer workspace_;
+  size_t workspace_needed_ = 0;  // the largest workspace of a chosen algorithm so far
   std::shared_ptr<void> conv_plans_;
 };
 

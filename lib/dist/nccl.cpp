@@ -4,6 +4,7 @@
 #include <dlfcn.h>
 #include <nccl.h>
 
+#include <cstdio>
 #include <mutex>
 #endif
 
@@ -50,6 +51,12 @@ const NcclApi& api() {
     resolve(lib, "ncclGroupStart", a.group_start, a.error);
     resolve(lib, "ncclGroupEnd", a.group_end, a.error);
     resolve(lib, "ncclGetErrorString", a.error_string, a.error);
+    // ncclAvg (the gradient average) exists from NCCL 2.10 on; the library found at run time may be
+    // older than the header medseg was built with.
+    int version = 0;
+    if (a.error.empty() && (a.get_version(&version) != ncclSuccess || version < 21000))
+      a.error = "libnccl.so.2 is version " + std::to_string(version / 10000) + "." +
+                std::to_string(version / 100 % 100) + "; medseg needs NCCL >= 2.10 (ncclAvg)";
     a.ok = a.error.empty();
   });
   return a;
@@ -81,11 +88,23 @@ std::string nccl_version() {
 NcclComm::NcclComm(const Comm& comm) {
   std::string why;
   if (!nccl_loadable(&why)) throw IoError(why);
-  ncclUniqueId id{};
-  if (comm.root()) check(api().get_unique_id(&id), "ncclGetUniqueId");
-  comm.broadcast(&id, sizeof id, 0);
+  // Rank 0's id travels with its success: if ncclGetUniqueId fails there (e.g. no usable network
+  // interface), every rank learns it from the broadcast and throws, so all of them meet again in
+  // the caller's agreement step instead of waiting in a broadcast rank 0 never joins.
+  struct Bootstrap {
+    ncclUniqueId id;
+    int ok;
+    char error[240];
+  } b{};
+  if (comm.root()) {
+    const ncclResult_t r = api().get_unique_id(&b.id);
+    b.ok = r == ncclSuccess;
+    if (!b.ok) std::snprintf(b.error, sizeof b.error, "%s", api().error_string(r));
+  }
+  comm.broadcast(&b, sizeof b, 0);
+  if (!b.ok) throw IoError(std::string("NCCL: ncclGetUniqueId failed on rank 0: ") + b.error);
   ncclComm_t c = nullptr;
-  check(api().comm_init_rank(&c, comm.size(), id, comm.rank()), "ncclCommInitRank");
+  check(api().comm_init_rank(&c, comm.size(), b.id, comm.rank()), "ncclCommInitRank");
   comm_ = c;
 }
 

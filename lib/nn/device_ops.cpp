@@ -23,9 +23,12 @@ struct CudaState {
   int index = -1;
   std::unique_ptr<cuda::CudaContext> ctx;
 };
+// Never destroyed: the CUDA runtime may start after this object (use_cuda_device can be a process's
+// first CUDA call) and then tears down before it; destroying the context's stream and cuDNN handle
+// after that can crash at exit. Like the caching allocator, the state lives until the process ends.
 CudaState& cuda_state() {
-  static CudaState s;
-  return s;
+  static CudaState* s = new CudaState;
+  return *s;
 }
 #endif
 }  // namespace
