@@ -528,8 +528,10 @@ TEST(Conv3d, WinogradMatchesReference) {
       return all;
     });
   }
-  // Not covered: stride 2, k 1, unpadded, transposed, channels not a multiple of 8.
-  for (const ConvGeometry& g : {ConvGeometry::conv(Shape{1, 4, 4, 4, 16}, 16, 3, 2, 1),
+  // Not covered: stride 2, k 1, unpadded, transposed, channels not a multiple of 8, Cin x Cout
+  // beyond 128 x 128.
+  for (const ConvGeometry& g : {ConvGeometry::conv(Shape{1, 2, 2, 2, 256}, 256, 3, 1, 1),
+                                ConvGeometry::conv(Shape{1, 4, 4, 4, 16}, 16, 3, 2, 1),
                                 ConvGeometry::conv(Shape{1, 4, 4, 4, 16}, 16, 1, 1, 0),
                                 ConvGeometry::conv(Shape{1, 4, 4, 4, 16}, 16, 3, 1, 0),
                                 ConvGeometry::conv(Shape{1, 4, 4, 4, 12}, 16, 3, 1, 1),

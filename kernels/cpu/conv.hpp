@@ -82,19 +82,19 @@ bool conv3d_backward_weights_direct(const ConvGeometry& g, const float* dy, cons
 
 // ---- Winograd F(2x2x2, 3x3x3) for AVX2 + FMA CPUs (conv_winograd.cpp) ----
 // 64 multiplications per 2x2x2 output block and channel pair instead of 216. Covers regular
-// convolutions with k = 3, stride 1, pad 1, Cin % 8 == 0 and Cout % 8 == 0 on CPUs with AVX2 and FMA:
-// then it computes the pass and returns true; otherwise it returns false and touches nothing. The
-// forward optionally applies LeakyReLU (slope) after the bias. Each output element is computed by
-// one thread in a fixed order (same bits for any thread count). conv3d_forward,
-// conv3d_forward_leaky and conv3d_backward_data use it below AVX-512 (MEDSEG_CONV_WINOGRAD=0 keeps
-// oneDNN).
+// convolutions with k = 3, stride 1, pad 1, Cin % 8 == 0, Cout % 8 == 0 and Cin * Cout <= 128 * 128
+// (beyond that the transformed weights no longer stay in cache and oneDNN is faster) on CPUs with
+// AVX2 and FMA: then it computes the pass and returns true; otherwise it returns false and touches
+// nothing. The forward optionally applies LeakyReLU (slope) after the bias. Each output element is
+// computed by one thread in a fixed order (same bits for any thread count). conv3d_forward,
+// conv3d_forward_leaky, conv3d_backward_data and conv3d_backward_weights use it below AVX-512
+// (MEDSEG_CONV_WINOGRAD=0 keeps oneDNN and the direct kernels).
 bool conv3d_winograd_covers(const ConvGeometry& g);
 bool conv3d_forward_winograd(const ConvGeometry& g, const float* x, const float* w, const float* b,
                              float* y, std::optional<float> leaky_slope = std::nullopt);
 bool conv3d_backward_data_winograd(const ConvGeometry& g, const float* dy, const float* w,
                                    float* dx);
-// Backward-weights (and db when not null) by the transposed Winograd algorithm; also requires the
-// 64 transformed Cin x Cout gradients to take at most 8 MB (Cin * Cout <= 32768).
+// Backward-weights (and db when not null) by the transposed Winograd algorithm.
 bool conv3d_backward_weights_winograd(const ConvGeometry& g, const float* dy, const float* x,
                                       float* dw, float* db);
 
