@@ -577,8 +577,9 @@ TEST(Conv3d, DirectTransposedMatchesReference) {
       return all;
     });
   }
-  // Not covered: a regular conv; Cout not a multiple of 8.
-  for (const ConvGeometry& g : {ConvGeometry::conv(Shape{1, 4, 4, 4, 16}, 16, 3, 1, 1),
+  // Not covered: a regular conv; Cout not a multiple of 8; Cin x Cout beyond 2048.
+  for (const ConvGeometry& g : {ConvGeometry::transpose2(Shape{1, 2, 2, 2, 128}, 64),
+                                ConvGeometry::conv(Shape{1, 4, 4, 4, 16}, 16, 3, 1, 1),
                                 ConvGeometry::transpose2(Shape{1, 2, 2, 2, 16}, 4)})
     expect_declined(g, {[](const ConvGeometry& gg, const float* in, float* out) {
                           return conv_transpose2_forward_direct(gg, in, in, nullptr, out);
@@ -607,8 +608,9 @@ TEST(Conv3d, DirectStride2BackwardDataMatchesReference) {
       });
     });
   }
-  // Not covered: stride 1, k 1, transposed, Cin not a multiple of 8.
-  for (const ConvGeometry& g : {ConvGeometry::conv(Shape{1, 4, 4, 4, 16}, 16, 3, 1, 1),
+  // Not covered: stride 1, k 1, transposed, Cin not a multiple of 8, Cin x Cout beyond 2048.
+  for (const ConvGeometry& g : {ConvGeometry::conv(Shape{1, 4, 4, 4, 64}, 128, 3, 2, 1),
+                                ConvGeometry::conv(Shape{1, 4, 4, 4, 16}, 16, 3, 1, 1),
                                 ConvGeometry::conv(Shape{1, 4, 4, 4, 16}, 16, 1, 2, 0),
                                 ConvGeometry::transpose2(Shape{1, 2, 2, 2, 16}, 8),
                                 ConvGeometry::conv(Shape{1, 4, 4, 4, 12}, 16, 3, 2, 1)})

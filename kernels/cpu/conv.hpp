@@ -100,10 +100,10 @@ bool conv3d_backward_weights_winograd(const ConvGeometry& g, const float* dy, co
 
 // ---- direct transposed convolution (k = stride = 2) for AVX2 + FMA CPUs (conv_transposed.cpp) ----
 // The forward writes each tap's output block in place (no GEMM temporary, no scatter);
-// backward-weights reads them in place. Covers transposed geometries with Cout % 8 == 0 on CPUs with
-// AVX2 and FMA (then computes and returns true; otherwise returns false and touches nothing); the
-// results do not depend on the thread count. Used below AVX-512 (MEDSEG_CONV_DIRECT=0 keeps the
-// GEMM path).
+// backward-weights reads them in place. Covers transposed geometries with Cout % 8 == 0 and
+// Cin x Cout <= 2048 (beyond that the GEMM path is faster) on CPUs with AVX2 and FMA: then it
+// computes and returns true; otherwise it returns false and touches nothing. The results do not
+// depend on the thread count. Used below AVX-512 (MEDSEG_CONV_DIRECT=0 keeps the GEMM path).
 bool conv_transpose2_direct_covers(const ConvGeometry& g);
 bool conv_transpose2_forward_direct(const ConvGeometry& g, const float* x, const float* w,
                                     const float* b, float* y);
@@ -111,8 +111,8 @@ bool conv_transpose2_backward_weights_direct(const ConvGeometry& g, const float*
                                              const float* x, float* dw, float* db);
 
 // ---- direct backward-data of the stride-2 convolution (k = 3, pad = 1) for AVX2 + FMA CPUs ----
-// (conv_strided.cpp) Needs Cin % 8 == 0; returns false and touches nothing when not covered (or
-// without AVX2/FMA). The result does not depend on the thread count. Used below AVX-512
+// (conv_strided.cpp) Needs Cin % 8 == 0 and Cin x Cout <= 2048 (beyond that oneDNN is faster);
+// returns false and touches nothing when not covered (or without AVX2/FMA). The result does not depend on the thread count. Used below AVX-512
 // (MEDSEG_CONV_DIRECT=0 keeps oneDNN).
 bool conv3d_stride2_backward_data_direct(const ConvGeometry& g, const float* dy, const float* w,
                                          float* dx);
