@@ -4,6 +4,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <new>
 #include <utility>
 
 namespace medseg::cpu {
@@ -28,22 +29,27 @@ constexpr auto row_kernels(Make make) {
 }
 
 // A scratch array that grows to the largest request it meets and is then reused, so that
-// steady-state training steps allocate nothing. Declared thread_local at each use: one buffer per
-// thread and purpose (contents are not kept across a reallocation).
+// steady-state training steps allocate nothing. 64-byte aligned like the Tensors (a plain new[] of
+// a large array sits 16 bytes past a page boundary, and then half of the 32-byte vector accesses
+// would straddle two cache lines). Declared thread_local at each use: one buffer per thread and
+// purpose (contents are not kept across a reallocation). For trivial element types.
 template <class T>
 class GrowingBuffer {
  public:
   T* get(size_t count) {
     if (size_ < count) {
       data_.reset();
-      data_.reset(new T[count]);
+      data_.reset(static_cast<T*>(::operator new[](count * sizeof(T), std::align_val_t{64})));
       size_ = count;
     }
     return data_.get();
   }
 
  private:
-  std::unique_ptr<T[]> data_;
+  struct Free {
+    void operator()(T* p) const { ::operator delete[](p, std::align_val_t{64}); }
+  };
+  std::unique_ptr<T[], Free> data_;
   size_t size_ = 0;
 };
 }  // namespace detail
