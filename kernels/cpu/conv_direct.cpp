@@ -16,12 +16,11 @@
 #include <omp.h>
 
 #include <algorithm>
-#include <array>
 #include <cstring>
-#include <utility>
 #include <vector>
 
 #include "core/error.hpp"
+#include "kernels/cpu/avx2_tiles.hpp"
 #include "kernels/cpu/conv.hpp"
 #include "kernels/cpu/conv_internal.hpp"
 
@@ -109,19 +108,11 @@ __attribute__((target("avx2,fma"))) void accumulate_tile(const ConvGeometry& g, 
                        s * cin, cout, out, K * K * K * cin);
 }
 
-
-using TileFn = void (*)(const ConvGeometry&, const float*, const float*, int64_t, int64_t, int64_t,
-                       int64_t, const Tile&, float*);
-
-template <int CIV, int... CO>
-constexpr std::array<TileFn, sizeof...(CO) + 1> tile_functions(std::integer_sequence<int, CO...>) {
-  return {nullptr, &accumulate_tile<CO + 1, CIV>...};
-}
-
 template <int CIV>
 void run_tiles(const ConvGeometry& g, const float* dy, const float* x, float* dw) {
   constexpr int kMaxCo = max_co<CIV>();
-  static constexpr auto fns = tile_functions<CIV>(std::make_integer_sequence<int, kMaxCo>{});
+  static constexpr auto fns =
+      detail::row_kernels<kMaxCo>([]<int CO>() { return &accumulate_tile<CO, CIV>; });
   const int K = g.k;
   const int64_t cib = g.cin / (8 * CIV);
   std::vector<Tile> tiles;
@@ -167,40 +158,19 @@ bool small_cin_covers(const ConvGeometry& g) {
          g.cout % kCoAlign == 0;
 }
 
-// acc (R pairs x 8*NV output channels) over `count` voxels of one output row; xp: the padded x at
-// the row's first voxel, off: the pairs' offsets from it, dp: dy at the row's first voxel + co0.
+// dw rows (R pairs, at dw + dw_off[r]) += sum over `count` voxels of one output row of
+// x[pair r] (xp + off[r], advancing by xstep) outer dy (dp, advancing by dstep; 8*NV channels).
 template <int R, int NV>
 __attribute__((target("avx2,fma"))) void pair_tile(const float* xp, const int64_t* off,
                                                    int64_t xstep, const float* dp, int64_t dstep,
                                                    int64_t count, float* dw,
                                                    const int64_t* dw_off) {
-  __m256 acc[R][NV];
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 2
-    for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_setzero_ps();
-  const float* src[R];
-#pragma GCC unroll 8
+  const float* src[R];  // the pairs' rows, hoisted out of the voxel loop
   for (int r = 0; r < R; ++r) src[r] = xp + off[r];
-  for (int64_t i = 0; i < count; ++i, dp += dstep) {
-    __m256 d[NV];
-#pragma GCC unroll 2
-    for (int v = 0; v < NV; ++v) d[v] = _mm256_loadu_ps(dp + 8 * v);
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      const __m256 a = _mm256_broadcast_ss(src[r] + i * xstep);
-#pragma GCC unroll 2
-      for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_fmadd_ps(a, d[v], acc[r][v]);
-    }
-  }
-  // dw here is [pair][co] (the chunk's partial, transposed to KRSC at the end).
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 2
-    for (int v = 0; v < NV; ++v) {
-      float* q = dw + dw_off[r] + 8 * v;
-      _mm256_storeu_ps(q, _mm256_add_ps(_mm256_loadu_ps(q), acc[r][v]));
-    }
+  detail::outer_accumulate<R, NV>(
+      [&src, xstep](int64_t i, int r) { return src[r] + i * xstep; },
+      [dp, dstep](int64_t i) { return dp + i * dstep; }, count,
+      [dw, dw_off](int r) { return dw + dw_off[r]; });
 }
 
 template <int NV>

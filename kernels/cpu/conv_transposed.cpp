@@ -87,8 +87,9 @@ template <int R, int NV>
 __attribute__((target("avx2,fma"))) void weights_tile(const float* x, int64_t cin,
                                                       const int64_t* outs, const float* dy,
                                                       int64_t count, float* dw, int64_t ldw) {
-  detail::outer_accumulate<R, NV>(
-      x, cin, [outs, dy](int64_t i) { return dy + outs[i]; }, count, dw, ldw);
+  detail::outer_accumulate<R, NV>([x, cin](int64_t i, int r) { return x + i * cin + r; },
+                                  [outs, dy](int64_t i) { return dy + outs[i]; }, count,
+                                  [dw, ldw](int r) { return dw + r * ldw; });
 }
 
 template <int NV>

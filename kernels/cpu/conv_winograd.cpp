@@ -37,11 +37,8 @@
 #include <omp.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <cstring>
-#include <memory>
 #include <optional>
-#include <string>
 
 #include "core/error.hpp"
 #include "kernels/cpu/avx2_tiles.hpp"
@@ -458,8 +455,9 @@ template <int R, int NV>
 __attribute__((target("avx2,fma"))) void wgrad_tile(const float* v, int64_t ldv, const float* z,
                                                     int64_t ldz, int64_t rows, float* du,
                                                     int64_t ldu) {
-  detail::outer_accumulate<R, NV>(
-      v, ldv, [z, ldz](int64_t t) { return z + t * ldz; }, rows, du, ldu);
+  detail::outer_accumulate<R, NV>([v, ldv](int64_t t, int r) { return v + t * ldv + r; },
+                                  [z, ldz](int64_t t) { return z + t * ldz; }, rows,
+                                  [du, ldu](int r) { return du + r * ldu; });
 }
 
 template <int NV>
