@@ -253,6 +253,9 @@ int run(int argc, char** argv) {
   std::vector<BenchCase> cases = {
       {"16->16 64^3", ConvGeometry::conv(Shape{2, 64, 64, 64, 16}, 16, 3, 1, 1)},
       {"32->32 32^3", ConvGeometry::conv(Shape{2, 32, 32, 32, 32}, 32, 3, 1, 1)},
+      {"cat 32->16 64^3", ConvGeometry::conv(Shape{2, 64, 64, 64, 32}, 16, 3, 1, 1)},
+      {"64->64 16^3", ConvGeometry::conv(Shape{2, 16, 16, 16, 64}, 64, 3, 1, 1)},
+      {"128->128 8^3", ConvGeometry::conv(Shape{2, 8, 8, 8, 128}, 128, 3, 1, 1)},
       {"1->16 64^3", ConvGeometry::conv(Shape{2, 64, 64, 64, 1}, 16, 3, 1, 1)},
       {"down 16->32 s2", ConvGeometry::conv(Shape{2, 64, 64, 64, 16}, 32, 3, 2, 1)},
       {"up T 32->16", ConvGeometry::transpose2(Shape{2, 32, 32, 32, 32}, 16)},

@@ -491,10 +491,11 @@ TEST(Conv3d, DirectBackwardWeightsMatchesReference) {
                     }});
 }
 
-// The Winograd F(2x2x2, 3x3x3) kernels: forward with and without bias, with the fused LeakyReLU,
-// backward-data and backward-weights (with db), on sizes with partial tiles (odd), a volume smaller
-// than one tile, Cin != Cout, a tail of 8 output channels, and a volume with several blocks of
-// tiles and a partial last group.
+// The Winograd kernels: forward with and without bias, with the fused LeakyReLU, and backward-data,
+// each with both tile sizes F(2x2x2, 3x3x3) and F(4x4x4, 3x3x3), and backward-weights (with db), on
+// sizes with partial tiles of both sizes, a volume smaller than one tile, Cin != Cout, a tail of 8
+// output channels, volumes with interior tiles, several blocks of tiles and a partial last group,
+// and 128 -> 128 channels (the widest covered, the largest rounding error of F(4)).
 TEST(Conv3d, WinogradMatchesReference) {
   uint64_t seed = 500;
   for (const Case& c : std::vector<Case>{
@@ -503,23 +504,32 @@ TEST(Conv3d, WinogradMatchesReference) {
            {ConvGeometry::conv(Shape{1, 9, 10, 11, 32}, 16, 3, 1, 1), "32->16, several blocks"},
            {ConvGeometry::conv(Shape{2, 4, 4, 4, 64}, 128, 3, 1, 1), "64->128, deep level"},
            {ConvGeometry::conv(Shape{1, 3, 3, 3, 24}, 40, 3, 1, 1), "24->40: a tail of 8"},
+           {ConvGeometry::conv(Shape{1, 8, 7, 9, 128}, 128, 3, 1, 1), "128->128"},
+           {ConvGeometry::conv(Shape{1, 14, 13, 12, 16}, 8, 3, 1, 1), "16->8, interior 4^3 tiles"},
        }) {
     if (!conv3d_winograd_covers(c.g)) GTEST_SKIP() << "this CPU has no AVX2/FMA";
     const RefProblem p(c, seed++);
     const ConvGeometry& g = p.g;
     expect_thread_invariant(p.tag, [&](const std::string& tt) {
-      auto all = checked(p.y_bias, tt + " forward+bias", [&](float* out) {
-        return conv3d_forward_winograd(g, p.x.data(), p.w.data(), p.b.data(), out);
-      });
-      checked(p.y_plain, tt + " forward", [&](float* out) {
-        return conv3d_forward_winograd(g, p.x.data(), p.w.data(), nullptr, out);
-      });
-      checked(p.y_leaky, tt + " forward+bias+leaky", [&](float* out) {
-        return conv3d_forward_winograd(g, p.x.data(), p.w.data(), p.b.data(), out, 0.01f);
-      });
-      append(all, checked(p.dx, tt + " backward-data", [&](float* out) {
-               return conv3d_backward_data_winograd(g, p.dy.data(), p.w.data(), out);
-             }));
+      std::vector<float> all;
+      for (const auto& [tile, name] : {std::pair{WinogradTile::F2, " F(2)"},
+                                       std::pair{WinogradTile::F4, " F(4)"}}) {
+        const std::string t = tt + name;
+        append(all, checked(p.y_bias, t + " forward+bias", [&](float* out) {
+                 return conv3d_forward_winograd(g, p.x.data(), p.w.data(), p.b.data(), out,
+                                                std::nullopt, tile);
+               }));
+        checked(p.y_plain, t + " forward", [&](float* out) {
+          return conv3d_forward_winograd(g, p.x.data(), p.w.data(), nullptr, out, std::nullopt,
+                                         tile);
+        });
+        checked(p.y_leaky, t + " forward+bias+leaky", [&](float* out) {
+          return conv3d_forward_winograd(g, p.x.data(), p.w.data(), p.b.data(), out, 0.01f, tile);
+        });
+        append(all, checked(p.dx, t + " backward-data", [&](float* out) {
+                 return conv3d_backward_data_winograd(g, p.dy.data(), p.w.data(), out, tile);
+               }));
+      }
       Guarded db(g.cout);
       append(all, checked(p.dw, tt + " backward-weights dw", [&](float* out) {
                return conv3d_backward_weights_winograd(g, p.dy.data(), p.x.data(), out, db.data());
