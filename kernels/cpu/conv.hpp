@@ -91,8 +91,9 @@ bool conv3d_backward_weights_direct(const ConvGeometry& g, const float* dy, cons
 // (MEDSEG_CONV_WINOGRAD=0 keeps oneDNN and the direct kernels).
 // The forward and backward-data come in two tile sizes: F(2x2x2, 3x3x3) and F(4x4x4, 3x3x3) (216
 // multiplications per 4x4x4 block, 2.4x fewer again, with rounding errors ~10x F(2)'s, still below
-// 1.5e-5 of max|y| up to 128 channels). Auto takes F(4) on volumes of at least 16^3, F(2) on the
-// smaller ones (MEDSEG_CONV_WINOGRAD_TILE=2 or 4 forces one); backward-weights is F(2) always.
+// 1.5e-5 of max|y| up to 128 channels). Auto takes F(4) on volumes of at least 16^3 with
+// Cin x Cout <= 64 x 64, F(2) elsewhere (MEDSEG_CONV_WINOGRAD_TILE=2 or 4 forces one);
+// backward-weights is F(2) always.
 enum class WinogradTile { Auto, F2, F4 };
 bool conv3d_winograd_covers(const ConvGeometry& g);
 bool conv3d_forward_winograd(const ConvGeometry& g, const float* x, const float* w, const float* b,

@@ -1,34 +1,38 @@
-// Winograd F(2x2x2, 3x3x3) convolution for AVX2 + FMA CPUs (see conv.hpp).
+// Winograd F(2x2x2, 3x3x3) and F(4x4x4, 3x3x3) convolutions for AVX2 + FMA CPUs (see conv.hpp).
 //
 // Why: after the direct backward-weights kernel, the forward and backward-data passes of the 3x3x3
 // convolutions were most of the training step and of inference, and oneDNN 2.6 already runs them at
 // 115-130 GFLOP/s of this class of machine's 157 GFLOP/s fp32 peak (two AVX2 cores): a faster
-// direct kernel has little room. Winograd's minimal filtering computes a 2x2x2 block of outputs
-// from a 4x4x4 block of inputs with 64 multiplications per (input, output) channel pair instead of
-// 8 * 27 = 216, 3.4x fewer. The price is three linear transforms (input, weights, output) done with
-// additions only, and slightly larger rounding errors (the transforms' coefficients are 0, +-1 and
-// +-1/2, so the error stays a small multiple of the direct sum's; see the tests).
+// direct kernel has little room. Winograd's minimal filtering computes an m x m x m block of
+// outputs from an n x n x n block of inputs (n = m + 2) with n^3 multiplications per (input,
+// output) channel pair instead of 27 m^3: F(2, 3) 64 for 8 outputs (3.4x fewer), F(4, 3) 216 for
+// 64 (8x fewer). The price is three linear transforms (input, weights, output) and larger rounding
+// errors, small for F(2, 3) (coefficients 0, +-1, +-1/2) and ~10x that for F(4, 3) (see F4 below
+// and the tests). With F(2, 3) the GEMMs ran at ~80% of the AVX2 peak, so F(4, 3) is what made
+// the forward passes faster again (1.5x on the U-Net's 16^3-64^3 layers); F(2, 3) stays for the
+// small volumes (where 4^3 tiles are few and mostly padding) and for backward-weights.
 //
-// For one output tile t (origin 2*t in each axis, inputs 2*t - 1 .. 2*t + 2, pad 1):
-//   U[xi][ci][co] = (G (x) G (x) G) w[co, :, :, :, ci]      weights, 4x3 matrix G per axis
-//   V[xi][t][ci]  = (B^T (x) B^T (x) B^T) x[tile t, ci]     inputs, 4x4 matrix B^T per axis
-//   M[xi][t][co]  = sum_ci V[xi][t][ci] * U[xi][ci][co]     64 independent GEMMs
-//   y[tile t, co] = (A^T (x) A^T (x) A^T) M[:, t, co]       outputs, 2x4 matrix A^T per axis
-// with, along one axis,
+// For one output tile t (origin m*t in each axis, inputs m*t - 1 .. m*t + m, pad 1):
+//   U[xi][ci][co] = (G (x) G (x) G) w[co, :, :, :, ci]      weights, n x 3 matrix G per axis
+//   V[xi][t][ci]  = (B^T (x) B^T (x) B^T) x[tile t, ci]     inputs, n x n matrix B^T per axis
+//   M[xi][t][co]  = sum_ci V[xi][t][ci] * U[xi][ci][co]     n^3 independent GEMMs
+//   y[tile t, co] = (A^T (x) A^T (x) A^T) M[:, t, co]       outputs, m x n matrix A^T per axis
+// with, along one axis for F(2, 3),
 //   B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1], G = [1 0 0; 1/2 1/2 1/2; 1/2 -1/2 1/2; 0 0 1],
 //   A^T = [1 1 1 0; 0 1 -1 -1]
-// (checked by hand: A^T [(G g) . (B^T d)] = (g0 d0 + g1 d1 + g2 d2, g0 d1 + g1 d2 + g2 d3)).
+// (checked by hand: A^T [(G g) . (B^T d)] = (g0 d0 + g1 d1 + g2 d2, g0 d1 + g1 d2 + g2 d3)); F(4, 3)'s
+// matrices are with its traits (struct F4).
 //
 // Layout of the work: the tiles are numbered (n, tz, ty, tx) and cut into blocks of T consecutive
-// tiles; a thread takes a block, transforms its inputs into V, runs the 64 GEMMs into M and
+// tiles; a thread takes a block, transforms its inputs into V, runs the n^3 GEMMs into M and
 // transforms M into the output. T is chosen so that V and M stay in L2 (~128 KB each). V, M and the
-// gathered 4x4x4 input block of a tile are stored channel-blocked, [row][C/8][64 points][8]: every
+// gathered input block of a tile are stored channel-blocked, [row][C/8][n^3 points][8]: every
 // access of the transforms is then a constant offset from one pointer (with plain channels-last
-// rows, the 16 row pointers and the runtime channel stride spilled and cost 4x the arithmetic),
-// and the transforms work on 8 channels per vector. The GEMM micro-kernel holds a 6 tile x 16
-// channel block of M in 12 ymm registers (2 weight vectors + 6 broadcasts per 12 FMAs). Every
-// output element is computed by one thread in a fixed order, so the result does not depend on the
-// thread count.
+// rows, the row pointers and the runtime channel stride spilled and cost 4x the arithmetic), and
+// the transforms work on 8 channels per vector. The GEMM micro-kernel holds a 6 tile x 16 channel
+// block of M in 12 ymm registers (2 weight vectors + 6 broadcasts per 12 FMAs). Every output
+// element is computed by one thread in a fixed order, so the result does not depend on the thread
+// count.
 //
 // Backward-data of a stride-1, pad-1, 3x3x3 convolution is the forward convolution of dy with the
 // kernel flipped in space and its channel roles swapped, so it runs through the same code with
@@ -650,7 +654,11 @@ bool conv3d_winograd_covers(const ConvGeometry& g) {
 
 namespace {
 // Auto: F(4, 3) where the volume has enough 4^3 tiles to keep the threads busy and to waste little
-// on partial tiles, else F(2, 3). MEDSEG_CONV_WINOGRAD_TILE=2 or 4 forces one size (A/B runs).
+// on partial tiles (every axis >= 16) and the channels are few enough for a block's V and M
+// (6 tiles x 216 points x (Cin + Cout) floats) to stay near L2 (Cin x Cout <= 64 x 64), else
+// F(2, 3). bench_conv, 2 threads: at 8^3 x 128 -> 128 F(4) took 1.7-2x F(2)'s time, at 16^3 x
+// 128 -> 128 1.6-1.8x, at 16^3 x 128 -> 64 0.8-1.6x (unstable), at 16^3 x 64 -> 64 0.8x.
+// MEDSEG_CONV_WINOGRAD_TILE=2 or 4 forces one size (A/B runs).
 WinogradTile pick_tile(WinogradTile tile, const ConvGeometry& g) {
   if (tile != WinogradTile::Auto) return tile;
   static const int forced = [] {
@@ -659,7 +667,8 @@ WinogradTile pick_tile(WinogradTile tile, const ConvGeometry& g) {
   }();
   if (forced == 2) return WinogradTile::F2;
   if (forced == 4) return WinogradTile::F4;
-  return std::min({g.id, g.ih, g.iw}) >= 16 ? WinogradTile::F4 : WinogradTile::F2;
+  return std::min({g.id, g.ih, g.iw}) >= 16 && g.cin * g.cout <= 64 * 64 ? WinogradTile::F4
+                                                                           : WinogradTile::F2;
 }
 
 // The forward core (input channels a, output channels b) with the chosen tile size.
