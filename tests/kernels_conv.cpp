@@ -382,8 +382,42 @@ TEST(Conv3d, FastMatchesReferenceOnOddShapes) {
   for (const Case& c : awkward_cases()) check_fast_against_reference(c.g, c.what, seed++);
 }
 
+// Both dispatch modes on every machine: Fixed (ours wherever covered: the AVX2 default) and
+// Measure (per geometry and pass the faster of ours and oneDNN: the AVX-512 default), the latter
+// twice (the first call of a geometry times both, later calls use the kept choice). Every result
+// must match the reference, and Measure must have recorded one choice per (geometry, pass,
+// variant) it met.
+TEST(Conv3d, DispatchModesMatchReference) {
+  struct Restore {
+    ~Restore() { set_conv_choice_mode(ConvChoiceMode::Auto); }
+  } restore;
+  std::vector<Case> cases = awkward_cases();
+  cases.push_back({ConvGeometry::conv(Shape{1, 16, 17, 16, 16}, 16, 3, 1, 1), "16->16, F(4) tiles"});
+  uint64_t seed = 900;
+  set_conv_choice_mode(ConvChoiceMode::Fixed);
+  for (const Case& c : cases) check_fast_against_reference(c.g, std::string(c.what) + " fixed", seed++);
+  set_conv_choice_mode(ConvChoiceMode::Measure);
+  EXPECT_EQ(conv_choices_measured(), 0);
+  for (int round = 0; round < 2; ++round) {
+    for (const Case& c : cases)
+      check_fast_against_reference(c.g, std::string(c.what) + " measured, round " +
+                                            std::to_string(round), seed++);
+    // Per regular geometry: forward with and without bias, two LeakyReLU slopes, backward-data,
+    // backward-weights with and without db; per transposed one the same without LeakyReLU.
+    int64_t expected = 0;
+    for (const Case& c : cases) expected += c.g.transposed ? 5 : 7;
+    bool any_ours = false;
+    EXPECT_EQ(conv_choices_measured(&any_ours), expected) << "round " << round;
+    // On AVX2 ours beat oneDNN by 1.5-3x on the F(4) case's seven passes alone.
+    if (std::string(onednn_isa()) == "avx2") {
+      EXPECT_TRUE(any_ours) << "our kernels never won a measurement";
+    }
+  }
+}
+
 // ---- our own AVX2 kernels, called explicitly (so that they are tested on AVX-512 machines too,
-// where the dispatch keeps oneDNN): against the reference, and the same bits for 1 and 2 threads.
+// where the dispatch measures them against oneDNN): against the reference, and the same bits for
+// 1 and 2 threads.
 
 // Random inputs of one geometry and the reference result of every pass.
 struct RefProblem {

@@ -124,6 +124,16 @@ bool conv_transpose2_backward_weights_direct(const ConvGeometry& g, const float*
 bool conv3d_stride2_backward_data_direct(const ConvGeometry& g, const float* dy, const float* w,
                                          float* dx);
 
+// Which implementation conv3d_forward / _leaky / conv3d_backward_data / conv3d_backward_weights
+// run: our kernels above wherever they cover the geometry (Fixed), or, per (geometry, pass), the
+// faster of ours and oneDNN timed on the first call (Measure). Auto (the default): Fixed below
+// AVX-512, where ours were measured faster in development; Measure on AVX-512, where they were not
+// measured. Setting a mode forgets the measured choices. conv_choices_measured: how many choices
+// have been measured, and (any_ours) whether any of them took our kernel.
+enum class ConvChoiceMode { Auto, Fixed, Measure };
+void set_conv_choice_mode(ConvChoiceMode mode);
+int64_t conv_choices_measured(bool* any_ours = nullptr);
+
 // Drops every cached oneDNN primitive (tests; thread-count changes).
 void clear_conv_cache();
 // "avx512_core" etc.: the ISA oneDNN dispatches to on this CPU, and its version string.

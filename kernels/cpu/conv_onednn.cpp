@@ -33,6 +33,7 @@
 //  - One engine and one stream for the process. A CPU stream with the OpenMP runtime executes in
 //    the calling thread; each cache entry has its own mutex because its memory objects carry the
 //    caller's pointers during a call.
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <dnnl.hpp>
@@ -458,18 +459,79 @@ bool below_avx512() {
   return below;
 }
 
-// Below AVX-512 the Winograd kernels replace oneDNN's forward and backward-data on the 3x3x3
-// stride-1 convolutions they cover (conv_winograd.cpp; 1.4-1.9x oneDNN's AVX2 kernels on the U-Net's
-// shapes); MEDSEG_CONV_WINOGRAD=0 keeps oneDNN. On AVX-512 oneDNN's kernels run at twice the AVX2
-// rate and the AVX2 Winograd kernels are not measured against them, so oneDNN stays.
+// Our kernels (Winograd, direct) against oneDNN. Below AVX-512 ours run wherever they cover the
+// geometry: measured there in development (1.4-6x oneDNN's AVX2 kernels on the U-Net's shapes,
+// docs/benchmarks.md). On AVX-512, oneDNN's kernels run at about twice its AVX2 rate and ours
+// (AVX2 code) were never measured against them, so the first call of each (geometry, pass) times
+// both on the call's own buffers (a warm-up call each, then one timed call each) and keeps the
+// faster for the rest of the process. Either result is a valid convolution (both are tested against
+// the reference), but which one runs then depends on timing: runs on AVX-512 need not repeat
+// bit for bit. MEDSEG_CONV_WINOGRAD=0 / MEDSEG_CONV_DIRECT=0 switch our kernels off (A/B runs).
 bool use_direct() {
   static const bool on = enabled_unless_zero("MEDSEG_CONV_DIRECT");
   return on;
 }
 
-bool use_winograd(const ConvGeometry& g) {
+bool use_winograd() {
   static const bool on = enabled_unless_zero("MEDSEG_CONV_WINOGRAD");
-  return on && below_avx512() && conv3d_winograd_covers(g);
+  return on;
+}
+
+ConvChoiceMode& choice_mode_setting() {
+  static ConvChoiceMode m = ConvChoiceMode::Auto;
+  return m;
+}
+
+bool measure_choices() {
+  const ConvChoiceMode m = choice_mode_setting();
+  return m == ConvChoiceMode::Measure || (m == ConvChoiceMode::Auto && !below_avx512());
+}
+
+struct Choices {
+  std::mutex mu;
+  std::unordered_map<std::string, bool> ours;  // "geometry|pass|variant" -> ours was faster
+};
+
+Choices& choices() {
+  static Choices c;
+  return c;
+}
+
+// Runs `ours` (returns false, touching nothing, where our kernels do not cover the geometry) or
+// `onednn`, as described above. `variant` names what else changes the work (bias, LeakyReLU).
+template <class Ours, class OneDnn>
+void dispatch(const ConvGeometry& g, Pass pass, const std::string& variant, Ours&& ours,
+              OneDnn&& onednn) {
+  if (!measure_choices()) {
+    if (!ours()) onednn();
+    return;
+  }
+  const std::string key = g.str() + "|" + pass_name(pass) + "|" + variant + "|" +
+                          std::to_string(num_threads());
+  Choices& c = choices();
+  {
+    std::lock_guard<std::mutex> lock(c.mu);
+    const auto it = c.ours.find(key);
+    if (it != c.ours.end()) {
+      if (!(it->second && ours())) onednn();
+      return;
+    }
+  }
+  bool faster = false;
+  if (ours()) {  // warm-up (our scratch buffers), then timed
+    const auto seconds = [](auto&& fn) {
+      const auto t0 = std::chrono::steady_clock::now();
+      fn();
+      return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    };
+    const double t_ours = seconds(ours);
+    onednn();  // warm-up (primitive creation and JIT)
+    faster = t_ours < seconds(onednn);
+  } else {
+    onednn();
+  }
+  std::lock_guard<std::mutex> lock(c.mu);
+  c.ours.emplace(key, faster);
 }
 
 }  // namespace
@@ -482,20 +544,25 @@ void forward(const ConvGeometry& g, const float* x, const float* w, const float*
   MEDSEG_CHECK(x && w && y, "conv3d_forward: null x, w or y for ", g.str());
   MEDSEG_CHECK(!slope || !g.transposed, "conv3d_forward_leaky: not for transposed convolutions (",
                g.str(), ")");
-  if (use_winograd(g) && conv3d_forward_winograd(g, x, w, b, y, slope)) return;
-  auto e = lookup(g, Pass::Forward, b != nullptr, slope.has_value(), slope.value_or(0.f));
-  if (e->forward_by_gemm) {
-    if (use_direct() && conv_transpose2_forward_direct(g, x, w, b, y)) return;
-    return transposed_forward_by_gemm(g, x, w, b, y);
-  }
-  std::lock_guard<std::mutex> lock(e->mu);
-  set(e->src, x);
-  set(e->dst, y);
-  set(e->weights_user, w);
-  if (b) set(e->bias, b);
-  if (e->reorder_weights) execute(g, e->weights_reorder, e->reorder_args, "weight reorder");
-  execute(g, e->prim, e->args, slope ? "forward convolution + LeakyReLU" : "forward convolution");
-  stream().wait();
+  const auto ours = [&] {
+    return (use_winograd() && conv3d_forward_winograd(g, x, w, b, y, slope)) ||
+           (use_direct() && conv_transpose2_forward_direct(g, x, w, b, y));
+  };
+  const auto onednn = [&] {
+    auto e = lookup(g, Pass::Forward, b != nullptr, slope.has_value(), slope.value_or(0.f));
+    if (e->forward_by_gemm) return transposed_forward_by_gemm(g, x, w, b, y);
+    std::lock_guard<std::mutex> lock(e->mu);
+    set(e->src, x);
+    set(e->dst, y);
+    set(e->weights_user, w);
+    if (b) set(e->bias, b);
+    if (e->reorder_weights) execute(g, e->weights_reorder, e->reorder_args, "weight reorder");
+    execute(g, e->prim, e->args, slope ? "forward convolution + LeakyReLU" : "forward convolution");
+    stream().wait();
+  };
+  dispatch(g, Pass::Forward,
+           std::string(b ? "bias" : "") + (slope ? "leaky" + std::to_string(*slope) : ""), ours,
+           onednn);
 }
 }  // namespace
 
@@ -512,16 +579,21 @@ void conv3d_forward_leaky(const ConvGeometry& g, const float* x, const float* w,
 void conv3d_backward_data(const ConvGeometry& g, const float* dy, const float* w, float* dx) {
   validate(g);
   MEDSEG_CHECK(dy && w && dx, "conv3d_backward_data: null dy, w or dx for ", g.str());
-  if (use_winograd(g) && conv3d_backward_data_winograd(g, dy, w, dx)) return;
-  if (use_direct() && below_avx512() && conv3d_stride2_backward_data_direct(g, dy, w, dx)) return;
-  auto e = lookup(g, Pass::BackwardData, false);
-  std::lock_guard<std::mutex> lock(e->mu);
-  set(e->dst, dy);
-  set(e->src, dx);
-  set(e->weights_user, w);
-  if (e->reorder_weights) execute(g, e->weights_reorder, e->reorder_args, "weight reorder");
-  execute(g, e->prim, e->args, "backward-data convolution");
-  stream().wait();
+  const auto ours = [&] {
+    return (use_winograd() && conv3d_backward_data_winograd(g, dy, w, dx)) ||
+           (use_direct() && conv3d_stride2_backward_data_direct(g, dy, w, dx));
+  };
+  const auto onednn = [&] {
+    auto e = lookup(g, Pass::BackwardData, false);
+    std::lock_guard<std::mutex> lock(e->mu);
+    set(e->dst, dy);
+    set(e->src, dx);
+    set(e->weights_user, w);
+    if (e->reorder_weights) execute(g, e->weights_reorder, e->reorder_args, "weight reorder");
+    execute(g, e->prim, e->args, "backward-data convolution");
+    stream().wait();
+  };
+  dispatch(g, Pass::BackwardData, "", ours, onednn);
 }
 
 void conv3d_backward_weights(const ConvGeometry& g, const float* dy, const float* x, float* dw,
@@ -530,23 +602,41 @@ void conv3d_backward_weights(const ConvGeometry& g, const float* dy, const float
   MEDSEG_CHECK(dy && x && dw, "conv3d_backward_weights: null dy, x or dw for ", g.str());
   // Below AVX-512 oneDNN's channels-last backward-weights runs at half its forward rate; the direct
   // register-tiled kernels cover the U-Net's channel counts (conv_direct.cpp, conv_transposed.cpp).
-  // MEDSEG_CONV_DIRECT=0 keeps oneDNN and the GEMM path (A/B benchmarks).
-  const bool direct = use_direct();
-  if (g.transposed && below_avx512()) {
-    if (direct && conv_transpose2_backward_weights_direct(g, dy, x, dw, db)) return;
-    return transposed_backward_weights_by_gemm(g, dy, x, dw, db);
+  const auto ours = [&] {
+    if (g.transposed) return use_direct() && conv_transpose2_backward_weights_direct(g, dy, x, dw, db);
+    return (use_winograd() && conv3d_backward_weights_winograd(g, dy, x, dw, db)) ||
+           (use_direct() && conv3d_backward_weights_direct(g, dy, x, dw, db));
+  };
+  const auto onednn = [&] {
+    if (g.transposed && below_avx512()) return transposed_backward_weights_by_gemm(g, dy, x, dw, db);
+    auto e = lookup(g, Pass::BackwardWeights, db != nullptr);
+    std::lock_guard<std::mutex> lock(e->mu);
+    set(e->src, e->depth_pad > 0 ? copy_depth_padded(g, e->depth_pad, x) : x);
+    set(e->dst, dy);
+    set(e->weights_user, dw);
+    if (db) set(e->bias, db);
+    execute(g, e->prim, e->args, "backward-weights convolution");
+    if (e->reorder_weights) execute(g, e->weights_reorder, e->reorder_args, "weight reorder");
+    stream().wait();
+  };
+  dispatch(g, Pass::BackwardWeights, db ? "bias" : "", ours, onednn);
+}
+
+void set_conv_choice_mode(ConvChoiceMode mode) {
+  choice_mode_setting() = mode;
+  Choices& c = choices();
+  std::lock_guard<std::mutex> lock(c.mu);
+  c.ours.clear();
+}
+
+int64_t conv_choices_measured(bool* any_ours) {
+  Choices& c = choices();
+  std::lock_guard<std::mutex> lock(c.mu);
+  if (any_ours) {
+    *any_ours = false;
+    for (const auto& kv : c.ours) *any_ours = *any_ours || kv.second;
   }
-  if (use_winograd(g) && conv3d_backward_weights_winograd(g, dy, x, dw, db)) return;
-  if (direct && below_avx512() && conv3d_backward_weights_direct(g, dy, x, dw, db)) return;
-  auto e = lookup(g, Pass::BackwardWeights, db != nullptr);
-  std::lock_guard<std::mutex> lock(e->mu);
-  set(e->src, e->depth_pad > 0 ? copy_depth_padded(g, e->depth_pad, x) : x);
-  set(e->dst, dy);
-  set(e->weights_user, dw);
-  if (db) set(e->bias, db);
-  execute(g, e->prim, e->args, "backward-weights convolution");
-  if (e->reorder_weights) execute(g, e->weights_reorder, e->reorder_args, "weight reorder");
-  stream().wait();
+  return static_cast<int64_t>(c.ours.size());
 }
 
 namespace detail {
