@@ -89,11 +89,10 @@ bool conv3d_backward_weights_direct(const ConvGeometry& g, const float* dy, cons
 // computed by one thread in a fixed order (same bits for any thread count). conv3d_forward,
 // conv3d_forward_leaky, conv3d_backward_data and conv3d_backward_weights use it below AVX-512
 // (MEDSEG_CONV_WINOGRAD=0 keeps oneDNN and the direct kernels).
-// The forward and backward-data come in two tile sizes: F(2x2x2, 3x3x3) and F(4x4x4, 3x3x3) (216
+// All three passes come in two tile sizes: F(2x2x2, 3x3x3) and F(4x4x4, 3x3x3) (216
 // multiplications per 4x4x4 block, 2.4x fewer again, with rounding errors ~10x F(2)'s, still below
-// 1.5e-5 of max|y| up to 128 channels). Auto takes F(4) on volumes of at least 16^3 with
-// Cin x Cout <= 64 x 64, F(2) elsewhere (MEDSEG_CONV_WINOGRAD_TILE=2 or 4 forces one);
-// backward-weights is F(2) always.
+// 1e-5 of max|y| up to 128 channels). Auto takes F(4) on volumes of at least 16^3 with
+// Cin x Cout <= 64 x 64, F(2) elsewhere (MEDSEG_CONV_WINOGRAD_TILE=2 or 4 forces one).
 enum class WinogradTile { Auto, F2, F4 };
 bool conv3d_winograd_covers(const ConvGeometry& g);
 bool conv3d_forward_winograd(const ConvGeometry& g, const float* x, const float* w, const float* b,
@@ -103,7 +102,7 @@ bool conv3d_backward_data_winograd(const ConvGeometry& g, const float* dy, const
                                    float* dx, WinogradTile tile = WinogradTile::Auto);
 // Backward-weights (and db when not null) by the transposed Winograd algorithm.
 bool conv3d_backward_weights_winograd(const ConvGeometry& g, const float* dy, const float* x,
-                                      float* dw, float* db);
+                                      float* dw, float* db, WinogradTile tile = WinogradTile::Auto);
 
 // ---- direct transposed convolution (k = stride = 2) for AVX2 + FMA CPUs (conv_transposed.cpp) ----
 // The forward writes each tap's output block in place (no GEMM temporary, no scatter);

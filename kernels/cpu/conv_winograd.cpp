@@ -9,8 +9,8 @@
 // 64 (8x fewer). The price is three linear transforms (input, weights, output) and larger rounding
 // errors, small for F(2, 3) (coefficients 0, +-1, +-1/2) and ~10x that for F(4, 3) (see F4 below
 // and the tests). With F(2, 3) the GEMMs ran at ~80% of the AVX2 peak, so F(4, 3) is what made
-// the forward passes faster again (1.5x on the U-Net's 16^3-64^3 layers); F(2, 3) stays for the
-// small volumes (where 4^3 tiles are few and mostly padding) and for backward-weights.
+// the passes faster again (1.5x on the U-Net's 16^3-64^3 layers); F(2, 3) stays for the small
+// volumes (where 4^3 tiles are few) and the wide layers (where F(4)'s blocks outgrow L2).
 //
 // For one output tile t (origin m*t in each axis, inputs m*t - 1 .. m*t + m, pad 1):
 //   U[xi][ci][co] = (G (x) G (x) G) w[co, :, :, :, ci]      weights, n x 3 matrix G per axis
@@ -83,6 +83,20 @@ struct F2 {
     u[2] = _mm256_mul_ps(half, _mm256_sub_ps(s, w[1]));
     u[3] = w[2];
   }
+  // Backward-weights: a = A (m dy values -> n points), gt = G^T (n points -> 3 taps).
+  __attribute__((target("avx2,fma"), always_inline)) static void a(const __m256* d, __m256* o) {
+    o[0] = d[0];
+    o[1] = _mm256_add_ps(d[0], d[1]);
+    o[2] = _mm256_sub_ps(d[0], d[1]);
+    o[3] = _mm256_sub_ps(_mm256_setzero_ps(), d[1]);
+  }
+  __attribute__((target("avx2,fma"), always_inline)) static void gt(const __m256* u, __m256* g) {
+    const __m256 half = _mm256_set1_ps(0.5f);
+    const __m256 s = _mm256_mul_ps(half, _mm256_add_ps(u[1], u[2]));
+    g[0] = _mm256_add_ps(u[0], s);
+    g[1] = _mm256_mul_ps(half, _mm256_sub_ps(u[1], u[2]));
+    g[2] = _mm256_add_ps(s, u[3]);
+  }
 };
 
 // F(4, 3), points 0, 1, -1, 2, -1/2 and infinity: 216 multiplications per 4x4x4 output block and
@@ -135,6 +149,35 @@ struct F4 {
                                          _mm256_fmsub_ps(_mm256_set1_ps(16.f), w[0],
                                                          _mm256_mul_ps(_mm256_set1_ps(8.f), w[1]))));
     u[5] = w[2];
+  }
+  __attribute__((target("avx2,fma"), always_inline)) static void a(const __m256* d, __m256* o) {
+    const __m256 e = _mm256_add_ps(d[0], d[2]), f = _mm256_add_ps(d[1], d[3]);
+    o[0] = d[0];
+    o[1] = _mm256_add_ps(e, f);
+    o[2] = _mm256_sub_ps(e, f);
+    // d0 + 2 d1 + 4 d2 + 8 d3 and d0 - d1 / 2 + d2 / 4 - d3 / 8
+    o[3] = _mm256_fmadd_ps(_mm256_set1_ps(2.f),
+                           _mm256_fmadd_ps(_mm256_set1_ps(4.f), d[3], d[1]),
+                           _mm256_fmadd_ps(_mm256_set1_ps(4.f), d[2], d[0]));
+    o[4] = _mm256_fnmadd_ps(_mm256_set1_ps(0.5f),
+                            _mm256_fmadd_ps(_mm256_set1_ps(0.25f), d[3], d[1]),
+                            _mm256_fmadd_ps(_mm256_set1_ps(0.25f), d[2], d[0]));
+    o[5] = d[3];
+  }
+  __attribute__((target("avx2,fma"), always_inline)) static void gt(const __m256* u, __m256* g) {
+    const __m256 third = _mm256_set1_ps(1.f / 3), fifteenth = _mm256_set1_ps(1.f / 15);
+    const __m256 p = _mm256_mul_ps(third, _mm256_sub_ps(u[2], u[1]));
+    const __m256 q = _mm256_mul_ps(third, _mm256_add_ps(u[1], u[2]));
+    // (u3 - 16 u4) / 15, (2 u3 + 8 u4) / 15, (4 u3 - 4 u4) / 15
+    g[0] = _mm256_add_ps(_mm256_add_ps(u[0], p),
+                         _mm256_mul_ps(fifteenth, _mm256_fnmadd_ps(_mm256_set1_ps(16.f), u[4], u[3])));
+    g[1] = _mm256_fmsub_ps(fifteenth,
+                           _mm256_fmadd_ps(_mm256_set1_ps(2.f), u[3],
+                                           _mm256_mul_ps(_mm256_set1_ps(8.f), u[4])),
+                           q);
+    g[2] = _mm256_add_ps(
+        _mm256_add_ps(p, u[5]),
+        _mm256_mul_ps(_mm256_set1_ps(4.f / 15), _mm256_sub_ps(u[3], u[4])));
   }
 };
 
@@ -473,57 +516,48 @@ void run(const Problem& p, const float* in, const float* w, bool backward, const
 //
 // The forward per tile is y_t = A^T [U . V_t] (Kronecker products over the three axes implied), so
 // the weight gradient is dU[xi][ci][co] = sum_t V_t[xi][ci] * Z_t[xi][co] with Z_t = (A (x) A (x)
-// A) dy_t, the 2x2x2 output gradient of the tile spread to 64 points (A = the transpose of A^T: z =
-// (d0, d0 + d1, d0 - d1, -d1) per axis), and dw = (G^T (x) G^T (x) G^T) dU. Per block of tiles: V
-// (64 x T x cin, the forward's input transform) and Z (64 x T x cout), then 64 GEMMs dU[xi] +=
-// V[xi]^T Z[xi] reducing over the block's tiles. The tiles are cut into a fixed number of chunks
-// (not one per thread) with one partial dU each, summed in chunk order: the result does not depend
-// on the thread count.
+// A) dy_t, the tile's m^3 output gradient spread to n^3 points (A = the transpose of A^T; for
+// F(2, 3) z = (d0, d0 + d1, d0 - d1, -d1) per axis), and dw = (G^T (x) G^T (x) G^T) dU. Per block
+// of tiles: V (points x T x cin, the forward's input transform) and Z (points x T x cout), then one
+// GEMM per point, dU[xi] += V[xi]^T Z[xi], reducing over the block's tiles. The tiles are cut into a
+// fixed number of chunks (not one per thread) with one partial dU each, summed in chunk order: the
+// result does not depend on the thread count.
 
 // Z entries of one tile (z: Z + tile * cout, point xi of channel block cb at z + xi * xs + cb * 8)
-// from the tile's 2x2x2 block of dy (zeros for outputs beyond the volume).
+// from the tile's m^3 block of dy (zeros for outputs beyond the volume).
+template <class T>
 __attribute__((target("avx2,fma"))) void dy_transform(const Problem& p, const float* dy,
                                                       const TileOrigin& o, float* z, int64_t xs) {
+  constexpr int n = T::n, mo = T::m;
   const int64_t cout = p.cout;
   const int64_t z0 = o.z + 1, y0 = o.y + 1, x0 = o.x + 1;
-  const bool zin[2] = {true, z0 + 1 < p.d}, yin[2] = {true, y0 + 1 < p.h},
-             xin[2] = {true, x0 + 1 < p.w};
+  const int64_t nz = std::min<int64_t>(mo, p.d - z0), ny = std::min<int64_t>(mo, p.h - y0),
+                nx = std::min<int64_t>(mo, p.w - x0);
   const float* base = dy + (((o.n * p.d + z0) * p.h + y0) * p.w + x0) * cout;
   const int64_t zs = p.h * p.w * cout, ys = p.w * cout;
   const __m256 zero = _mm256_setzero_ps();
   for (int64_t cb = 0; cb < cout / 8; ++cb) {
-    __m256 d[2][2][2];
-    for (int a = 0; a < 2; ++a)
-      for (int b = 0; b < 2; ++b)
-        for (int c = 0; c < 2; ++c)
-          d[a][b][c] = zin[a] && yin[b] && xin[c]
-                           ? _mm256_loadu_ps(base + a * zs + b * ys + c * cout + cb * 8)
-                           : zero;
+    __m256 e[mo][mo][n];  // x step: [z][y][point]
+    for (int a = 0; a < mo; ++a)
+      for (int b = 0; b < mo; ++b) {
+        __m256 d[mo];
+        for (int c = 0; c < mo; ++c)
+          d[c] = a < nz && b < ny && c < nx
+                     ? _mm256_loadu_ps(base + a * zs + b * ys + c * cout + cb * 8)
+                     : zero;
+        T::a(d, e[a][b]);
+      }
     float* zc = z + cb * 8;
-    for (int j = 0; j < 4; ++j) {
-      __m256 e[2][2];  // x step: point j of each (z, y) row
-      for (int a = 0; a < 2; ++a)
-        for (int b = 0; b < 2; ++b) {
-          const __m256 d0 = d[a][b][0], d1 = d[a][b][1];
-          e[a][b] = j == 0   ? d0
-                    : j == 1 ? _mm256_add_ps(d0, d1)
-                    : j == 2 ? _mm256_sub_ps(d0, d1)
-                             : _mm256_sub_ps(zero, d1);
-        }
-      for (int i = 0; i < 4; ++i) {
-        __m256 f[2];  // y step: point i
-        for (int a = 0; a < 2; ++a) {
-          const __m256 e0 = e[a][0], e1 = e[a][1];
-          f[a] = i == 0   ? e0
-                 : i == 1 ? _mm256_add_ps(e0, e1)
-                 : i == 2 ? _mm256_sub_ps(e0, e1)
-                          : _mm256_sub_ps(zero, e1);
-        }
-        const int xi = i * 4 + j;  // z step: points 0..3 of the z axis
-        _mm256_storeu_ps(zc + (0 * 16 + xi) * xs, f[0]);
-        _mm256_storeu_ps(zc + (1 * 16 + xi) * xs, _mm256_add_ps(f[0], f[1]));
-        _mm256_storeu_ps(zc + (2 * 16 + xi) * xs, _mm256_sub_ps(f[0], f[1]));
-        _mm256_storeu_ps(zc + (3 * 16 + xi) * xs, _mm256_sub_ps(zero, f[1]));
+    for (int j = 0; j < n; ++j) {
+      __m256 f[mo][n], col[mo], r[n];  // y step: [z][point]
+      for (int a = 0; a < mo; ++a) {
+        for (int b = 0; b < mo; ++b) col[b] = e[a][b][j];
+        T::a(col, f[a]);
+      }
+      for (int i = 0; i < n; ++i) {  // z step
+        for (int a = 0; a < mo; ++a) col[a] = f[a][i];
+        T::a(col, r);
+        for (int k = 0; k < n; ++k) _mm256_storeu_ps(zc + ((k * n + i) * n + j) * xs, r[k]);
       }
     }
   }
@@ -543,10 +577,11 @@ __attribute__((target("avx2,fma"))) void wgrad_tile(const float* v, int64_t ldv,
 template <int NV>
 constexpr auto wgrad_fns = detail::row_kernels<kRows>([]<int R>() { return &wgrad_tile<R, NV>; });
 
-// dU[xi] += V[xi]^T Z[xi] over the block's `rows` tiles (V, Z: [xi][T][channels]).
+// dU[xi] += V[xi]^T Z[xi] for every point and the block's `rows` tiles (V, Z: [xi][T][channels]).
+template <class T>
 void block_wgrad(const Problem& p, const float* V, const float* Z, int64_t rows, float* dU) {
   const int64_t cin = p.cin, cout = p.cout;
-  for (int xi = 0; xi < F2::points; ++xi) {
+  for (int xi = 0; xi < T::points; ++xi) {
     const float* v = V + xi * p.block * cin;
     const float* z = Z + xi * p.block * cout;
     float* du = dU + xi * cin * cout;
@@ -560,31 +595,32 @@ void block_wgrad(const Problem& p, const float* V, const float* Z, int64_t rows,
   }
 }
 
-// One axis of the gradient's back-transform on 8 lanes: 4 points -> 3 taps (G^T).
-__attribute__((target("avx2,fma"), always_inline)) inline void gt_transform(const __m256* u, int us,
-                                                                            __m256* g, int gs) {
-  const __m256 half = _mm256_set1_ps(0.5f);
-  const __m256 s = _mm256_mul_ps(half, _mm256_add_ps(u[us], u[2 * us]));
-  g[0] = _mm256_add_ps(u[0], s);
-  g[gs] = _mm256_mul_ps(half, _mm256_sub_ps(u[us], u[2 * us]));
-  g[2 * gs] = _mm256_add_ps(s, u[3 * us]);
-}
-
 // dw (cout, 3, 3, 3, cin) = (G^T (x) G^T (x) G^T) dU[:, ci, co], 8 output channels per vector.
+template <class T>
 __attribute__((target("avx2,fma"))) void untransform_weights(const float* dU, int64_t cin,
                                                              int64_t cout, float* dw) {
+  constexpr int n = T::n;
 #pragma omp for schedule(static)
   for (int64_t ci = 0; ci < cin; ++ci)
     for (int64_t co = 0; co < cout; co += 8) {
-      __m256 u[4][4][4], t1[4][4][3], t2[4][3][3], g[3][3][3];
+      __m256 u[n][n][n], t1[n][n][3], t2[n][3][3], g[3][3][3], col[n], out[3];
       __m256* uf = &u[0][0][0];
-      for (int xi = 0; xi < F2::points; ++xi) uf[xi] = _mm256_loadu_ps(dU + (xi * cin + ci) * cout + co);
-      for (int a = 0; a < 4; ++a)
-        for (int b = 0; b < 4; ++b) gt_transform(&u[a][b][0], 1, &t1[a][b][0], 1);
-      for (int a = 0; a < 4; ++a)
-        for (int kx = 0; kx < 3; ++kx) gt_transform(&t1[a][0][kx], 3, &t2[a][0][kx], 3);
-      for (int ky = 0; ky < 3; ++ky)
-        for (int kx = 0; kx < 3; ++kx) gt_transform(&t2[0][ky][kx], 9, &g[0][ky][kx], 9);
+      for (int xi = 0; xi < T::points; ++xi)
+        uf[xi] = _mm256_loadu_ps(dU + (xi * cin + ci) * cout + co);
+      for (int a = 0; a < n; ++a)  // x
+        for (int b = 0; b < n; ++b) T::gt(u[a][b], t1[a][b]);
+      for (int a = 0; a < n; ++a)  // y
+        for (int kx = 0; kx < 3; ++kx) {
+          for (int b = 0; b < n; ++b) col[b] = t1[a][b][kx];
+          T::gt(col, out);
+          for (int ky = 0; ky < 3; ++ky) t2[a][ky][kx] = out[ky];
+        }
+      for (int ky = 0; ky < 3; ++ky)  // z
+        for (int kx = 0; kx < 3; ++kx) {
+          for (int a = 0; a < n; ++a) col[a] = t2[a][ky][kx];
+          T::gt(col, out);
+          for (int kz = 0; kz < 3; ++kz) g[kz][ky][kx] = out[kz];
+        }
       alignas(32) float lanes[8];
       const __m256* gf = &g[0][0][0];
       for (int k = 0; k < 27; ++k) {
@@ -596,34 +632,38 @@ __attribute__((target("avx2,fma"))) void untransform_weights(const float* dU, in
 
 // Chunks of tiles with their own partial dU: fixed (not per thread) so that the sum's order does
 // not depend on the thread count; at most 8, and their partials at most 16 MB.
+template <class T>
 int64_t wgrad_chunks(const Problem& p, int64_t blocks) {
-  const int64_t u_bytes = F2::points * p.cin * p.cout * 4;
+  const int64_t u_bytes = T::points * p.cin * p.cout * 4;
   return std::clamp<int64_t>(std::min<int64_t>(8, (16 << 20) / u_bytes), 1, blocks);
 }
 
+template <class T>
 void run_wgrad(const Problem& p, const float* x, const float* dy, float* dw) {
+  constexpr int points = T::points;
   const int64_t blocks = (p.tiles + p.block - 1) / p.block;
-  const int64_t chunks = wgrad_chunks(p, blocks);
-  const int64_t u_floats = F2::points * p.cin * p.cout;
+  const int64_t chunks = wgrad_chunks<T>(p, blocks);
+  const int64_t u_floats = points * p.cin * p.cout;
   float* partial = weights_buffer(static_cast<size_t>(chunks * u_floats));
 #pragma omp parallel
   {
-    float* V = thread_buffer(static_cast<size_t>(F2::points * p.block * (p.cin + p.cout) + F2::points * p.cin));
-    float* Z = V + F2::points * p.block * p.cin;
-    float* L = Z + F2::points * p.block * p.cout;
+    float* V =
+        thread_buffer(static_cast<size_t>(points * p.block * (p.cin + p.cout) + points * p.cin));
+    float* Z = V + points * p.block * p.cin;
+    float* L = Z + points * p.block * p.cout;
 #pragma omp for schedule(static)
     for (int64_t c = 0; c < chunks; ++c) {
       float* dU = partial + c * u_floats;
       std::memset(dU, 0, static_cast<size_t>(u_floats) * sizeof(float));
       for (int64_t b = blocks * c / chunks; b < blocks * (c + 1) / chunks; ++b) {
         const int64_t t0 = b * p.block, rows = std::min(p.block, p.tiles - t0);
-        TileOrigin o = tile_origin<F2>(p, t0);
-        for (int64_t r = 0; r < rows; ++r, advance<F2>(p, o)) {
-          gather<F2>(p, x, o, L);
-          input_transform<F2>(p, L, V + r * p.cin, p.block * p.cin, 8);
-          dy_transform(p, dy, o, Z + r * p.cout, p.block * p.cout);
+        TileOrigin o = tile_origin<T>(p, t0);
+        for (int64_t r = 0; r < rows; ++r, advance<T>(p, o)) {
+          gather<T>(p, x, o, L);
+          input_transform<T>(p, L, V + r * p.cin, p.block * p.cin, 8);
+          dy_transform<T>(p, dy, o, Z + r * p.cout, p.block * p.cout);
         }
-        block_wgrad(p, V, Z, rows, dU);
+        block_wgrad<T>(p, V, Z, rows, dU);
       }
     }
     // Sum the partials into the first, in chunk order (an implicit barrier ends the loop above).
@@ -634,7 +674,7 @@ void run_wgrad(const Problem& p, const float* x, const float* dy, float* dw) {
         s = _mm256_add_ps(s, _mm256_loadu_ps(partial + c * u_floats + i));
       _mm256_storeu_ps(partial + i, s);
     }
-    untransform_weights(partial, p.cin, p.cout, dw);
+    untransform_weights<T>(partial, p.cin, p.cout, dw);
   }
 }
 
@@ -704,11 +744,14 @@ bool conv3d_backward_data_winograd(const ConvGeometry& g, const float* dy, const
 }
 
 bool conv3d_backward_weights_winograd(const ConvGeometry& g, const float* dy, const float* x,
-                                      float* dw, float* db) {
+                                      float* dw, float* db, WinogradTile tile) {
   validate(g);
   if (!conv3d_winograd_covers(g)) return false;
   MEDSEG_CHECK(dy && x && dw, "conv3d_backward_weights_winograd: null dy, x or dw for ", g.str());
-  run_wgrad(make_problem<F2>(g.n, g.id, g.ih, g.iw, g.cin, g.cout), x, dy, dw);
+  if (pick_tile(tile, g) == WinogradTile::F4)
+    run_wgrad<F4>(make_problem<F4>(g.n, g.id, g.ih, g.iw, g.cin, g.cout), x, dy, dw);
+  else
+    run_wgrad<F2>(make_problem<F2>(g.n, g.id, g.ih, g.iw, g.cin, g.cout), x, dy, dw);
   if (db) detail::bias_gradient(dy, g.n * g.od * g.oh * g.ow, g.cout, db);
   return true;
 }
