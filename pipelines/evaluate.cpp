@@ -31,8 +31,15 @@ bool is_mask_file(const fs::path& p) {
 std::vector<fs::path> mask_files(const fs::path& dir) {
   std::vector<fs::path> out;
   std::error_code ec;
-  for (const auto& e : fs::directory_iterator(dir, ec))
-    if (e.is_regular_file() && is_mask_file(e.path())) out.push_back(e.path());
+  for (const auto& e : fs::directory_iterator(dir, ec)) {
+    if (!is_mask_file(e.path())) continue;
+    // A folder or pipe named like a mask is an error, not a case to skip (it would silently drop
+    // that case from the means).
+    std::error_code fe;
+    if (!fs::is_regular_file(e.path(), fe))
+      throw IoError(e.path().string() + ": is not a regular file, expected a mask");
+    out.push_back(e.path());
+  }
   if (ec) throw IoError(dir.string() + ": cannot list folder: " + ec.message());
   std::sort(out.begin(), out.end());
   return out;

@@ -39,8 +39,18 @@ int run_predict(const PredictConfig& cfg) {
   // named by --output unless that names an existing folder.
   const bool out_is_dir = fs::is_directory(cfg.input) || fs::is_directory(cfg.output) ||
                           !looks_like_image_file(cfg.output);
-  if (out_is_dir) fs::create_directories(cfg.output);
-  else if (!cfg.output.parent_path().empty()) fs::create_directories(cfg.output.parent_path());
+  // Every scan's header is checked before the first case runs (a folder with one broken file
+  // fails at once, not after hours), and the output folders are made only when the first mask is
+  // written: a run that fails early leaves nothing behind.
+  for (const auto& c : cases)
+    for (const auto& image : c.images) io::read_header(image);
+  bool made_dirs = false;
+  const auto make_output_dirs = [&] {
+    if (made_dirs) return;
+    if (out_is_dir) fs::create_directories(cfg.output);
+    else if (!cfg.output.parent_path().empty()) fs::create_directories(cfg.output.parent_path());
+    made_dirs = true;
+  };
   place_network(device, *m.net, cfg.tf32);
   if (cfg.fold_norms) m.net->fold_norms();
   const bool keep_largest = cfg.keep_largest < 0 ? m.keep_largest_component : cfg.keep_largest == 1;
@@ -89,6 +99,7 @@ int run_predict(const PredictConfig& cfg) {
     if (keep_largest)
       for (int k = 1; k < K; ++k) infer::keep_largest_component(mask, k);
     const fs::path mask_path = out_is_dir ? cfg.output / (c.id + ".nii.gz") : cfg.output;
+    make_output_dirs();
     io::write_labels(mask_path, mask);
     if (cfg.probabilities) {
       for (int k = 0; k < K; ++k) {

@@ -214,9 +214,30 @@ std::string versions_string() {
   return std::string("medseg ") + MEDSEG_VERSION + "; oneDNN " + cpu::onednn_version();
 }
 
+int train_into(const TrainConfig& cfg);
+
 }  // namespace
 
+// A run that fails before its first checkpoint leaves no model folder behind when it made that
+// folder (the preprocessing cache and plan of a failed run are partial output); a folder that
+// existed before, or holds a checkpoint, is kept.
 int run_train(const TrainConfig& cfg) {
+  std::error_code ec;
+  const bool existed = fs::exists(cfg.out, ec);
+  try {
+    return train_into(cfg);
+  } catch (...) {
+    if (!existed && fs::is_directory(cfg.out, ec) &&
+        nn::find_directory(cfg.out, "checkpoint_last").empty() &&
+        nn::find_directory(cfg.out, "checkpoint_best").empty() &&
+        !fs::exists(cfg.out / "model.safetensors", ec))
+      fs::remove_all(cfg.out, ec);
+    throw;
+  }
+}
+
+namespace {
+int train_into(const TrainConfig& cfg) {
   const auto t_start = Clock::now();
   // The process group: one process, or the ranks of `mpirun -np P medseg train ...` (data parallel).
   dist::Comm& comm = dist::Comm::world();
@@ -789,5 +810,6 @@ int run_train(const TrainConfig& cfg) {
            "; model bundle: ", cfg.out);
   return 0;
 }
+}  // namespace
 
 }  // namespace medseg::pipelines

@@ -96,6 +96,16 @@ TEST(Cli, MainJobTrainsPredictsExportsAndEvaluates) {
     if (row.at("label") == 1) organ = row.at("dice").at("mean").get<double>();
   ASSERT_GE(organ, 0) << dump.substr(0, 2000);
   EXPECT_GT(organ, 0.6) << dump.substr(0, 2000);
+  // A folder named like a prediction is an error naming it, not a case silently left out.
+  fs::path first;
+  for (const auto& e : fs::directory_iterator(w / "pred")) first = e.path();
+  ASSERT_FALSE(first.empty());
+  fs::remove(first);
+  fs::create_directories(first);
+  r = run("evaluate --pred " + (w / "pred").string() + " --ref " + (w / "data/labelsTs").string());
+  EXPECT_NE(r.code, 0) << r.output;
+  EXPECT_NE(r.output.find(first.filename().string() + ": is not a regular file"), std::string::npos)
+      << r.output;
   fs::remove_all(w);
 }
 
@@ -119,11 +129,11 @@ TEST(Cli, PredictRejectsUnreadableScansAndWrongChannelCounts) {
   // An unreadable scan: the message names it, nothing is written.
   std::ofstream(w / "garbage.nii.gz") << "this is not a NIfTI file";
   auto r = run("predict --model " + (w / "model").string() + " --input " + (w / "garbage.nii.gz").string() +
-               " --output " + (w / "out.nii.gz").string() + " --export " + (w / "review").string() +
-               " --device cpu");
+               " --output " + (w / "new/deeper/out.nii.gz").string() + " --export " +
+               (w / "review").string() + " --device cpu");
   EXPECT_NE(r.code, 0) << r.output;
   EXPECT_NE(r.output.find("garbage.nii.gz"), std::string::npos) << r.output;
-  EXPECT_FALSE(fs::exists(w / "out.nii.gz"));
+  EXPECT_FALSE(fs::exists(w / "new")) << "output folders made for a failed run";
   EXPECT_FALSE(has_file_under(w / "review"));
   // A two-channel case (nnU-Net layout: _0000, _0001) for a one-channel model.
   fs::path scan;

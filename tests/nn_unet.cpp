@@ -1,4 +1,5 @@
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <cmath>
 #include <filesystem>
@@ -10,11 +11,13 @@
 #include "kernels/cpu/ops.hpp"
 #include "nn/deep_supervision.hpp"
 #include "nn/optimizer.hpp"
+#include "nn/model_bundle.hpp"
 #include "nn/safetensors.hpp"
 #include "nn/unet.hpp"
 
 using namespace medseg;
 using namespace medseg::nn;
+namespace fs = std::filesystem;
 
 namespace {
 UNetConfig tiny(cpu::NormKind kind) {
@@ -57,6 +60,31 @@ TEST(UNet, ParameterNamesAreStableAndUnique) {
   EXPECT_TRUE(names.count("dec.0.up.weight"));
   EXPECT_TRUE(names.count("head.bias"));
   EXPECT_TRUE(names.count("enc.1.norm.0.gamma"));
+}
+
+// A weights file with a NaN (a damaged or diverged model) is refused on load, naming the file and
+// the tensor, instead of giving a confident garbage mask; the same file without it loads.
+TEST(UNet, WeightsWithNonFiniteValuesAreRefusedOnLoad) {
+  UNet net(tiny(cpu::NormKind::BatchRenorm));
+  const fs::path dir = fs::temp_directory_path() / ("medseg_nan_weights_" + std::to_string(::getpid()));
+  fs::create_directories(dir);
+  const fs::path file = dir / "model.safetensors";
+  save_safetensors(file, model_tensors(net), {});
+  UNet other(tiny(cpu::NormKind::BatchRenorm));
+  EXPECT_NO_THROW(load_safetensors(file, model_tensors(other)));
+  Tensor& w = *model_tensors(net).at(1).value;
+  w.data()[w.numel() - 1] = std::numeric_limits<float>::quiet_NaN();
+  save_safetensors(file, model_tensors(net), {});
+  try {
+    load_safetensors(file, model_tensors(other));
+    ADD_FAILURE() << "NaN weights loaded";
+  } catch (const IoError& e) {
+    const std::string msg = e.what();
+    EXPECT_NE(msg.find(file.string()), std::string::npos) << msg;
+    EXPECT_NE(msg.find(model_tensors(net).at(1).name), std::string::npos) << msg;
+    EXPECT_NE(msg.find("non-finite"), std::string::npos) << msg;
+  }
+  fs::remove_all(dir);
 }
 
 TEST(UNet, RejectsSpatialSizesNotDivisibleByTheDownsampling) {

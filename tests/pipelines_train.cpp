@@ -1,7 +1,9 @@
 // End-to-end training pipeline on a tiny synthetic dataset: bundle files, exact resume, bad input.
 #include <gtest/gtest.h>
+#include <zlib.h>
 
 #include <cmath>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 
@@ -151,6 +153,53 @@ TEST_F(TrainPipeline, BadOptionsAndDatasetsAreArgumentErrors) {
   fs::remove_all(out2);
   fs::remove_all(bad);
   fs::remove_all(out);
+}
+
+// A scan that passes validation but fails when preprocessing reads it (a scale factor that
+// overflows its finite stored values to Inf): the run fails naming the file, and the model folder
+// it had made (plan, partial preprocessing cache) is removed; a folder that existed is kept.
+TEST_F(TrainPipeline, AFailureBeforeTheFirstCheckpointLeavesNoModelFolder) {
+  fs::path bad = scratch("overflow_ds");
+  fs::copy(tiny_dataset(), bad, fs::copy_options::recursive);
+  const fs::path scan = bad / "imagesTr" / "synth_001.nii.gz";
+  std::vector<char> bytes;
+  {
+    gzFile in = gzopen(scan.c_str(), "rb");
+    ASSERT_NE(in, nullptr);
+    char buf[1 << 16];
+    int n;
+    while ((n = gzread(in, buf, sizeof buf)) > 0) bytes.insert(bytes.end(), buf, buf + n);
+    gzclose(in);
+  }
+  ASSERT_GT(bytes.size(), 352u);
+  const float slope = 1e38f;  // scl_slope: |x| > 3.4 becomes Inf in float32
+  std::memcpy(bytes.data() + 112, &slope, sizeof slope);
+  {
+    gzFile out = gzopen(scan.c_str(), "wb");
+    ASSERT_NE(out, nullptr);
+    ASSERT_EQ(gzwrite(out, bytes.data(), static_cast<unsigned>(bytes.size())),
+              static_cast<int>(bytes.size()));
+    ASSERT_EQ(gzclose(out), Z_OK);
+  }
+  const fs::path parent = scratch("overflow_out");
+  fs::create_directories(parent);
+  auto c = tiny_config(parent / "model");
+  c.data = bad;
+  try {
+    pipelines::run_train(c);
+    ADD_FAILURE() << "a scan with Inf intensities was trained on";
+  } catch (const std::exception& e) {
+    EXPECT_NE(std::string(e.what()).find("synth_001.nii.gz"), std::string::npos) << e.what();
+  }
+  EXPECT_FALSE(fs::exists(parent / "model"));
+  // The same failure into a folder that already existed: the folder stays.
+  fs::create_directories(parent / "kept");
+  c = tiny_config(parent / "kept");
+  c.data = bad;
+  EXPECT_ANY_THROW(pipelines::run_train(c));
+  EXPECT_TRUE(fs::is_directory(parent / "kept"));
+  fs::remove_all(parent);
+  fs::remove_all(bad);
 }
 
 TEST_F(TrainPipeline, DeepSupervisionTrainsAuxiliaryHeadsAndInferenceLoadsTheModel) {

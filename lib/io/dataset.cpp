@@ -438,6 +438,8 @@ Dataset discover_dataset(const fs::path& root_in) {
   const fs::path json_path = clean / "dataset.json";
   Dataset ds;
   if (fs::exists(json_path)) {
+    if (!fs::is_regular_file(json_path, ec))
+      throw ArgumentError(json_path.string() + ": is not a regular file (expected the dataset's JSON)");
     const json j = load_json(json_path);
     if (!j.is_object())
       throw ArgumentError(json_path.string() + ": expected a JSON object, found " +

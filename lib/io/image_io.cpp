@@ -76,10 +76,15 @@ struct OpenedIo {
   Geometry geo;
 };
 
+void check_nifti_header(const fs::path& path);  // below, with the other NIfTI-1 checks
+
 OpenedIo open_header(const fs::path& path) {
   std::error_code ec;
   if (!fs::exists(path, ec)) fail(path, "file not found");
   if (fs::is_directory(path, ec)) fail(path, "is a folder, expected an image file");
+  // A FIFO or device would block the reader (or never end): only regular files (after symlinks).
+  if (!fs::is_regular_file(path, ec)) fail(path, "is not a regular file, expected an image file");
+  check_nifti_header(path);
   OpenedIo out;
   out.io = itk::ImageIOFactory::CreateImageIO(path.c_str(), itk::ImageIOFactory::ReadMode);
   if (!out.io)
@@ -175,10 +180,13 @@ void gzip_file(const fs::path& from, const fs::path& to) {
   if (!ok || in.bad()) throw std::runtime_error("compressing into " + to.string() + " failed");
 }
 
-// Where the voxels of a single-file NIfTI-1 start, and whether its byte order is swapped relative
-// to this machine. nullopt for other formats (and NIfTI-2, whose checks are left to ITK).
+// The NIfTI-1 header fields medseg checks itself (single-file .nii / .nii.gz): where the voxels
+// start, how many bytes they take as stored, the stored type, and whether the byte order is
+// swapped relative to this machine. nullopt for other formats (and NIfTI-2, left to ITK).
 struct NiftiLayout {
   uint64_t vox_offset = 352;
+  uint64_t data_bytes = 0;  // product of dim[1..dim[0]] x bitpix / 8
+  int16_t datatype = 0;
   bool swapped = false;
 };
 
@@ -187,37 +195,101 @@ void swap_bytes(void* p, size_t n) {
   for (size_t i = 0; i < n / 2; ++i) std::swap(b[i], b[n - 1 - i]);
 }
 
+constexpr int16_t kNiftiFloat32 = 16, kNiftiFloat64 = 64;
+
+template <typename T>
+T header_field(const unsigned char* hdr, size_t offset, bool swapped) {
+  T v;
+  std::memcpy(&v, hdr + offset, sizeof v);
+  if (swapped) swap_bytes(&v, sizeof v);
+  return v;
+}
+
+// Reads and checks the 348-byte header. ITK 5.2 aborts the process on a non-finite qform or sform
+// (vnl "matrix has non-finite elements"), reads a NaN / huge vox_offset through an undefined
+// float-to-integer conversion, and replaces a zero, negative or NaN spacing by 1 mm without a
+// word (the mask would then not sit on the scan's grid): all of these are refused here, naming
+// the field.
 std::optional<NiftiLayout> nifti_layout(const fs::path& path) {
   if (format_of(path) == Format::Other) return std::nullopt;
   gzFile f = gzopen(path.c_str(), "rb");  // also reads uncompressed files
   if (!f) fail(path, "cannot open");
-  unsigned char hdr[112];
+  unsigned char hdr[348];
   const int got = gzread(f, hdr, sizeof hdr);
   gzclose(f);
-  if (got != static_cast<int>(sizeof hdr)) fail(path, "NIfTI header is truncated");
-  int32_t sizeof_hdr;
-  float vox_offset;
-  std::memcpy(&sizeof_hdr, hdr, 4);
-  std::memcpy(&vox_offset, hdr + 108, 4);
+  if (got < 4) fail(path, "NIfTI header is truncated");
   NiftiLayout out;
+  int32_t sizeof_hdr = header_field<int32_t>(hdr, 0, false);
   if (sizeof_hdr != 348) {
     swap_bytes(&sizeof_hdr, 4);
-    swap_bytes(&vox_offset, 4);
-    if (sizeof_hdr != 348) return std::nullopt;
+    if (sizeof_hdr != 348) return std::nullopt;  // NIfTI-2 or not NIfTI: ITK decides
     out.swapped = true;
   }
-  out.vox_offset = static_cast<uint64_t>(std::max(352.0f, vox_offset));
+  if (got != static_cast<int>(sizeof hdr)) fail(path, "NIfTI header is truncated");
+  const bool sw = out.swapped;
+  const auto i16 = [&](size_t off) { return header_field<int16_t>(hdr, off, sw); };
+  const auto f32 = [&](size_t off) { return header_field<float>(hdr, off, sw); };
+  const int16_t ndim = i16(40);
+  if (ndim < 1 || ndim > 7)
+    fail(path, "NIfTI header dim[0] = " + std::to_string(ndim) + " (must be 1 to 7)");
+  uint64_t voxels = 1;
+  for (int i = 1; i <= ndim; ++i) {
+    const int16_t n = i16(40 + 2 * static_cast<size_t>(i));
+    if (n < 1)
+      fail(path, "NIfTI header dim[" + std::to_string(i) + "] = " + std::to_string(n) +
+                     " (sizes must be positive)");
+    voxels *= static_cast<uint64_t>(n);
+  }
+  out.datatype = i16(70);
+  const int16_t bitpix = i16(72);
+  if (bitpix <= 0 || bitpix % 8 != 0)
+    fail(path, "NIfTI header bitpix = " + std::to_string(bitpix) + " (not a whole number of bytes)");
+  out.data_bytes = voxels * static_cast<uint64_t>(bitpix / 8);
+  for (int i = 1; i <= std::min<int>(ndim, 3); ++i) {
+    const float sp = f32(76 + 4 * static_cast<size_t>(i));
+    // 1e-5 to 1e5 mm: from electron microscopy to a whole body in one voxel.
+    if (!(std::isfinite(sp) && std::fabs(sp) >= 1e-5f && std::fabs(sp) <= 1e5f) || sp < 0.f) {
+      std::ostringstream os;
+      os << "NIfTI header pixdim[" << i << "] (voxel spacing) = " << sp
+         << " (must be a positive size in mm, 1e-5 to 1e5)";
+      fail(path, os.str());
+    }
+  }
+  const float vox_offset = f32(108);
+  if (!(std::isfinite(vox_offset) && vox_offset >= 352.f && vox_offset < 1e12f)) {
+    std::ostringstream os;
+    os << "NIfTI header vox_offset = " << vox_offset
+       << " (the voxels of a single-file NIfTI start at byte 352 or later)";
+    fail(path, os.str());
+  }
+  out.vox_offset = static_cast<uint64_t>(vox_offset);
+  const auto check_finite = [&](const char* what, size_t off, int count) {
+    for (int k = 0; k < count; ++k) {
+      const float v = f32(off + 4 * static_cast<size_t>(k));
+      if (!std::isfinite(v)) {
+        std::ostringstream os;
+        os << "NIfTI header " << what << " has a non-finite value (" << v << ")";
+        fail(path, os.str());
+      }
+    }
+  };
+  if (i16(252) > 0) check_finite("qform (quatern_b/c/d, qoffset_x/y/z)", 256, 6);
+  if (i16(254) > 0) check_finite("sform (srow_x/y/z)", 280, 12);
+  check_finite("scl_slope/scl_inter", 112, 2);
   return out;
 }
 
+void check_nifti_header(const fs::path& path) { nifti_layout(path); }
+
 // ITK 5.2 reads a .nii or .nii.gz that was cut short without complaint (the missing voxels come
-// back as zeros), so the file length is checked here: the header's vox_offset plus the voxel bytes
-// ITK expects. For .nii.gz the gzip trailer holds the length mod 2^32; when it disagrees (a cut
-// file, or a file of several gzip members) the stream is decompressed to count exactly.
-void check_nifti_complete(const fs::path& path, const itk::ImageIOBase& io) {
+// back as zeros), so the file length is checked here: the header's vox_offset plus the voxel
+// bytes as stored (bitpix, not the type ITK converts to: scaled integers come out as float). A
+// .nii.gz is decompressed to the end, which also checks its CRC: the trailer's length alone let
+// corrupt streams through, and a forged one made ITK allocate whatever the header declared.
+void check_nifti_complete(const fs::path& path) {
   const auto layout = nifti_layout(path);
   if (!layout) return;
-  const uint64_t expected = layout->vox_offset + io.GetImageSizeInBytes();
+  const uint64_t expected = layout->vox_offset + layout->data_bytes;
   uint64_t actual = 0;
   std::error_code ec;
   const uint64_t file_size = fs::file_size(path, ec);
@@ -225,15 +297,6 @@ void check_nifti_complete(const fs::path& path, const itk::ImageIOBase& io) {
   if (format_of(path) == Format::Nifti) {
     actual = file_size;
   } else {
-    std::ifstream in(path, std::ios::binary);
-    unsigned char trailer[4] = {0, 0, 0, 0};
-    if (file_size >= 4) {
-      in.seekg(static_cast<std::streamoff>(file_size - 4));
-      in.read(reinterpret_cast<char*>(trailer), 4);
-    }
-    const uint32_t isize = trailer[0] | (trailer[1] << 8) | (trailer[2] << 16) |
-                           (static_cast<uint32_t>(trailer[3]) << 24);
-    if (isize == static_cast<uint32_t>(expected)) return;
     gzFile z = gzopen(path.c_str(), "rb");
     if (!z) fail(path, "cannot open");
     std::vector<char> buf(1 << 20);
@@ -245,8 +308,9 @@ void check_nifti_complete(const fs::path& path, const itk::ImageIOBase& io) {
     if (zmsg.rfind(path.string() + ": ", 0) == 0) zmsg = zmsg.substr(path.string().size() + 2);
     gzclose(z);
     if (n < 0 || (err != Z_OK && err != Z_STREAM_END))
-      fail(path, "compressed data is corrupt or truncated after " + std::to_string(actual) +
-                     " bytes (zlib: " + zmsg + ")");
+      fail(path, "compressed data is corrupt or truncated" +
+                     (actual ? " after " + std::to_string(actual) + " bytes" : std::string()) +
+                     " (zlib: " + zmsg + ")");
   }
   if (actual < expected)
     fail(path, "file is truncated: " + std::to_string(actual) +
@@ -258,16 +322,14 @@ void check_nifti_complete(const fs::path& path, const itk::ImageIOBase& io) {
 // ITK's NIfTI reader (niftilib) silently replaces NaN and Inf in float32/float64 data by 0, so
 // they are counted here in the stored bytes. Returns nullopt when this does not apply (other
 // formats, integer types), where ITK's own reading shows non-finite values as they are.
-std::optional<NonFiniteVoxels> scan_nifti_nonfinite(const fs::path& path,
-                                                    const itk::ImageIOBase& io) {
-  const auto comp = io.GetComponentType();
-  if (comp != itk::IOComponentEnum::FLOAT && comp != itk::IOComponentEnum::DOUBLE)
-    return std::nullopt;
+std::optional<NonFiniteVoxels> scan_nifti_nonfinite(const fs::path& path) {
   const auto layout = nifti_layout(path);
-  if (!layout) return std::nullopt;
-  check_nifti_complete(path, io);
-  const size_t width = comp == itk::IOComponentEnum::FLOAT ? 4 : 8;
-  const uint64_t count = io.GetImageSizeInBytes() / width;
+  // The stored type: ITK reports scaled integers as float, but their bytes are integers.
+  if (!layout || (layout->datatype != kNiftiFloat32 && layout->datatype != kNiftiFloat64))
+    return std::nullopt;
+  check_nifti_complete(path);
+  const size_t width = layout->datatype == kNiftiFloat32 ? 4 : 8;
+  const uint64_t count = layout->data_bytes / width;
   gzFile z = gzopen(path.c_str(), "rb");
   if (!z) fail(path, "cannot open");
   gzbuffer(z, 1 << 17);
@@ -350,7 +412,7 @@ typename itk::Image<PixelT, 3>::Pointer read_pixels(const fs::path& path, Opened
   auto reader = itk::ImageFileReader<ImageT>::New();
   reader->SetFileName(path.string());
   reader->SetImageIO(opened.io);
-  check_nifti_complete(path, *opened.io);
+  check_nifti_complete(path);
   try {
     reader->Update();
   } catch (const itk::ExceptionObject& e) {
@@ -412,7 +474,7 @@ void check_geometry_arg(const Geometry& g, size_t values, size_t expected, const
 
 NonFiniteVoxels count_nonfinite_voxels(const fs::path& path) {
   OpenedIo opened = open_header(path);
-  if (auto raw = scan_nifti_nonfinite(path, *opened.io)) return *raw;
+  if (auto raw = scan_nifti_nonfinite(path)) return *raw;
   // Integer files hold no NaN/Inf, but are decoded in full all the same: this is the one voxel
   // pass validation makes over an image, and it must meet corrupt data now, not during training.
   NonFiniteVoxels out;
@@ -451,12 +513,28 @@ Geometry read_geometry(const fs::path& path) {
 
 Volume read_image(const fs::path& path) {
   OpenedIo opened = open_header(path);
+  // NaN / Inf would go through the network and come out as a plausible-looking mask: refused here
+  // for every reader (training validation reports them earlier, with a count). The stored bytes
+  // are scanned because niftilib turns NaN into 0; the decoded values because a scale factor can
+  // overflow finite integers to Inf.
+  const auto nonfinite_error = [&](int64_t index, double value, int64_t count) {
+    std::ostringstream os;
+    os << "voxel " << voxel_string(opened.geo, index) << " is " << value << " (" << count
+       << " NaN/Inf voxels); an image must hold finite intensities";
+    fail(path, os.str());
+  };
+  if (const auto raw = scan_nifti_nonfinite(path); raw && raw->count)
+    nonfinite_error(raw->first_index, raw->first_value, raw->count);
   auto image = read_pixels<float>(path, opened);
   Volume v;
   v.geo = opened.geo;
   v.channels = 1;
   const float* p = image->GetBufferPointer();
   v.data.assign(p, p + v.geo.voxels());
+  int64_t bad = 0, first = -1;
+  for (int64_t i = 0; i < v.geo.voxels(); ++i)
+    if (!std::isfinite(p[i]) && bad++ == 0) first = i;
+  if (bad) nonfinite_error(first, p[first], bad);
   return v;
 }
 
@@ -485,7 +563,7 @@ LabelVolume read_labels(const fs::path& path) {
   OpenedIo opened = open_header(path);
   // double holds every stored type exactly (int32 and float32 included), so that 1.5 or 70000
   // is seen as it is, not rounded or wrapped by a cast to an integer type.
-  if (const auto nonfinite = scan_nifti_nonfinite(path, *opened.io); nonfinite && nonfinite->count)
+  if (const auto nonfinite = scan_nifti_nonfinite(path); nonfinite && nonfinite->count)
     fail(path, "label value " + std::to_string(nonfinite->first_value) + " at voxel " +
                    voxel_string(opened.geo, nonfinite->first_index) +
                    " is not an integer in [0, 65535] (" + std::to_string(nonfinite->count) +

@@ -1,5 +1,6 @@
 #include "nn/safetensors.hpp"
 
+#include <cmath>
 #include <cstring>
 #include <nlohmann/json.hpp>
 
@@ -68,7 +69,17 @@ std::map<std::string, std::string> load_safetensors(const std::filesystem::path&
     const size_t a = e.at("data_offsets")[0].get<size_t>(), b = e.at("data_offsets")[1].get<size_t>();
     if (b < a || b - a != t.value->bytes() || data0 + b > buf.size())
       throw IoError(where + ": tensor '" + t.name + "' has bad data offsets (file truncated?)");
-    t.value->assign_from(reinterpret_cast<const float*>(buf.data() + data0 + a));
+    // NaN / Inf weights (a damaged or diverged model) would give a confident-looking garbage mask.
+    const char* raw = buf.data() + data0 + a;
+    for (int64_t i = 0; i < count; ++i) {
+      float v;
+      std::memcpy(&v, raw + i * 4, 4);
+      if (!std::isfinite(v))
+        throw IoError(where + ": tensor '" + t.name + "' holds a non-finite value (" +
+                      std::to_string(v) + " at index " + std::to_string(i) +
+                      "): the model is damaged");
+    }
+    t.value->assign_from(reinterpret_cast<const float*>(raw));
   }
   std::map<std::string, std::string> meta;
   if (header.contains("__metadata__"))
