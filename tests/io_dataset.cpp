@@ -189,12 +189,29 @@ TEST(Dataset, PlainFoldersInferLabelsFromData) {
   const Dataset ds = discover_dataset(dir.path());
   EXPECT_EQ(ds.layout, "folder");
   EXPECT_EQ(ds.channel_names, std::vector<std::string>{"unknown"});
-  EXPECT_TRUE(ds.labels.empty()) << "plain folders declare no labels: they are inferred";
+  // Labels 0..7 inferred from the files (the largest value found), with default names.
+  ASSERT_EQ(ds.labels.size(), 8u);
+  for (int v = 0; v < 8; ++v) EXPECT_EQ(ds.labels[static_cast<size_t>(v)].value, v);
+  EXPECT_EQ(ds.labels[0].name, "background");
+  EXPECT_EQ(ds.labels[7].name, "label_7");
   ASSERT_EQ(ds.training.size(), 2u);
   EXPECT_EQ(ds.training[0].id, "a");
   EXPECT_EQ(ds.training[0].label.filename(), "a.nrrd");
   const ValidationReport r = validate_dataset(ds, ValidationOptions{});
-  EXPECT_TRUE(r.problems.empty()) << r.text();  // label 7 is fine: nothing is declared
+  EXPECT_TRUE(r.problems.empty()) << r.text();
+
+  // A value that would make more classes than a label map has: an error asking for dataset.json.
+  TempDir huge;
+  write_image(huge / "images" / "c.nrrd", tiny_geometry());
+  write_label(huge / "labels" / "c.nrrd", tiny_geometry(), 1000);
+  try {
+    discover_dataset(huge.path());
+    ADD_FAILURE() << "label value 1000 inferred as 1001 classes";
+  } catch (const ArgumentError& e) {
+    const std::string msg = e.what();
+    EXPECT_NE(msg.find("c.nrrd"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("dataset.json"), std::string::npos) << msg;
+  }
 
   TempDir empty;
   EXPECT_THROW(discover_dataset(empty.path()), ArgumentError);

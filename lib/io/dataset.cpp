@@ -351,6 +351,45 @@ Dataset discover_nnunet(const fs::path& root, const json& j, const fs::path& jso
   return ds;
 }
 
+// The folder layout has no dataset.json: the label set is 0 .. the largest value found in the
+// training label files ("background", then "label_<v>"), so that plan and train work as
+// documented. Unreadable label files are skipped here (validation reports them by name); more
+// than kMaxInferredLabels classes is almost certainly not a label map and needs a dataset.json.
+constexpr int kMaxInferredLabels = 64;
+
+void infer_folder_labels(Dataset& ds) {
+  int max_value = -1;
+  fs::path max_file;
+  for (const auto& c : ds.training) {
+    std::error_code ec;
+    if (!fs::is_regular_file(c.label, ec)) continue;
+    LabelVolume l;
+    try {
+      l = read_labels(c.label);
+    } catch (const Error&) {
+      continue;
+    }
+    for (uint16_t v : l.data)
+      if (v > max_value) {
+        max_value = v;
+        max_file = c.label;
+      }
+  }
+  if (max_value < 1) return;  // nothing readable, or background only: make_plan says so
+  if (max_value >= kMaxInferredLabels)
+    throw ArgumentError(max_file.string() + ": label value " + std::to_string(max_value) +
+                        " would make " + std::to_string(max_value + 1) +
+                        " classes; a folder dataset infers at most " +
+                        std::to_string(kMaxInferredLabels) +
+                        " (values 0-" + std::to_string(kMaxInferredLabels - 1) +
+                        "): add a dataset.json (MSD or nnU-Net) that declares the labels");
+  for (int v = 0; v <= max_value; ++v)
+    ds.labels.push_back(
+        LabelInfo{v, v == 0 ? "background" : "label_" + std::to_string(v), default_label_color(v)});
+  log_info("dataset ", ds.root, ": no dataset.json, labels 0-", max_value,
+           " inferred from the label files");
+}
+
 Dataset discover_folder(const fs::path& root) {
   Dataset ds;
   ds.root = root;
@@ -368,6 +407,7 @@ Dataset discover_folder(const fs::path& root) {
   ds.training = single_channel_cases(images, labels, true);
   if (fs::is_directory(root / "imagesTs"))
     ds.test = single_channel_cases(root / "imagesTs", root / "labelsTs", false);
+  infer_folder_labels(ds);
   return ds;
 }
 

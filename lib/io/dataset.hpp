@@ -41,7 +41,9 @@ struct Dataset {
 // [{image, label}], one 3-D file per case), "nnunet" (dataset.json with "channel_names", "labels"
 // name -> value, "file_ending"; cases found from imagesTr/{CASE}_{XXXX}{ending} with
 // labelsTr/{CASE}{ending}), "folder" (no dataset.json: images/ and labels/ with matching names, one
-// channel "unknown"; labels is left EMPTY, meaning "infer the label set from the label files").
+// channel "unknown"; labels 0 .. the largest value in the readable training label files, named
+// "background", "label_1", ...; empty when no label file is readable or all are background; more
+// than 64 classes is an ArgumentError asking for a dataset.json).
 // imagesTs/ (and labelsTs/ when present) fill `test`. A training case whose label file is missing
 // keeps the expected path so that validate_dataset reports it by name.
 Dataset discover_dataset(const fs::path& root);
