@@ -252,6 +252,12 @@ TEST(PlanJson, MalformedPlansNameTheField) {
   j = good;
   j["levels"] = "four";
   expect_error(j, "'levels'");
+  j = good;
+  j["levels"] = 9;  // beyond the U-Net's 7
+  expect_error(j, "'levels'");
+  j = good;
+  j["patch"] = {4096, 4096, 4096};  // would allocate terabytes
+  expect_error(j, "'patch'");
   EXPECT_THROW(Plan::from_json(nlohmann::json::array()), ArgumentError);
 }
 

@@ -208,7 +208,7 @@ Plan make_plan(const io::Dataset& ds, const Fingerprint& fp, const PlanOptions& 
                "' has no case");
   MEDSEG_CHECK(opt.base_filters >= 1 && opt.max_filters >= opt.base_filters,
                "make_plan: filters base ", opt.base_filters, " max ", opt.max_filters);
-  MEDSEG_CHECK(opt.max_levels >= 1 && opt.max_levels <= 8, "make_plan: max_levels ",
+  MEDSEG_CHECK(opt.max_levels >= 1 && opt.max_levels <= 7, "make_plan: max_levels ",
                opt.max_levels);
   MEDSEG_CHECK(opt.max_patch_voxels >= 64, "make_plan: max_patch_voxels ", opt.max_patch_voxels);
   MEDSEG_CHECK(opt.batch_size >= 1, "make_plan: batch_size ", opt.batch_size);
@@ -460,7 +460,12 @@ Plan Plan::from_json(const nlohmann::json& j) {
   }
 
   p.patch = need_shape(j, "patch");
-  p.levels = need_int(j, "levels", 1, 8);
+  p.levels = need_int(j, "levels", 1, 7);  // the U-Net's range
+  // 1024 per axis and 2^27 voxels (512^3) per patch: beyond, a damaged plan would ask for
+  // terabytes before anything could say what is wrong.
+  if (std::any_of(p.patch.begin(), p.patch.end(), [](int64_t v) { return v > 1024; }) ||
+      p.patch[0] * p.patch[1] * p.patch[2] > (int64_t{1} << 27))
+    malformed("patch", join_shape(p.patch) + " is too large (at most 1024 per axis, 512^3 voxels)");
   const int64_t div = int64_t{1} << (p.levels - 1);
   for (int64_t v : p.patch)
     if (v % div != 0 || v / div < 4)

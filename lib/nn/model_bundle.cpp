@@ -38,6 +38,19 @@ UNetConfig unet_config_from_json(const nlohmann::json& j) {
   } catch (const nlohmann::json::exception& e) {
     throw ArgumentError(std::string("malformed network description: ") + e.what());
   }
+  // The ranges UNet accepts, as a user-facing error (a damaged plan.json, not a program bug).
+  const auto range = [](const char* what, int v, int lo, int hi) {
+    if (v < lo || v > hi)
+      throw ArgumentError(std::string("malformed network description: ") + what + " = " +
+                          std::to_string(v) + " (must be " + std::to_string(lo) + " to " +
+                          std::to_string(hi) + ")");
+  };
+  range("levels", c.levels, 1, 7);
+  range("in_channels", c.in_channels, 1, 64);
+  range("num_classes", c.num_classes, 2, 65536);
+  range("base_filters", c.base_filters, 1, 4096);
+  range("max_filters", c.max_filters, c.base_filters, 65536);
+  range("convs_per_stage", c.convs_per_stage, 1, 8);
   return c;
 }
 
