@@ -303,6 +303,15 @@ void expect_io_error_naming(const fs::path& p, const std::string& reason_part) {
   }
 }
 
+// A 40x30x20 image of varied values (its .nii.gz spans many deflate blocks).
+Volume larger_image() {
+  Volume v = synthetic_image(synthetic_geometry(kIdentity));
+  v.geo.size = {40, 30, 20};
+  v.data.resize(static_cast<size_t>(v.geo.voxels()));
+  for (size_t i = 0; i < v.data.size(); ++i) v.data[i] = static_cast<float>((i * 7919) % 1000);
+  return v;
+}
+
 void expect_io_error_naming_image(const fs::path& dir, const std::string& name, const Volume& v,
                                   const std::string& reason_part) {
   const fs::path p = dir / name;
@@ -331,12 +340,8 @@ TEST(ImageIo, MissingTruncatedAndNonImageFilesGiveOneLineIoErrors) {
   expect_io_error_naming(bad_dims, "dim[0] = 9");
 
   // A real compressed scan cut in half: the header reads, the voxels do not.
-  Volume v = synthetic_image(synthetic_geometry(kIdentity));
-  v.geo.size = {40, 30, 20};
-  v.data.resize(static_cast<size_t>(v.geo.voxels()));
-  for (size_t i = 0; i < v.data.size(); ++i) v.data[i] = static_cast<float>((i * 7919) % 1000);
   const fs::path full = dir / "full.nii.gz";
-  write_float_image(full, v);
+  write_float_image(full, larger_image());
   const auto size = fs::file_size(full);
   const fs::path cut = dir / "cut.nii.gz";
   fs::copy_file(full, cut);
@@ -432,12 +437,8 @@ TEST(ImageIo, NonFiniteVoxelsAndCorruptCompressedDataAreRefused) {
   v.data[5] = -INFINITY;
   expect_io_error_naming_image(dir.path(), "inf.nii", v, "NaN/Inf");
 
-  Volume big = synthetic_image(synthetic_geometry(kIdentity));
-  big.geo.size = {40, 30, 20};
-  big.data.resize(static_cast<size_t>(big.geo.voxels()));
-  for (size_t i = 0; i < big.data.size(); ++i) big.data[i] = static_cast<float>((i * 7919) % 1000);
   const fs::path p = dir / "corrupt.nii.gz";
-  write_float_image(p, big);
+  write_float_image(p, larger_image());
   std::vector<char> bytes(fs::file_size(p));
   std::ifstream(p, std::ios::binary).read(bytes.data(), static_cast<std::streamsize>(bytes.size()));
   for (size_t i = bytes.size() / 2; i < bytes.size() / 2 + 16; ++i) bytes[i] ^= 0x5a;
