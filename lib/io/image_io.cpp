@@ -241,10 +241,20 @@ std::optional<NiftiLayout> nifti_layout(const fs::path& path) {
     voxels *= static_cast<uint64_t>(n);
   }
   out.datatype = i16(70);
-  const int16_t bitpix = i16(72);
-  if (bitpix <= 0 || bitpix % 8 != 0)
-    fail(path, "NIfTI header bitpix = " + std::to_string(bitpix) + " (not a whole number of bytes)");
-  out.data_bytes = voxels * static_cast<uint64_t>(bitpix / 8);
+  // Bytes per voxel from the datatype (what niftilib reads by, whatever bitpix says).
+  int bytes = 0;
+  switch (out.datatype) {
+    case 2: case 256: bytes = 1; break;                       // uint8, int8
+    case 4: case 512: bytes = 2; break;                       // int16, uint16
+    case 8: case 16: case 768: case 2304: bytes = 4; break;   // int32, float32, uint32, RGBA
+    case 64: case 1024: case 1280: case 32: bytes = 8; break; // float64, int64, uint64, complex64
+    case 128: bytes = 3; break;                               // RGB
+    case 1792: bytes = 16; break;                             // complex128
+    default:  // binary (1), float128, complex256 and undefined codes: nothing reads them
+      fail(path, "NIfTI header datatype " + std::to_string(out.datatype) +
+                     " is not a voxel type medseg reads (integers, float32/64)");
+  }
+  out.data_bytes = voxels * static_cast<uint64_t>(bytes);
   for (int i = 1; i <= std::min<int>(ndim, 3); ++i) {
     const float sp = f32(76 + 4 * static_cast<size_t>(i));
     // 1e-5 to 1e5 mm: from electron microscopy to a whole body in one voxel.
@@ -275,7 +285,9 @@ std::optional<NiftiLayout> nifti_layout(const fs::path& path) {
   };
   if (i16(252) > 0) check_finite("qform (quatern_b/c/d, qoffset_x/y/z)", 256, 6);
   if (i16(254) > 0) check_finite("sform (srow_x/y/z)", 280, 12);
-  check_finite("scl_slope/scl_inter", 112, 2);
+  // scl_slope / scl_inter are not checked here: a NaN or zero slope means "no scaling" to niftilib
+  // and nibabel alike (such files exist); a scaling that does produce NaN / Inf is caught in the
+  // decoded voxels (read_image).
   return out;
 }
 
