@@ -294,26 +294,56 @@ std::optional<NiftiLayout> nifti_layout(const fs::path& path) {
 void check_nifti_header(const fs::path& path) { nifti_layout(path); }
 
 // ITK 5.2 reads a .nii or .nii.gz that was cut short without complaint (the missing voxels come
-// back as zeros), so the file length is checked here: the header's vox_offset plus the voxel
-// bytes as stored (bitpix, not the type ITK converts to: scaled integers come out as float). A
-// .nii.gz is decompressed to the end, which also checks its CRC: the trailer's length alone let
-// corrupt streams through, and a forged one made ITK allocate whatever the header declared.
-void check_nifti_complete(const fs::path& path) {
-  const auto layout = nifti_layout(path);
-  if (!layout) return;
-  const uint64_t expected = layout->vox_offset + layout->data_bytes;
+// back as zeros), and niftilib silently replaces NaN and Inf in float32/float64 data by 0. So one
+// pass over the decompressed file checks its length against the header (vox_offset plus the voxel
+// bytes as stored: the datatype's size, not the type ITK converts to) and, with count_floats and a
+// float datatype, counts the non-finite voxels. A .nii.gz is read to the end, which also checks its
+// CRC (the trailer's length alone let corrupt streams through, and a forged one made ITK allocate
+// whatever the header declared); a plain .nii without float counting needs only its size.
+NonFiniteVoxels verify_nifti(const fs::path& path, const NiftiLayout& layout, bool count_floats) {
+  const uint64_t expected = layout.vox_offset + layout.data_bytes;
+  NonFiniteVoxels out;
+  const bool floats =
+      count_floats && (layout.datatype == kNiftiFloat32 || layout.datatype == kNiftiFloat64);
   uint64_t actual = 0;
-  std::error_code ec;
-  const uint64_t file_size = fs::file_size(path, ec);
-  if (ec) fail(path, "cannot get the file size: " + ec.message());
-  if (format_of(path) == Format::Nifti) {
-    actual = file_size;
+  if (format_of(path) == Format::Nifti && !floats) {
+    std::error_code ec;
+    actual = fs::file_size(path, ec);
+    if (ec) fail(path, "cannot get the file size: " + ec.message());
   } else {
-    gzFile z = gzopen(path.c_str(), "rb");
+    gzFile z = gzopen(path.c_str(), "rb");  // also reads uncompressed files
     if (!z) fail(path, "cannot open");
-    std::vector<char> buf(1 << 20);
-    int n;
-    while ((n = gzread(z, buf.data(), static_cast<unsigned>(buf.size()))) > 0) actual += n;
+    gzbuffer(z, 1 << 17);
+    // The header and extensions first, so that every later chunk starts on a voxel boundary
+    // (gzread fills a whole chunk except at the end of the data).
+    std::vector<unsigned char> buf(1 << 20);
+    int n = 1;
+    while (actual < layout.vox_offset && n > 0) {
+      n = gzread(z, buf.data(),
+                 static_cast<unsigned>(std::min<uint64_t>(buf.size(), layout.vox_offset - actual)));
+      if (n > 0) actual += static_cast<uint64_t>(n);
+    }
+    const size_t width = layout.datatype == kNiftiFloat32 ? 4 : 8;
+    while (n > 0 && (n = gzread(z, buf.data(), static_cast<unsigned>(buf.size()))) > 0) {
+      const uint64_t begin = actual, end = std::min<uint64_t>(actual + n, expected);
+      for (uint64_t off = begin; floats && off + width <= end; off += width) {
+        unsigned char* q = &buf[off - begin];
+        if (layout.swapped) swap_bytes(q, width);
+        double v;
+        if (width == 4) {
+          float f;
+          std::memcpy(&f, q, 4);
+          v = f;
+        } else {
+          std::memcpy(&v, q, 8);
+        }
+        if (!std::isfinite(v) && out.count++ == 0) {
+          out.first_index = static_cast<int64_t>((off - layout.vox_offset) / width);
+          out.first_value = v;
+        }
+      }
+      actual += static_cast<uint64_t>(n);
+    }
     int err = Z_OK;
     const char* msg = gzerror(z, &err);
     std::string zmsg = msg ? msg : "";
@@ -329,59 +359,22 @@ void check_nifti_complete(const fs::path& path) {
                    " bytes (uncompressed), the header "
                    "needs " +
                    std::to_string(expected));
+  return out;
 }
 
-// ITK's NIfTI reader (niftilib) silently replaces NaN and Inf in float32/float64 data by 0, so
-// they are counted here in the stored bytes. Returns nullopt when this does not apply (other
-// formats, integer types), where ITK's own reading shows non-finite values as they are.
+void check_nifti_complete(const fs::path& path) {
+  if (const auto layout = nifti_layout(path)) verify_nifti(path, *layout, false);
+}
+
+// The non-finite voxels of a float32/float64 NIfTI as stored, with the file checked complete on
+// the way. nullopt when this does not apply (other formats, integer types: ITK's own reading shows
+// non-finite values as they are, and the completeness check is left to read_pixels).
 std::optional<NonFiniteVoxels> scan_nifti_nonfinite(const fs::path& path) {
   const auto layout = nifti_layout(path);
   // The stored type: ITK reports scaled integers as float, but their bytes are integers.
   if (!layout || (layout->datatype != kNiftiFloat32 && layout->datatype != kNiftiFloat64))
     return std::nullopt;
-  check_nifti_complete(path);
-  const size_t width = layout->datatype == kNiftiFloat32 ? 4 : 8;
-  const uint64_t count = layout->data_bytes / width;
-  gzFile z = gzopen(path.c_str(), "rb");
-  if (!z) fail(path, "cannot open");
-  gzbuffer(z, 1 << 17);
-  if (gzseek(z, static_cast<z_off_t>(layout->vox_offset), SEEK_SET) < 0) {
-    gzclose(z);
-    fail(path, "cannot seek to the voxel data");
-  }
-  NonFiniteVoxels out;
-  std::vector<unsigned char> buf(width << 16);
-  uint64_t done = 0;
-  while (done < count) {
-    const uint64_t want = std::min<uint64_t>(count - done, buf.size() / width);
-    const int got = gzread(z, buf.data(), static_cast<unsigned>(want * width));
-    if (got != static_cast<int>(want * width)) {
-      gzclose(z);
-      fail(path, "voxel data ends early");
-    }
-    for (uint64_t i = 0; i < want; ++i) {
-      unsigned char* p = &buf[i * width];
-      if (layout->swapped) swap_bytes(p, width);
-      double v;
-      if (width == 4) {
-        float f;
-        std::memcpy(&f, p, 4);
-        v = f;
-      } else {
-        std::memcpy(&v, p, 8);
-      }
-      if (!std::isfinite(v)) {
-        if (out.count == 0) {
-          out.first_index = static_cast<int64_t>(done + i);
-          out.first_value = v;
-        }
-        ++out.count;
-      }
-    }
-    done += want;
-  }
-  gzclose(z);
-  return out;
+  return verify_nifti(path, *layout, true);
 }
 
 template <typename ImageT>
@@ -417,14 +410,16 @@ void set_geometry(ImageT& image, const Geometry& g) {
   image.SetDirection(direction);
 }
 
-// Reads the voxels of an already checked file as PixelT (ITK converts from the stored type).
+// Reads the voxels of an already checked file as PixelT (ITK converts from the stored type);
+// `verified`: scan_nifti_nonfinite has already checked the file complete.
 template <typename PixelT>
-typename itk::Image<PixelT, 3>::Pointer read_pixels(const fs::path& path, OpenedIo& opened) {
+typename itk::Image<PixelT, 3>::Pointer read_pixels(const fs::path& path, OpenedIo& opened,
+                                                    bool verified = false) {
   using ImageT = itk::Image<PixelT, 3>;
   auto reader = itk::ImageFileReader<ImageT>::New();
   reader->SetFileName(path.string());
   reader->SetImageIO(opened.io);
-  check_nifti_complete(path);
+  if (!verified) check_nifti_complete(path);
   try {
     reader->Update();
   } catch (const itk::ExceptionObject& e) {
@@ -535,9 +530,9 @@ Volume read_image(const fs::path& path) {
        << " NaN/Inf voxels); an image must hold finite intensities";
     fail(path, os.str());
   };
-  if (const auto raw = scan_nifti_nonfinite(path); raw && raw->count)
-    nonfinite_error(raw->first_index, raw->first_value, raw->count);
-  auto image = read_pixels<float>(path, opened);
+  const auto raw = scan_nifti_nonfinite(path);
+  if (raw && raw->count) nonfinite_error(raw->first_index, raw->first_value, raw->count);
+  auto image = read_pixels<float>(path, opened, raw.has_value());
   Volume v;
   v.geo = opened.geo;
   v.channels = 1;
@@ -575,12 +570,13 @@ LabelVolume read_labels(const fs::path& path) {
   OpenedIo opened = open_header(path);
   // double holds every stored type exactly (int32 and float32 included), so that 1.5 or 70000
   // is seen as it is, not rounded or wrapped by a cast to an integer type.
-  if (const auto nonfinite = scan_nifti_nonfinite(path); nonfinite && nonfinite->count)
+  const auto nonfinite = scan_nifti_nonfinite(path);
+  if (nonfinite && nonfinite->count)
     fail(path, "label value " + std::to_string(nonfinite->first_value) + " at voxel " +
                    voxel_string(opened.geo, nonfinite->first_index) +
                    " is not an integer in [0, 65535] (" + std::to_string(nonfinite->count) +
                    " non-finite values)");
-  auto image = read_pixels<double>(path, opened);
+  auto image = read_pixels<double>(path, opened, nonfinite.has_value());
   LabelVolume out;
   out.geo = opened.geo;
   const int64_t n = out.geo.voxels();
