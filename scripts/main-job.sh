@@ -3,7 +3,7 @@
 # Renormalization), predicts the test cases with a review export, evaluates, and prints where each
 # output is and the Dice per label. Outputs go to medseg-output/ (replaced on every run).
 # Environment: MEDSEG_MINUTES (training wall time, default 7.5), MEDSEG_DEVICE (default cpu: the
-# validated path; the CUDA path has not yet run on a GPU in testing, see docs/gpu.md; auto or cuda
+# validated path on every machine; the CUDA path's tests pass on an H200, see docs/gpu.md; auto or cuda
 # to use it).
 set -euo pipefail
 cd "$(dirname "$0")/.."

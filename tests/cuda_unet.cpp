@@ -37,13 +37,30 @@ namespace {
     nn::set_cuda_allow_tf32(false);                                                 \
   } while (0)
 
+// For parameter k named "X.bias", the largest magnitude of X.weight's gradient (grad) or value;
+// 0 for every other parameter.
+double sibling_weight_scale(const std::vector<nn::NamedTensor>& params, size_t k, bool grad) {
+  const std::string& name = params[k].name;
+  const std::string suffix = ".bias";
+  if (name.size() < suffix.size() || name.compare(name.size() - suffix.size(), suffix.size(), suffix))
+    return 0;
+  const std::string weight = name.substr(0, name.size() - suffix.size()) + ".weight";
+  double scale = 0;
+  for (const auto& p : params)
+    if (p.name == weight)
+      for (float v : (grad ? *p.grad : *p.value).to_vector())
+        scale = std::max(scale, static_cast<double>(std::fabs(v)));
+  return scale;
+}
+
 // max |got - want| <= rel * max |want| (+ a floor for all-zero tensors); names the first offenders.
+// floor_scale: a magnitude the error may scale with when the exact value is (near) zero.
 void expect_close_rel(const std::vector<float>& got, const std::vector<float>& want, double rel,
-                      const std::string& what) {
+                      const std::string& what, double floor_scale = 0) {
   ASSERT_EQ(got.size(), want.size()) << what;
   double scale = 0;
   for (float w : want) scale = std::max(scale, static_cast<double>(std::fabs(w)));
-  const double tol = rel * std::max(scale, 1e-6);
+  const double tol = rel * std::max({scale, floor_scale, 1e-6});
   int64_t bad = 0;
   double worst = 0;
   std::ostringstream first;
@@ -131,8 +148,12 @@ void compare_training_step(const Case& c) {
     for (size_t k = 0; k < pc.size(); ++k) {
       ASSERT_EQ(pg[k].name, pc[k].name);
       EXPECT_EQ(pg[k].grad->device(), Device::CUDA) << pg[k].name;
-      // Gradients pass the whole backward: allow 2e-3 of the tensor's largest magnitude.
-      expect_close_rel(pg[k].grad->to_vector(), pc[k].grad->to_vector(), 2e-3, "gradient " + pc[k].name);
+      // Gradients pass the whole backward: allow 2e-3 of the tensor's largest magnitude. The bias
+      // of a convolution followed by a norm has an exact gradient of 0 (the norm removes any
+      // per-channel shift), so both sides hold only the rounding of a sum that cancels, ~1e-9
+      // (seen on an H200): its error is measured against the same conv's weight gradient.
+      expect_close_rel(pg[k].grad->to_vector(), pc[k].grad->to_vector(), 2e-3,
+                       "gradient " + pc[k].name, sibling_weight_scale(pc, k, true));
     }
     const auto bc = cpu_net.buffers(), bg = gpu_net.buffers();
     for (size_t k = 0; k < bc.size(); ++k)
@@ -145,7 +166,8 @@ void compare_training_step(const Case& c) {
     const double nc = cpu_opt.step(0.01), ng = gpu_opt.step(0.01);
     EXPECT_NEAR(ng, nc, 1e-3 * nc) << "gradient norm";
     for (size_t k = 0; k < pc.size(); ++k)
-      expect_close_rel(pg[k].value->to_vector(), pc[k].value->to_vector(), 1e-4, "weight " + pc[k].name);
+      expect_close_rel(pg[k].value->to_vector(), pc[k].value->to_vector(), 1e-4,
+                       "weight " + pc[k].name, sibling_weight_scale(pc, k, false));
   }
 
   // Inference with the running statistics: host input, host logits, unfolded then folded.
