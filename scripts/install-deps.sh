@@ -5,7 +5,8 @@
 set -euo pipefail
 packages=(build-essential cmake ninja-build pkg-config libinsighttoolkit5-dev libdnnl-dev
           libboost-program-options-dev libgtest-dev nlohmann-json3-dev zlib1g-dev
-          libopenmpi-dev openmpi-bin)
+          libopenmpi-dev openmpi-bin
+          ocl-icd-opencl-dev)  # oneDNN 2.6's CMake config looks for OpenCL; libdnnl-dev only recommends it
 if [[ "${1:-}" == "--with-torch" ]]; then packages+=(python3-torch python3-numpy); fi
 missing=()
 for p in "${packages[@]}"; do
