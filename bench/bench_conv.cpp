@@ -9,8 +9,11 @@
 // shows up as ratio < 1.
 //
 // bench_conv [--threads N (default 2)] [--reps N (default 7)] [--json] [--quick] [--case TEXT]
+//            [--fixed | --measure]
 // --json prints one JSON object per line on stdout instead of the table; --quick times only the
-// 16->16 case; --case times only the cases whose name contains TEXT (e.g. "up", "s2").
+// 16->16 case; --case times only the cases whose name contains TEXT (e.g. "up", "s2"); --fixed /
+// --measure set the dispatch mode (cpu::ConvChoiceMode; --fixed: our kernels wherever they cover
+// the geometry, so "ratio" compares them with oneDNN).
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -189,6 +192,7 @@ struct Options {
   bool json = false;
   bool quick = false;
   std::string only;
+  ConvChoiceMode mode = ConvChoiceMode::Auto;
 };
 
 Options parse(int argc, char** argv) {
@@ -213,10 +217,15 @@ Options parse(int argc, char** argv) {
       o.quick = true;
     else if (a == "--case" && i + 1 < argc)
       o.only = argv[++i];
+    else if (a == "--fixed")
+      o.mode = ConvChoiceMode::Fixed;
+    else if (a == "--measure")
+      o.mode = ConvChoiceMode::Measure;
     else
       MEDSEG_CHECK(
           false, "unknown option '", a,
-          "' (usage: bench_conv [--threads N] [--reps N] [--json] [--quick] [--case TEXT])");
+          "' (usage: bench_conv [--threads N] [--reps N] [--json] [--quick] [--case TEXT] "
+          "[--fixed | --measure])");
   }
   MEDSEG_CHECK(o.reps >= 5, "--reps ", o.reps, ": the median needs at least 5 timed runs");
   return o;
@@ -240,6 +249,7 @@ std::string load_average() {
 int run(int argc, char** argv) {
   const Options opt = parse(argc, argv);
   set_num_threads(opt.threads);
+  set_conv_choice_mode(opt.mode);
 
   const bool ok =
       validate_against_reference(ConvGeometry::conv(Shape{2, 7, 6, 5, 16}, 16, 3, 1, 1), 1) &&

@@ -118,16 +118,18 @@ bool conv_transpose2_backward_weights_direct(const ConvGeometry& g, const float*
 
 // ---- direct backward-data of the stride-2 convolution (k = 3, pad = 1) for AVX2 + FMA CPUs ----
 // (conv_strided.cpp) Needs Cin % 8 == 0 and Cin x Cout <= 2048 (beyond that oneDNN is faster);
-// returns false and touches nothing when not covered (or without AVX2/FMA). The result does not depend on the thread count. Used below AVX-512
-// (MEDSEG_CONV_DIRECT=0 keeps oneDNN).
+// returns false and touches nothing when not covered (or without AVX2/FMA). The result does not
+// depend on the thread count. The dispatch uses it below AVX-512 only (MEDSEG_CONV_DIRECT=0 keeps
+// oneDNN everywhere).
 bool conv3d_stride2_backward_data_direct(const ConvGeometry& g, const float* dy, const float* w,
                                          float* dx);
 
 // Which implementation conv3d_forward / _leaky / conv3d_backward_data / conv3d_backward_weights
-// run: our kernels above wherever they cover the geometry (Fixed), or, per (geometry, pass), the
-// faster of ours and oneDNN timed on the first call (Measure). Auto (the default): Fixed below
-// AVX-512, where ours were measured faster in development; Measure on AVX-512, where they were not
-// measured. Setting a mode forgets the measured choices. conv_choices_measured: how many choices
+// run: our kernels above wherever they cover the geometry (Fixed; on AVX-512 the stride-2 direct
+// kernels yield to oneDNN, which was measured faster there), or, per (geometry, pass), the faster
+// of ours and oneDNN timed on the first call (Measure; results then depend on timing and need not
+// repeat bit for bit). Auto (the default) is Fixed on every ISA. Setting a mode forgets the
+// measured choices. conv_choices_measured: how many choices
 // have been measured, and (any_ours) whether any of them took our kernel.
 enum class ConvChoiceMode { Auto, Fixed, Measure };
 void set_conv_choice_mode(ConvChoiceMode mode);

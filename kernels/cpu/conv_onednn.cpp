@@ -29,7 +29,8 @@
 //    JIT kernel. The transposed conv's backward-weights is the same GEMM turned around, dw = x^T *
 //    gather(dy), with gather(dy) the (N*D*H*W x 8*Cout) matrix of each input voxel's 2x2x2 output
 //    block. On AVX2 oneDNN's JIT kernel for it reached ~40% of the GEMM's rate on the U-Net shape,
-//    so below AVX-512 the GEMM is used; on AVX-512 oneDNN's kernel is kept (not measured here).
+//    so below AVX-512 the GEMM is used; on AVX-512 oneDNN's kernel is kept (our direct kernel,
+//    conv_transposed.cpp, is faster than both and normally runs; this is the oneDNN side).
 //  - One engine and one stream for the process. A CPU stream with the OpenMP runtime executes in
 //    the calling thread; each cache entry has its own mutex because its memory objects carry the
 //    caller's pointers during a call.
@@ -459,14 +460,15 @@ bool below_avx512() {
   return below;
 }
 
-// Our kernels (Winograd, direct) against oneDNN. Below AVX-512 ours run wherever they cover the
-// geometry: measured there in development (1.4-6x oneDNN's AVX2 kernels on the U-Net's shapes,
-// docs/benchmarks.md). On AVX-512, oneDNN's kernels run at about twice its AVX2 rate and ours
-// (AVX2 code) were never measured against them, so the first call of each (geometry, pass) times
-// both on the call's own buffers (a warm-up call each, then one timed call each) and keeps the
-// faster for the rest of the process. Either result is a valid convolution (both are tested against
-// the reference), but which one runs then depends on timing: runs on AVX-512 need not repeat
-// bit for bit. MEDSEG_CONV_WINOGRAD=0 / MEDSEG_CONV_DIRECT=0 switch our kernels off (A/B runs).
+// Our kernels (Winograd, direct) against oneDNN: ours run wherever they cover the geometry, on every
+// ISA. Measured in development, 2 threads: on AVX2 (Zen 3) 1.4-6x oneDNN's kernels on the U-Net's
+// shapes; on AVX-512 (Zen 4, oneDNN avx512_core_bf16, session 7) the Winograd passes 1.4-3.3x and
+// the transposed conv's forward and backward-weights 3.9x / 1.9x oneDNN called directly, but the
+// stride-2 direct kernels (backward-data, backward-weights) only 0.65-0.82x, so on AVX-512 those
+// two leave the stride-2 layers to oneDNN (docs/benchmarks.md). A fixed rule, not a timing: runs
+// repeat bit for bit (resume is exact), which the measured mode (ConvChoiceMode::Measure, the
+// first call of a geometry times both) cannot promise. MEDSEG_CONV_WINOGRAD=0 /
+// MEDSEG_CONV_DIRECT=0 switch our kernels off (A/B runs).
 bool use_direct() {
   static const bool on = enabled_unless_zero("MEDSEG_CONV_DIRECT");
   return on;
@@ -482,10 +484,10 @@ ConvChoiceMode& choice_mode_setting() {
   return m;
 }
 
-bool measure_choices() {
-  const ConvChoiceMode m = choice_mode_setting();
-  return m == ConvChoiceMode::Measure || (m == ConvChoiceMode::Auto && !below_avx512());
-}
+bool measure_choices() { return choice_mode_setting() == ConvChoiceMode::Measure; }
+
+// The stride-2 direct kernels lose to oneDNN's AVX-512 JIT kernels (see above).
+bool strided_direct_wins(const ConvGeometry& g) { return g.stride == 1 || below_avx512(); }
 
 struct Choices {
   std::mutex mu;
@@ -586,7 +588,8 @@ void conv3d_backward_data(const ConvGeometry& g, const float* dy, const float* w
   MEDSEG_CHECK(dy && w && dx, "conv3d_backward_data: null dy, w or dx for ", g.str());
   const auto ours = [&] {
     return (use_winograd() && conv3d_backward_data_winograd(g, dy, w, dx)) ||
-           (use_direct() && conv3d_stride2_backward_data_direct(g, dy, w, dx));
+           (use_direct() && strided_direct_wins(g) &&
+            conv3d_stride2_backward_data_direct(g, dy, w, dx));
   };
   const auto onednn = [&] {
     auto e = lookup(g, Pass::BackwardData, false);
@@ -610,7 +613,8 @@ void conv3d_backward_weights(const ConvGeometry& g, const float* dy, const float
   const auto ours = [&] {
     if (g.transposed) return use_direct() && conv_transpose2_backward_weights_direct(g, dy, x, dw, db);
     return (use_winograd() && conv3d_backward_weights_winograd(g, dy, x, dw, db)) ||
-           (use_direct() && conv3d_backward_weights_direct(g, dy, x, dw, db));
+           (use_direct() && strided_direct_wins(g) &&
+            conv3d_backward_weights_direct(g, dy, x, dw, db));
   };
   const auto onednn = [&] {
     if (g.transposed && below_avx512()) return transposed_backward_weights_by_gemm(g, dy, x, dw, db);
