@@ -593,6 +593,61 @@ TEST(CudaNorm, TrainForwardAndBackwardMatchReference) {
   }
 }
 
+// The network's memory saving on the GPU: the output rebuilt from the cache, and the backward with
+// the LeakyReLU mask from the input (and in place), give the training forward's and the ordinary
+// backward's bits exactly.
+TEST(CudaNorm, RebuiltOutputAndBackwardWithoutOutputAreBitIdentical) {
+  MEDSEG_REQUIRE_CUDA();
+  CudaContext ctx;
+  Rng rng(35);
+  for (const NormCase& nc : norm_cases()) {
+    const Shape& s = nc.s;
+    const std::string tag = norm_tag(nc);
+    cpu::NormConfig cfg;
+    cfg.kind = nc.kind;
+    cfg.leaky = nc.leaky;
+    cfg.r_max = nc.r_max;
+    cfg.d_max = nc.d_max;
+    const int64_t C = s.c, gcs = nc.kind == cpu::NormKind::InstanceNorm ? s.n * C : C;
+    const bool batch = nc.kind != cpu::NormKind::InstanceNorm;
+    auto x = random_vector(rng, s.numel(), 0.3, 1.5);
+    auto gamma = random_vector(rng, C, 1.0, 0.3), beta = random_vector(rng, C, 0.0, 0.3);
+    auto rmean = random_vector(rng, C, 0.0, 0.5);
+    std::vector<float> rstd(C, 1.2f);
+    auto dy = random_vector(rng, s.numel());
+    Guarded gx(x), gg(gamma), gb(beta), grm(rmean), grs(rstd), gdy(dy), gdy2(dy);
+    Guarded y = Guarded::output(s.numel()), y2 = Guarded::output(s.numel());
+    Guarded cm = Guarded::output(gcs), ci = Guarded::output(gcs), cr = Guarded::output(gcs),
+            cd = Guarded::output(gcs), cs = Guarded::output(gcs), ch = Guarded::output(gcs);
+    cpu::NormCache cache{cm.ptr(), ci.ptr(), cr.ptr(), cd.ptr()};
+    cache.scale = cs.ptr();
+    cache.shift = ch.ptr();
+    cuda::norm_forward_train(ctx, cfg, s, gx.ptr(), gg.ptr(), gb.ptr(), batch ? grm.ptr() : nullptr,
+                             batch ? grs.ptr() : nullptr, y.ptr(), cache, nullptr);
+    cuda::norm_forward_apply(ctx, cfg, s, gx.ptr(), cache, y2.ptr());
+    const auto yv = y.download("y"), y2v = y2.download("rebuilt y");
+    ASSERT_EQ(std::memcmp(yv.data(), y2v.data(), yv.size() * sizeof(float)), 0) << "rebuilt y " << tag;
+    // Backward three ways: with y, without y, without y in place over dy.
+    Guarded dx = Guarded::output(s.numel()), dx2 = Guarded::output(s.numel());
+    Guarded dg = Guarded::output(C), db = Guarded::output(C), dg2 = Guarded::output(C),
+            db2 = Guarded::output(C), dg3 = Guarded::output(C), db3 = Guarded::output(C);
+    cuda::norm_backward(ctx, cfg, s, gdy.ptr(), gx.ptr(), y.ptr(), gg.ptr(), cache, dx.ptr(),
+                        dg.ptr(), db.ptr());
+    cuda::norm_backward(ctx, cfg, s, gdy.ptr(), gx.ptr(), nullptr, gg.ptr(), cache, dx2.ptr(),
+                        dg2.ptr(), db2.ptr());
+    cuda::norm_backward(ctx, cfg, s, gdy2.ptr(), gx.ptr(), nullptr, gg.ptr(), cache, gdy2.ptr(),
+                        dg3.ptr(), db3.ptr());
+    const auto a = dx.download("dx"), b = dx2.download("dx without y"), c = gdy2.download("dx in place");
+    EXPECT_EQ(std::memcmp(a.data(), b.data(), a.size() * 4), 0) << "dx without y " << tag;
+    EXPECT_EQ(std::memcmp(a.data(), c.data(), a.size() * 4), 0) << "dx in place " << tag;
+    const auto g1 = dg.download("dgamma"), g2 = dg2.download("dgamma 2"), g3 = dg3.download("dgamma 3");
+    EXPECT_EQ(g1, g2) << "dgamma without y " << tag;
+    EXPECT_EQ(g1, g3) << "dgamma in place " << tag;
+    EXPECT_EQ(db.download("dbeta"), db2.download("dbeta 2")) << tag;
+    db3.download("dbeta 3");
+  }
+}
+
 TEST(CudaNorm, InferenceMatchesReference) {
   MEDSEG_REQUIRE_CUDA();
   CudaContext ctx;

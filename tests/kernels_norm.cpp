@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <string>
 #include <vector>
@@ -73,9 +74,14 @@ Problem make_problem(NormConfig cfg, Shape s, uint64_t seed) {
 }
 
 struct Forward {
-  std::vector<float> y, rmean, rstd, mean, inv_std, r, d;
+  std::vector<float> y, rmean, rstd, mean, inv_std, r, d, scale, shift;
   NormStepInfo info;
-  NormCache cache() { return NormCache{mean.data(), inv_std.data(), r.data(), d.data()}; }
+  NormCache cache() {
+    NormCache c{mean.data(), inv_std.data(), r.data(), d.data()};
+    c.scale = scale.data();
+    c.shift = shift.data();
+    return c;
+  }
 };
 
 Forward forward_train(const Problem& p, bool fast) {
@@ -87,6 +93,8 @@ Forward forward_train(const Problem& p, bool fast) {
   f.inv_std.assign(slots, garbage);
   f.r.assign(slots, garbage);
   f.d.assign(slots, garbage);
+  f.scale.assign(slots, garbage);
+  f.shift.assign(slots, garbage);
   f.rmean = p.rmean;
   f.rstd = p.rstd;
   const bool batch_kind = p.cfg.kind != NormKind::InstanceNorm;
@@ -700,4 +708,108 @@ TEST(NormKernel, RejectsBadArguments) {
       cpu::norm_forward_train(p.cfg, p.s, p.x.data(), p.gamma.data(), p.beta.data(), nullptr,
                               nullptr, y.data(), NormCache{m.data(), v.data(), r.data(), d.data()}),
       ArgumentError);
+}
+
+// ---- rebuilding the output, and the backward without it (the network's memory saving) ----
+
+namespace {
+bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+}
+// The first index where two float vectors differ in bits, for the failure message.
+std::string first_difference(const std::vector<float>& a, const std::vector<float>& b) {
+  for (size_t i = 0; i < std::min(a.size(), b.size()); ++i)
+    if (std::memcmp(&a[i], &b[i], sizeof(float)) != 0)
+      return "[" + std::to_string(i) + "] " + std::to_string(a[i]) + " vs " + std::to_string(b[i]);
+  return a.size() == b.size() ? "none" : "sizes differ";
+}
+// Shapes for the bit-identity tests: C = 1, N = 1, odd C, and one large enough for two threads.
+const Shape kApplyShapes[] = {Shape{2, 3, 4, 5, 1}, Shape{1, 5, 6, 7, 3}, Shape{2, 4, 5, 3, 7},
+                              Shape{2, 16, 16, 16, 9}};
+}  // namespace
+
+TEST(NormApply, RebuildsTheTrainingForwardOutputBitForBit) {
+  for (NormKind kind : {NormKind::BatchRenorm, NormKind::BatchNorm, NormKind::InstanceNorm})
+    for (bool leaky : {true, false})
+      for (const Shape& s : kApplyShapes) {
+        NormConfig cfg;
+        cfg.kind = kind;
+        cfg.leaky = leaky;
+        cfg.r_max = 1.5f;
+        cfg.d_max = 0.5f;
+        const Problem p = make_problem(cfg, s, 41);
+        Forward f = forward_train(p, true);
+        std::vector<float> y(p.x.size(), std::numeric_limits<float>::quiet_NaN());
+        cpu::norm_forward_apply(cfg, s, p.x.data(), f.cache(), y.data());
+        EXPECT_TRUE(same_bits(y, f.y)) << describe(cfg, s, true) << ": " << first_difference(y, f.y);
+        // The reference fills the coefficients too (with its own rounding of gamma r / sigma_B).
+        Forward fr = forward_train(p, false);
+        for (size_t i = 0; i < fr.scale.size(); ++i) {
+          EXPECT_NEAR(fr.scale[i], f.scale[i], 1e-6 * std::abs(f.scale[i])) << describe(cfg, s, false);
+          EXPECT_NEAR(fr.shift[i], f.shift[i], 1e-6 * (1 + std::abs(f.shift[i]))) << describe(cfg, s, false);
+        }
+      }
+}
+
+TEST(NormBackward, MaskFromTheInputEqualsMaskFromTheOutputAndMayRunInPlace) {
+  for (NormKind kind : {NormKind::BatchRenorm, NormKind::BatchNorm, NormKind::InstanceNorm})
+    for (const Shape& s : kApplyShapes) {
+      NormConfig cfg;
+      cfg.kind = kind;
+      cfg.r_max = 1.5f;
+      cfg.d_max = 0.5f;
+      const Problem p = make_problem(cfg, s, 43);
+      Forward f = forward_train(p, true);
+      const std::vector<float> dy = random_vector(p.x.size(), 44);
+      const Backward with_y = backward(p, f, dy, true);
+      // Without y: the mask from x and the cached scale and shift.
+      Backward no_y;
+      no_y.dx.assign(p.x.size(), 1e30f);
+      no_y.dgamma.assign(static_cast<size_t>(s.c), 0.f);
+      no_y.dbeta.assign(static_cast<size_t>(s.c), 0.f);
+      cpu::norm_backward(cfg, s, dy.data(), p.x.data(), nullptr, p.gamma.data(), f.cache(),
+                         no_y.dx.data(), no_y.dgamma.data(), no_y.dbeta.data());
+      const std::string what = describe(cfg, s, true);
+      EXPECT_TRUE(same_bits(no_y.dx, with_y.dx)) << what << ": " << first_difference(no_y.dx, with_y.dx);
+      EXPECT_TRUE(same_bits(no_y.dgamma, with_y.dgamma)) << what;
+      EXPECT_TRUE(same_bits(no_y.dbeta, with_y.dbeta)) << what;
+      // In place: dx written over dy.
+      std::vector<float> g = dy, dgamma(static_cast<size_t>(s.c)), dbeta(static_cast<size_t>(s.c));
+      cpu::norm_backward(cfg, s, g.data(), p.x.data(), nullptr, p.gamma.data(), f.cache(), g.data(),
+                         dgamma.data(), dbeta.data());
+      EXPECT_TRUE(same_bits(g, with_y.dx)) << what << " in place: " << first_difference(g, with_y.dx);
+      EXPECT_TRUE(same_bits(dgamma, with_y.dgamma)) << what << " in place";
+      // The reference without y recomputes the pre-activation in double from the cache.
+      Forward fr = forward_train(p, false);
+      const Backward ref_y = backward(p, fr, dy, false);
+      Backward ref_no_y;
+      ref_no_y.dx.assign(p.x.size(), 1e30f);
+      ref_no_y.dgamma.assign(static_cast<size_t>(s.c), 0.f);
+      ref_no_y.dbeta.assign(static_cast<size_t>(s.c), 0.f);
+      cpu::norm_backward_ref(cfg, s, dy.data(), p.x.data(), nullptr, p.gamma.data(), fr.cache(),
+                             ref_no_y.dx.data(), ref_no_y.dgamma.data(), ref_no_y.dbeta.data());
+      expect_close(what + " ref dx without y", ref_no_y.dx, ref_y.dx, 1e-6, 1e-6);
+      expect_close(what + " ref dgamma without y", ref_no_y.dgamma, ref_y.dgamma, 1e-5, 1e-6);
+    }
+}
+
+TEST(NormBackward, WithoutOutputOrCoefficientsIsRefused) {
+  NormConfig cfg;
+  const Shape s{1, 2, 2, 2, 3};
+  const Problem p = make_problem(cfg, s, 45);
+  Forward f = forward_train(p, true);
+  NormCache bare = f.cache();
+  bare.scale = bare.shift = nullptr;
+  std::vector<float> dy(p.x.size(), 1.f), dx(p.x.size()), dg(3), db(3);
+  EXPECT_THROW(cpu::norm_backward(cfg, s, dy.data(), p.x.data(), nullptr, p.gamma.data(), bare,
+                                  dx.data(), dg.data(), db.data()),
+               Error);
+  EXPECT_THROW(cpu::norm_backward_ref(cfg, s, dy.data(), p.x.data(), nullptr, p.gamma.data(), bare,
+                                      dx.data(), dg.data(), db.data()),
+               Error);
+  EXPECT_THROW(cpu::norm_forward_apply(cfg, s, p.x.data(), bare, dx.data()), Error);
+  // dx may alias dy, not x.
+  EXPECT_THROW(cpu::norm_backward(cfg, s, dy.data(), p.x.data(), nullptr, p.gamma.data(), f.cache(),
+                                  const_cast<float*>(p.x.data()), dg.data(), db.data()),
+               Error);
 }

@@ -8,7 +8,9 @@
 //
 // Passes (the fewest the math allows: the statistics must be complete before any output is known):
 //   forward : 1. statistics (read x);  2. normalize + affine + LeakyReLU (read x, write y)
-//   backward: 1. reduction (read dy, x, y);  2. dx (read dy, x, y; write dx)
+//   backward: 1. reduction (read dy, x, y);  2. dx (read dy, x, y; write dx). Without y the
+//             LeakyReLU mask is recomputed from x and the forward's scale and shift: one stream
+//             less per pass, and the network need not keep y.
 //
 // Statistics: shifted sums in double. Each group (channel, or (n, c) for instance norm) is shifted
 // by its first value K, and sum(x - K), sum((x - K)^2) are accumulated in double. Why this and not
@@ -127,6 +129,11 @@ void stats_block(int64_t rows, int64_t C, const float* __restrict x, const float
   }
 }
 
+// The pre-activation (x - mu) * a + b. One function for the forward and for the backward's mask
+// recovery, so both compile to the same arithmetic (the same contraction into an FMA or not) and
+// the mask recomputed from x matches the forward's y > 0 bit for bit.
+inline float pre_activation(float x, float mu, float a, float b) { return (x - mu) * a + b; }
+
 // y = (x - mu) * a + b, then LeakyReLU when kLeaky.
 template <bool kLeaky>
 void normalize_block(int64_t rows, int64_t C, const float* __restrict x, const float* __restrict mu,
@@ -134,35 +141,60 @@ void normalize_block(int64_t rows, int64_t C, const float* __restrict x, const f
                      float* __restrict y) {
   for (int64_t row = 0; row < rows; ++row, x += C, y += C) {
     for (int64_t c = 0; c < C; ++c) {
-      const float z = (x[c] - mu[c]) * a[c] + b[c];
+      const float z = pre_activation(x[c], mu[c], a[c], b[c]);
       y[c] = kLeaky ? select(z > 0.f, z, slope * z) : z;
     }
   }
 }
 
-// dz = dy through the LeakyReLU mask (recovered from y > 0); sdz += dz, sdzx += dz * (x - mu).
-template <bool kLeaky>
+// Where the backward finds the LeakyReLU mask: none (no LeakyReLU), the forward output y > 0, or
+// the pre-activation recomputed from x with the forward's coefficients (a, b) > 0.
+enum class Mask { None, FromY, FromX };
+
+// The per-channel arguments of the backward's element loops.
+struct MaskArgs {
+  const float* y = nullptr;  // FromY: the forward output (row-major like x)
+  const float* a = nullptr;  // FromX: the forward's scale and shift of this slot group
+  const float* b = nullptr;
+  float slope = 0.f;
+};
+
+template <Mask kMask>
+inline float masked(float dy, float x, float mu, const MaskArgs& m, int64_t c, const float* y) {
+  if constexpr (kMask == Mask::FromY) return select(y[c] > 0.f, dy, m.slope * dy);
+  if constexpr (kMask == Mask::FromX)
+    return select(pre_activation(x, mu, m.a[c], m.b[c]) > 0.f, dy, m.slope * dy);
+  return dy;
+}
+
+// dz = dy through the LeakyReLU mask; sdz += dz, sdzx += dz * (x - mu).
+template <Mask kMask>
 void grad_sums_block(int64_t rows, int64_t C, const float* __restrict dy, const float* __restrict x,
-                     const float* __restrict y, const float* __restrict mu, float slope,
-                     double* __restrict sdz, double* __restrict sdzx) {
-  for (int64_t row = 0; row < rows; ++row, dy += C, x += C, y += kLeaky ? C : 0) {
+                     MaskArgs m, const float* __restrict mu, double* __restrict sdz,
+                     double* __restrict sdzx) {
+  const float* __restrict y = m.y;
+  for (int64_t row = 0; row < rows; ++row, dy += C, x += C, y += kMask == Mask::FromY ? C : 0) {
     for (int64_t c = 0; c < C; ++c) {
-      const float dz = kLeaky ? select(y[c] > 0.f, dy[c], slope * dy[c]) : dy[c];
+      const float dz = masked<kMask>(dy[c], x[c], mu[c], m, c, y);
       sdz[c] += static_cast<double>(dz);
       sdzx[c] += static_cast<double>(dz) * static_cast<double>(x[c] - mu[c]);
     }
   }
 }
 
-// dx = a (dz - b) - e (x - mu).
-template <bool kLeaky>
-void dx_block(int64_t rows, int64_t C, const float* __restrict dy, const float* __restrict x,
-              const float* __restrict y, const float* __restrict mu, const float* __restrict a,
-              const float* __restrict b, const float* __restrict e, float slope,
-              float* __restrict dx) {
-  for (int64_t row = 0; row < rows; ++row, dy += C, x += C, y += kLeaky ? C : 0, dx += C) {
+// dx = a (dz - b) - e (x - mu). dx may be dy itself: each element is read before it is written at
+// the same index, so there is no dependence between iterations (hence ivdep and no __restrict on
+// the two).
+template <Mask kMask>
+void dx_block(int64_t rows, int64_t C, const float* dy, const float* __restrict x, MaskArgs m,
+              const float* __restrict mu, const float* __restrict a, const float* __restrict b,
+              const float* __restrict e, float* dx) {
+  const float* __restrict y = m.y;
+  for (int64_t row = 0; row < rows;
+       ++row, dy += C, x += C, y += kMask == Mask::FromY ? C : 0, dx += C) {
+#pragma GCC ivdep
     for (int64_t c = 0; c < C; ++c) {
-      const float dz = kLeaky ? select(y[c] > 0.f, dy[c], slope * dy[c]) : dy[c];
+      const float dz = masked<kMask>(dy[c], x[c], mu[c], m, c, y);
       dx[c] = a[c] * (dz - b[c]) - e[c] * (x[c] - mu[c]);
     }
   }
@@ -252,6 +284,11 @@ NormStepInfo norm_forward_train(const NormConfig& cfg, const Shape& s, const flo
     b[i] = static_cast<float>(gamma[c] * d + beta[c]);
   }
 
+  if (cache.scale && cache.shift) {
+    std::copy(a.begin(), a.end(), cache.scale);
+    std::copy(b.begin(), b.end(), cache.shift);
+  }
+
   // ---- pass 2: normalize + affine + LeakyReLU ----
   normalize_pass(cfg, l, x, cache.mean, a.data(), b.data(), y);
 
@@ -273,11 +310,20 @@ void norm_backward(const NormConfig& cfg, const Shape& s, const float* dy, const
                    const float* y, const float* gamma, NormCache cache, float* dx, float* dgamma,
                    float* dbeta) {
   check_args(cfg, s);
-  MEDSEG_CHECK(!cfg.leaky || y, "the LeakyReLU mask needs the forward output y");
+  const Mask mask = !cfg.leaky ? Mask::None : y ? Mask::FromY : Mask::FromX;
+  MEDSEG_CHECK(mask != Mask::FromX || (cache.scale && cache.shift),
+               "the LeakyReLU mask needs the forward output y or the cached scale and shift");
+  MEDSEG_CHECK(dx != y && dx != x, "norm_backward: dx may alias dy only");
   const Layout l = layout_of(cfg, s);
   const int64_t C = l.c, slots = l.slots();
-  const bool leaky = cfg.leaky;
-  const float slope = cfg.slope;
+  // The mask arguments of slot group g (row offsets are added by the block functions).
+  auto mask_of = [&](int64_t g, int64_t r0) {
+    MaskArgs m;
+    m.slope = cfg.slope;
+    if (mask == Mask::FromY) m.y = y + r0;
+    if (mask == Mask::FromX) m.a = cache.scale + g * C, m.b = cache.shift + g * C;
+    return m;
+  };
 
   // ---- pass 1: sum dz and sum dz * (x - mu_B), dz = dy through the LeakyReLU mask ----
   const int threads = threads_for(l.rows * C);
@@ -287,13 +333,14 @@ void norm_backward(const NormConfig& cfg, const Shape& s, const float* dy, const
     double* s1_all = part.of_thread(omp_get_thread_num(), 0);
     double* s2_all = part.of_thread(omp_get_thread_num(), 1);
     for_my_rows(l, [&](int64_t g, int64_t row0, int64_t row1) {
-      const int64_t o = g * C, r0 = row0 * C;
-      if (leaky)
-        grad_sums_block<true>(row1 - row0, C, dy + r0, x + r0, y + r0, cache.mean + o, slope,
-                              s1_all + o, s2_all + o);
+      const int64_t o = g * C, r0 = row0 * C, n = row1 - row0;
+      const MaskArgs m = mask_of(g, r0);
+      if (mask == Mask::FromY)
+        grad_sums_block<Mask::FromY>(n, C, dy + r0, x + r0, m, cache.mean + o, s1_all + o, s2_all + o);
+      else if (mask == Mask::FromX)
+        grad_sums_block<Mask::FromX>(n, C, dy + r0, x + r0, m, cache.mean + o, s1_all + o, s2_all + o);
       else
-        grad_sums_block<false>(row1 - row0, C, dy + r0, x + r0, y, cache.mean + o, slope,
-                               s1_all + o, s2_all + o);
+        grad_sums_block<Mask::None>(n, C, dy + r0, x + r0, m, cache.mean + o, s1_all + o, s2_all + o);
     });
   }
   const std::vector<double> sum_dz = part.total(threads, 0), sum_dzx = part.total(threads, 1);
@@ -322,13 +369,15 @@ void norm_backward(const NormConfig& cfg, const Shape& s, const float* dy, const
   // ---- pass 2: dx ----
 #pragma omp parallel num_threads(threads)
   for_my_rows(l, [&](int64_t g, int64_t row0, int64_t row1) {
-    const int64_t o = g * C, r0 = row0 * C;
-    if (leaky)
-      dx_block<true>(row1 - row0, C, dy + r0, x + r0, y + r0, cache.mean + o, ka.data() + o,
-                     kb.data() + o, kc.data() + o, slope, dx + r0);
+    const int64_t o = g * C, r0 = row0 * C, n = row1 - row0;
+    const MaskArgs mk = mask_of(g, r0);
+    const float *mu = cache.mean + o, *pa = ka.data() + o, *pb = kb.data() + o, *pc = kc.data() + o;
+    if (mask == Mask::FromY)
+      dx_block<Mask::FromY>(n, C, dy + r0, x + r0, mk, mu, pa, pb, pc, dx + r0);
+    else if (mask == Mask::FromX)
+      dx_block<Mask::FromX>(n, C, dy + r0, x + r0, mk, mu, pa, pb, pc, dx + r0);
     else
-      dx_block<false>(row1 - row0, C, dy + r0, x + r0, y, cache.mean + o, ka.data() + o,
-                      kb.data() + o, kc.data() + o, slope, dx + r0);
+      dx_block<Mask::None>(n, C, dy + r0, x + r0, mk, mu, pa, pb, pc, dx + r0);
   });
 }
 
@@ -351,6 +400,15 @@ void norm_forward_infer(const NormConfig& cfg, const Shape& s, const float* x, c
     a[c] =
         static_cast<float>(gamma[c] / std::max(static_cast<double>(running_std[c]), sigma_floor));
   normalize_pass(cfg, l, x, running_mean, a.data(), beta, y);
+}
+
+void norm_forward_apply(const NormConfig& cfg, const Shape& s, const float* x, NormCache cache,
+                        float* y) {
+  check_args(cfg, s);
+  MEDSEG_CHECK(cache.mean && cache.scale && cache.shift,
+               "norm_forward_apply needs the cached mean, scale and shift of a training forward");
+  MEDSEG_CHECK(x != y, "norm_forward_apply: y may not alias x");
+  normalize_pass(cfg, layout_of(cfg, s), x, cache.mean, cache.scale, cache.shift, y);
 }
 
 }  // namespace medseg::cpu

@@ -37,6 +37,12 @@ struct NormCache {
   float* inv_std = nullptr;  // 1 / sigma_B
   float* r = nullptr;
   float* d = nullptr;
+  // Optional (may be null): the affine coefficients the forward applied, pre-activation =
+  // (x - mean) * scale + shift with scale = gamma r / sigma_B, shift = gamma d + beta, rounded to
+  // float exactly as the forward used them. With them, norm_forward_apply rebuilds the forward's y
+  // bit for bit, and the fast backward recovers the LeakyReLU mask from x without y.
+  float* scale = nullptr;
+  float* shift = nullptr;
 };
 
 struct NormStepInfo {
@@ -51,8 +57,9 @@ struct NormStepInfo {
 NormStepInfo norm_forward_train_ref(const NormConfig& cfg, const Shape& s, const float* x,
                                     const float* gamma, const float* beta, float* running_mean,
                                     float* running_std, float* y, NormCache cache);
-// Backward. y is the forward output (needed only when cfg.leaky, to recover the LeakyReLU mask).
-// Assigns dx, dgamma, dbeta.
+// Backward. y is the forward output (needed only when cfg.leaky, to recover the LeakyReLU mask);
+// it may be null, and the mask is then the sign of the pre-activation recomputed in double from
+// the cache's mean, inv_std, r and shift. Assigns dx, dgamma, dbeta.
 void norm_backward_ref(const NormConfig& cfg, const Shape& s, const float* dy, const float* x,
                        const float* y, const float* gamma, NormCache cache, float* dx, float* dgamma,
                        float* dbeta);
@@ -66,10 +73,19 @@ void norm_forward_infer_ref(const NormConfig& cfg, const Shape& s, const float* 
 NormStepInfo norm_forward_train(const NormConfig& cfg, const Shape& s, const float* x, const float* gamma,
                                 const float* beta, float* running_mean, float* running_std, float* y,
                                 NormCache cache);
+// y, when null with cfg.leaky: the mask comes from x and the cache's scale and shift (which must
+// be set), the same bits as from the forward's y. dx may alias dy (the same buffer; partial
+// overlap is not allowed), which saves a gradient buffer in the network.
 void norm_backward(const NormConfig& cfg, const Shape& s, const float* dy, const float* x, const float* y,
                    const float* gamma, NormCache cache, float* dx, float* dgamma, float* dbeta);
 void norm_forward_infer(const NormConfig& cfg, const Shape& s, const float* x, const float* gamma,
                         const float* beta, const float* running_mean, const float* running_std,
+                        float* y);
+// The forward's output again, from its input x and the cache of that forward (scale and shift
+// must be set): bit-identical to the y that norm_forward_train wrote (the same normalize pass on
+// the same coefficients), so a network may drop y after the forward and rebuild it for the
+// backward. Touches no statistics. y may not alias x.
+void norm_forward_apply(const NormConfig& cfg, const Shape& s, const float* x, NormCache cache,
                         float* y);
 
 }  // namespace medseg::cpu

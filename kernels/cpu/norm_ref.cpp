@@ -104,6 +104,10 @@ NormStepInfo norm_forward_train_ref(const NormConfig& cfg, const Shape& s, const
     cache.inv_std[g] = static_cast<float>(1.0 / sigma_b[g]);
     cache.r[g] = static_cast<float>(r);
     cache.d[g] = static_cast<float>(d);
+    if (cache.scale && cache.shift) {
+      cache.scale[g] = static_cast<float>(static_cast<double>(gamma[c]) * r / sigma_b[g]);
+      cache.shift[g] = static_cast<float>(static_cast<double>(gamma[c]) * d + beta[c]);
+    }
     for (int64_t i = 0; i < grp.count; ++i) {
       const int64_t at = grp.first + i * grp.stride;
       const double x_hat = (x[at] - mu_b[g]) / sigma_b[g] * r + d;
@@ -129,7 +133,8 @@ void norm_backward_ref(const NormConfig& cfg, const Shape& s, const float* dy, c
                        const float* y, const float* gamma, NormCache cache, float* dx,
                        float* dgamma, float* dbeta) {
   check_args(cfg, s);
-  MEDSEG_CHECK(!cfg.leaky || y, "the LeakyReLU mask needs the forward output y");
+  MEDSEG_CHECK(!cfg.leaky || y || cache.shift,
+               "the LeakyReLU mask needs the forward output y or the cached shift");
   const int64_t groups = group_count(cfg, s);
   std::vector<double> sum_dgamma(s.c, 0.0), sum_dbeta(s.c, 0.0);
   std::vector<double> dz;
@@ -138,12 +143,19 @@ void norm_backward_ref(const NormConfig& cfg, const Shape& s, const float* dy, c
     const int64_t c = grp.channel;
     const double mean = cache.mean[g], inv_std = cache.inv_std[g];
     const double r = cache.r[g], d = cache.d[g];
-    // Gradient through the LeakyReLU: y > 0 exactly when the pre-activation is > 0 (slope > 0).
+    // Gradient through the LeakyReLU: y > 0 exactly when the pre-activation is > 0 (slope > 0);
+    // without y, the pre-activation itself, recomputed in double from the cache (the cached shift
+    // = gamma d + beta stands in for beta, which this function is not given).
+    auto positive = [&](int64_t at) {
+      if (y) return y[at] > 0.f;
+      const double x_hat = (x[at] - mean) * inv_std;
+      return static_cast<double>(gamma[c]) * r * x_hat + static_cast<double>(cache.shift[g]) > 0.0;
+    };
     dz.assign(grp.count, 0.0);
     double sum_dz = 0.0, sum_dz_xbn = 0.0;
     for (int64_t i = 0; i < grp.count; ++i) {
       const int64_t at = grp.first + i * grp.stride;
-      dz[i] = (!cfg.leaky || y[at] > 0.f) ? dy[at] : static_cast<double>(cfg.slope) * dy[at];
+      dz[i] = (!cfg.leaky || positive(at)) ? dy[at] : static_cast<double>(cfg.slope) * dy[at];
       sum_dz += dz[i];
       sum_dz_xbn += dz[i] * (x[at] - mean) * inv_std;
     }

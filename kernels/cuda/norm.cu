@@ -53,18 +53,31 @@ struct StatsOp {
   }
 };
 
+// LeakyReLU mask of the backward: from the forward output (y > 0), or, without y, from the
+// pre-activation recomputed with the forward's own expression and coefficients (the same fmaf as
+// normalize_kernel, so the same bits); neither when the norm has no LeakyReLU.
+struct MaskSource {
+  const float* y = nullptr;
+  const float* scale = nullptr;  // per (group, channel), with shift: used when y is null
+  const float* shift = nullptr;
+  float slope = 0.f;
+  __device__ __forceinline__ float apply(float dy, int64_t i, float x, float mean, int gc) const {
+    if (y) return y[i] > 0.f ? dy : dy * slope;
+    if (scale) return fmaf(x - mean, scale[gc], shift[gc]) > 0.f ? dy : dy * slope;
+    return dy;
+  }
+};
+
 struct BackwardSumsOp {
   const float* dy;
   const float* x;
-  const float* y;  // null when not leaky
+  MaskSource mask;
   const float* mean;
   const float* inv_std;
   int channels;
-  float slope;
   __device__ void operator()(int64_t i, int64_t, int c, int g, double (&acc)[2]) const {
     const int gc = g * channels + c;
-    float dz = dy[i];
-    if (y && !(y[i] > 0.f)) dz *= slope;
+    const float dz = mask.apply(dy[i], i, x[i], mean[gc], gc);
     const float x_bn = (x[i] - mean[gc]) * inv_std[gc];
     acc[0] += dz;
     acc[1] += static_cast<double>(dz) * x_bn;
@@ -236,17 +249,17 @@ __global__ void finalize_backward_kernel(FinalizeBackwardArgs a) {
   }
 }
 
+// dx may be dy itself: each thread reads its element before writing it.
 template <typename Index, bool kGroups>
 __global__ void norm_dx_kernel(Index count, Index channels, Index group_elems, const float* dy,
-                               const float* x, const float* y, float slope, const float* mean,
+                               const float* x, MaskSource mask, const float* mean,
                                const float* inv_std, const float* k, const float* mean_dz,
                                const float* mean_dz_xbn, float* dx) {
   const Index stride = static_cast<Index>(gridDim.x) * blockDim.x;
   for (Index i = static_cast<Index>(blockIdx.x) * blockDim.x + threadIdx.x; i < count;
        i += stride) {
     const int gc = param_index<Index, kGroups>(i, channels, group_elems);
-    float dz = dy[i];
-    if (y && !(y[i] > 0.f)) dz *= slope;
+    const float dz = mask.apply(dy[i], i, x[i], mean[gc], gc);
     const float x_bn = (x[i] - mean[gc]) * inv_std[gc];
     dx[i] = k[gc] * (dz - mean_dz[gc] - x_bn * mean_dz_xbn[gc]);
   }
@@ -414,8 +427,11 @@ void norm_forward_train(CudaContext& ctx, const NormConfig& cfg, const Shape& s,
   const size_t off_scale = wc.add<float>(gcs);
   const size_t off_shift = wc.add<float>(gcs);
   void* ws = ctx.workspace(wc.total());
-  float* scale = at_offset<float>(ws, off_scale);
-  float* shift = at_offset<float>(ws, off_shift);
+  // The coefficients go to the cache when it has room for them (norm_forward_apply and the
+  // backward's mask read them there), else to the workspace.
+  const bool keep = cache.scale && cache.shift;
+  float* scale = keep ? cache.scale : at_offset<float>(ws, off_scale);
+  float* shift = keep ? cache.shift : at_offset<float>(ws, off_shift);
   compute_train_statistics(ctx, cfg, s, gl, x, gamma, beta, batch_kind ? running_mean : nullptr,
                            batch_kind ? running_std : nullptr, cache, scale, shift, ws, so, rg,
                            counters ? counters->device_slots() : nullptr);
@@ -427,7 +443,9 @@ void norm_backward(CudaContext& ctx, const NormConfig& cfg, const Shape& s, cons
                    float* dgamma, float* dbeta) {
   MEDSEG_CHECK(s.numel() > 0, "normalization of an empty tensor ", s);
   MEDSEG_CHECK(dy && x && gamma && dx && dgamma && dbeta, "null argument to cuda::norm_backward");
-  MEDSEG_CHECK(!cfg.leaky || y, "the LeakyReLU mask needs the forward output y");
+  MEDSEG_CHECK(!cfg.leaky || y || (cache.scale && cache.shift),
+               "the LeakyReLU mask needs the forward output y or the cached scale and shift");
+  MEDSEG_CHECK(dx != x && (!y || dx != y), "cuda::norm_backward: dx may alias dy only");
   MEDSEG_CHECK(cache.mean && cache.inv_std && cache.r && cache.d, "norm_backward: null cache");
   MEDSEG_CHECK(s.c <= (1 << 20) && s.n <= 65535, "unsupported norm shape ", s);
   const GroupLayout gl = layout(cfg, s);
@@ -441,8 +459,13 @@ void norm_backward(CudaContext& ctx, const NormConfig& cfg, const Shape& s, cons
   const size_t off_mdzx = wc.add<float>(gcs);
   void* ws = ctx.workspace(wc.total());
   double* partials = at_offset<double>(ws, off_partials);
-  const float* mask_y = cfg.leaky ? y : nullptr;
-  BackwardSumsOp op{dy, x, mask_y, cache.mean, cache.inv_std, static_cast<int>(s.c), cfg.slope};
+  MaskSource mask;
+  if (cfg.leaky) {
+    mask.y = y;
+    if (!y) mask.scale = cache.scale, mask.shift = cache.shift;
+    mask.slope = cfg.slope;
+  }
+  BackwardSumsOp op{dy, x, mask, cache.mean, cache.inv_std, static_cast<int>(s.c)};
   detail::channel_partials_kernel<2, BackwardSumsOp><<<rg.grid, rg.block, 0, ctx.stream()>>>(
       gl.rows_per_group, static_cast<int>(s.c), op, partials);
   MEDSEG_CUDA_CHECK_LAUNCH();
@@ -469,7 +492,7 @@ void norm_backward(CudaContext& ctx, const NormConfig& cfg, const Shape& s, cons
     norm_dx_kernel<Index, kGroups>
         <<<detail::elementwise_blocks(count), kThreads, 0, ctx.stream()>>>(
             static_cast<Index>(count), static_cast<Index>(s.c), static_cast<Index>(gl.group_elems),
-            dy, x, mask_y, cfg.slope, cache.mean, cache.inv_std, a.k, a.mean_dz, a.mean_dz_xbn, dx);
+            dy, x, mask, cache.mean, cache.inv_std, a.k, a.mean_dz, a.mean_dz_xbn, dx);
   });
   MEDSEG_CUDA_CHECK_LAUNCH();
 }
@@ -516,6 +539,16 @@ void norm_forward_infer(CudaContext& ctx, const NormConfig& cfg, const Shape& s,
       c, cfg.eps, gamma, beta, running_mean, running_std, mean, scale, shift);
   MEDSEG_CUDA_CHECK_LAUNCH();
   launch_normalize(ctx, s, gl, x, mean, scale, shift, cfg, y);
+}
+
+void norm_forward_apply(CudaContext& ctx, const NormConfig& cfg, const Shape& s, const float* x,
+                        NormCache cache, float* y) {
+  MEDSEG_CHECK(s.numel() > 0, "normalization of an empty tensor ", s);
+  MEDSEG_CHECK(x && y && x != y, "cuda::norm_forward_apply needs distinct input and output");
+  MEDSEG_CHECK(cache.mean && cache.scale && cache.shift,
+               "norm_forward_apply needs the cached mean, scale and shift of a training forward");
+  MEDSEG_CHECK(s.c <= (1 << 20) && s.n <= 65535, "unsupported norm shape ", s);
+  launch_normalize(ctx, s, layout(cfg, s), x, cache.mean, cache.scale, cache.shift, cfg, y);
 }
 
 }  // namespace medseg::cuda

@@ -50,7 +50,9 @@ void norm_forward_train(CudaContext& ctx, const NormConfig& cfg, const Shape& s,
                         const float* gamma, const float* beta, float* running_mean,
                         float* running_std, float* y, NormCache cache,
                         NormDeviceCounters* counters);
-// Backward; y (forward output) is needed only when cfg.leaky. Assigns dx, dgamma, dbeta.
+// Backward; y (forward output) is needed only when cfg.leaky, and may then be null when the cache
+// holds the forward's scale and shift (the mask is recomputed from x, the same bits). dx may alias
+// dy. Assigns dx, dgamma, dbeta.
 void norm_backward(CudaContext& ctx, const NormConfig& cfg, const Shape& s, const float* dy,
                    const float* x, const float* y, const float* gamma, NormCache cache, float* dx,
                    float* dgamma, float* dbeta);
@@ -58,5 +60,10 @@ void norm_backward(CudaContext& ctx, const NormConfig& cfg, const Shape& s, cons
 void norm_forward_infer(CudaContext& ctx, const NormConfig& cfg, const Shape& s, const float* x,
                         const float* gamma, const float* beta, const float* running_mean,
                         const float* running_std, float* y);
+
+// The training forward's y again from x and that forward's cache (scale and shift set): the same
+// kernel on the same coefficients, so the same bits. y may not alias x.
+void norm_forward_apply(CudaContext& ctx, const NormConfig& cfg, const Shape& s, const float* x,
+                        NormCache cache, float* y);
 
 }  // namespace medseg::cuda
