@@ -233,6 +233,46 @@ TEST(CudaUNet, NoCudaMallocAfterTheFirstTrainingStep) {
 #endif
 }
 
+// The default rebuilds the norm outputs in the backward instead of keeping them: the same bits
+// as keeping them (the rebuild runs the forward's normalize kernel on its cached coefficients, and
+// both networks share the context's cuDNN algorithm choices), with less activation memory.
+TEST(CudaUNet, RebuildingNormOutputsGivesTheSameBitsAsKeepingThem) {
+  MEDSEG_REQUIRE_CUDA_NET();
+  nn::UNetConfig cfg;
+  cfg.levels = 4;
+  cfg.base_filters = 8;
+  cfg.deep_supervision = true;
+  nn::UNet keep(cfg, 3), rebuild(cfg, 3);
+  keep.to(Device::CUDA);
+  rebuild.to(Device::CUDA);
+  EXPECT_TRUE(rebuild.recompute_activations()) << "the default";
+  keep.set_recompute_activations(false);
+  const Tensor x = random_input(Shape{2, 16, 16, 16, 1}, 3);
+  const auto labels = random_labels(x.shape(), cfg.num_classes, 4);
+  nn::Optimizer ok(nn::OptimizerConfig{}, keep.parameters()), orb(nn::OptimizerConfig{}, rebuild.parameters());
+  for (int step = 0; step < 3; ++step) {
+    std::vector<std::vector<float>> out[2];
+    int i = 0;
+    for (auto [net, opt] : {std::pair{&keep, &ok}, std::pair{&rebuild, &orb}}) {
+      Tensor dl;
+      nn::SupervisionBuffers sup;
+      const Tensor& lg = net->forward_train(x);
+      out[i].push_back(lg.to_vector());
+      nn::supervised_loss(*net, lg, labels.data(), dl, sup);
+      net->backward(dl, &sup.aux_dlogits);
+      for (auto& p : net->parameters()) out[i].push_back(p.grad->to_vector());
+      for (auto& b : net->snapshot_buffers()) out[i].push_back(b);
+      opt->step(0.01);
+      ++i;
+    }
+    ASSERT_EQ(out[0].size(), out[1].size());
+    for (size_t k = 0; k < out[0].size(); ++k)
+      EXPECT_EQ(out[0][k], out[1][k]) << "step " << step << " tensor " << k << " (0: logits, then "
+                                      << "parameter gradients, then running statistics)";
+  }
+  EXPECT_LT(rebuild.peak_activation_bytes(), keep.peak_activation_bytes());
+}
+
 TEST(CudaUNet, MovingBackToTheCpuKeepsTheWeights) {
   MEDSEG_REQUIRE_CUDA_NET();
   nn::UNetConfig cfg;

@@ -386,3 +386,93 @@ TEST(DeepSupervision, LossAndGradientsOfAllHeadsMatchTheReference) {
   net.forward_train(x);
   EXPECT_THROW(net.backward(dlogits), Error);
 }
+
+// ---- activation memory: rebuilding the norm outputs, the pool ----
+
+namespace {
+// Everything one training step produces, as bits: logits, every parameter gradient, the running
+// statistics after it.
+struct StepBits {
+  std::vector<float> logits;
+  std::vector<std::vector<float>> grads, buffers;
+};
+StepBits train_step(UNet& net, Optimizer& opt, const Tensor& x, const std::vector<uint16_t>& labels) {
+  Tensor dlogits;
+  SupervisionBuffers buf;
+  const Tensor& lg = net.forward_train(x);
+  StepBits b;
+  b.logits = lg.to_vector();
+  supervised_loss(net, lg, labels.data(), dlogits, buf);
+  net.backward(dlogits, &buf.aux_dlogits);
+  for (auto& p : net.parameters()) b.grads.push_back(p.grad->to_vector());
+  b.buffers = net.snapshot_buffers();
+  opt.step(1e-2);
+  return b;
+}
+}  // namespace
+
+TEST(UNet, RebuildingNormOutputsGivesTheSameBitsAsKeepingThem) {
+  for (auto kind : {cpu::NormKind::BatchRenorm, cpu::NormKind::BatchNorm, cpu::NormKind::InstanceNorm})
+    for (bool ds : {false, true}) {
+      UNetConfig cfg = tiny(kind);
+      cfg.in_channels = 1;
+      cfg.levels = 4;
+      cfg.base_filters = 4;
+      cfg.deep_supervision = ds;
+      UNet keep(cfg, 5), rebuild(cfg, 5);
+      keep.set_recompute_activations(false);
+      rebuild.set_recompute_activations(true);
+      EXPECT_FALSE(keep.recompute_activations());
+      EXPECT_TRUE(rebuild.recompute_activations());
+      Optimizer ok(OptimizerConfig{}, keep.parameters()), orb(OptimizerConfig{}, rebuild.parameters());
+      const Tensor x = random_tensor(Shape{2, 16, 16, 16, 1}, 6);
+      const auto labels = random_labels(2 * 4096, 3, 7);
+      const std::string what = std::string(norm_kind_name(kind)) + (ds ? " deep supervision" : "");
+      for (int step = 0; step < 3; ++step) {  // later steps: updated weights and running statistics
+        const StepBits a = train_step(keep, ok, x, labels), b = train_step(rebuild, orb, x, labels);
+        EXPECT_EQ(a.logits, b.logits) << what << " step " << step;
+        ASSERT_EQ(a.grads.size(), b.grads.size());
+        for (size_t k = 0; k < a.grads.size(); ++k)
+          EXPECT_EQ(a.grads[k], b.grads[k]) << what << " step " << step << " " << keep.parameters()[k].name;
+        EXPECT_EQ(a.buffers, b.buffers) << what << " step " << step;
+      }
+      EXPECT_LT(rebuild.peak_activation_bytes(), keep.peak_activation_bytes()) << what;
+    }
+}
+
+TEST(UNet, TrainingStepHoldsAtMostTheDocumentedBuffers) {
+  // 3 levels, base 8: level l has 8 * 2^l channels at (16 / 2^l)^3, so a level-l buffer is 4^-l
+  // of a level-0 one, U = 2 x 16^3 x 8 floats, and a concatenation twice that. Counted in U (the
+  // rules are at the top of nn/unet.hpp), the peak comes in the level-0 decoder's second block in
+  // the forward: held are the conv outputs z of every block so far (encoder 0: 2, level 1: 2/4
+  // encoder + 2/4 decoder, bottleneck 2/16), the concatenations (2 + 2/4), and the second block's
+  // own input, z0, y0 and z1: 8.625 U. Keeping the norm outputs adds every y: 12.75 U, at the end
+  // of the forward.
+  UNetConfig cfg = tiny(cpu::NormKind::BatchRenorm);
+  cfg.in_channels = 1;
+  cfg.levels = 3;
+  cfg.base_filters = 8;
+  const Tensor x = random_tensor(Shape{2, 16, 16, 16, 1}, 6);
+  const auto labels = random_labels(2 * 4096, 3, 7);
+  const double U = 2.0 * 4096 * 8 * sizeof(float);
+  const double logits = 2.0 * 4096 * 3 * sizeof(float);
+  for (bool recompute : {true, false}) {
+    UNet net(cfg, 5);
+    net.set_recompute_activations(recompute);
+    Optimizer opt(OptimizerConfig{}, net.parameters());
+    for (int i = 0; i < 2; ++i) train_step(net, opt, x, labels);
+    const double bound = recompute ? 8.625 : 12.75;
+    const double peak_units = (static_cast<double>(net.peak_activation_bytes()) - logits) / U;
+    EXPECT_LE(peak_units, bound) << (recompute ? "rebuilt" : "kept");
+    // The step allocates nothing new after the first one.
+    const size_t held = net.activation_bytes();
+    train_step(net, opt, x, labels);
+    EXPECT_EQ(net.activation_bytes(), held);
+    // Inference holds far less: no conv output outlives its norm, nothing is kept for a backward;
+    // the peak is the level-0 concatenation with its two inputs (4 U).
+    UNet inf(cfg, 5);
+    Tensor lg;
+    inf.forward_infer(x, lg);
+    EXPECT_LE((static_cast<double>(inf.peak_activation_bytes()) - logits) / U, 4.0);
+  }
+}

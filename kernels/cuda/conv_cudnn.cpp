@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <climits>
 #include <memory>
+#include <optional>
 #include <sstream>
 #include <vector>
 
@@ -141,16 +142,14 @@ ConvPlan& find_plan(CudaContext& ctx, const ConvGeometry& g) {
   return *cache.plans.back();
 }
 
-// Picks the fastest successful result that fits the workspace limit, in cuDNN's timing order.
-// Deterministic algorithms first (some backward algorithms accumulate with atomics, and the
-// timing-based choice could then change the bits from one run to the next); a non-deterministic
-// one only when no deterministic one fits. With TF32 off only exact fp32 is acceptable: results
-// reported with CUDNN_FMA_MATH first; failing those, CUDNN_DEFAULT_MATH ones, which are then run
-// with the math type forced to FMA (DEFAULT permits TF32 on Ampere and later, so it is never left
-// in place).
+// The first result, in the given order, that may be used: successful, within `limit` workspace,
+// deterministic first (some backward algorithms accumulate with atomics, and the timing-based
+// choice could then change the bits from one run to the next; a non-deterministic one only when
+// no deterministic one fits). With TF32 off only exact fp32 is acceptable: results reported with
+// CUDNN_FMA_MATH first; failing those, CUDNN_DEFAULT_MATH ones, which are then run with the math
+// type forced to FMA (DEFAULT permits TF32 on Ampere and later, so it is never left in place).
 template <typename Perf>
-Choice pick(const Perf* results, int count, size_t limit, bool tf32, const char* what,
-            const ConvGeometry& g) {
+bool first_usable(const Perf* results, int count, size_t limit, bool tf32, Choice* out) {
   for (int pass = 0; pass < 4; ++pass) {
     const bool deterministic_only = pass < 2;
     const cudnnMathType_t exact = pass % 2 == 0 ? CUDNN_FMA_MATH : CUDNN_DEFAULT_MATH;
@@ -159,14 +158,22 @@ Choice pick(const Perf* results, int count, size_t limit, bool tf32, const char*
       if (r.status != CUDNN_STATUS_SUCCESS || r.memory > limit) continue;
       if (deterministic_only && r.determinism != CUDNN_DETERMINISTIC) continue;
       if (!tf32 && r.mathType != exact) continue;
-      Choice c;
-      c.ready = true;
-      c.algo = static_cast<int>(r.algo);
-      c.workspace = r.memory;
-      c.math = tf32 ? r.mathType : CUDNN_FMA_MATH;
-      return c;
+      out->ready = true;
+      out->algo = static_cast<int>(r.algo);
+      out->workspace = r.memory;
+      out->math = tf32 ? r.mathType : CUDNN_FMA_MATH;
+      return true;
     }
   }
+  return false;
+}
+
+// Picks the fastest usable result of a search (cuDNN returns them fastest first).
+template <typename Perf>
+Choice pick(const Perf* results, int count, size_t limit, bool tf32, const char* what,
+            const ConvGeometry& g) {
+  Choice c;
+  if (first_usable(results, count, limit, tf32, &c)) return c;
   std::ostringstream os;
   os << "cuDNN found no usable " << what << " algorithm for " << g.str()
      << " within a workspace of " << limit << " bytes (" << count << " candidates:";
@@ -178,13 +185,35 @@ Choice pick(const Perf* results, int count, size_t limit, bool tf32, const char*
   throw CudaError(os.str());
 }
 
-// Workspace for the search: as much as the limit allows, but no more than what the context already
-// holds or can reasonably get (the search itself skips algorithms that need more).
-size_t search_workspace(CudaContext& ctx) {
+// The workspace of the first usable algorithm in cuDNN's heuristic order (cudnnGet*Algorithm_v7:
+// nothing is run or allocated), or nullopt when the heuristics name none.
+template <typename Perf, typename Query>
+std::optional<size_t> heuristic_workspace(const CudaContext& ctx, bool tf32, int max_count,
+                                          Query&& query) {
+  std::vector<Perf> perf(std::max(max_count, 1));
+  int returned = 0;
+  if (query(static_cast<int>(perf.size()), &returned, perf.data()) != CUDNN_STATUS_SUCCESS)
+    return std::nullopt;
+  Choice c;
+  if (!first_usable(perf.data(), returned, ctx.workspace_limit(), tf32, &c)) return std::nullopt;
+  return c.workspace;
+}
+
+// Workspace for the search (cudnnFind*Ex times only the algorithms that fit in it). The search
+// runs the first time a geometry is met, inside the first training step, while the activations
+// are live; a search buffer of the whole limit (4 GiB) then became the step's peak memory (14.4 GB
+// against PyTorch's 8.0 GB on an H200, session 6). So the budget is what cuDNN's heuristic choice
+// needs, at least kSearchFloor (so that a heuristic pick without workspace does not shut out a
+// faster algorithm with a modest one) and at least what the context already holds (free to use),
+// capped by the limit and by half the free memory. Without a heuristic answer: the whole cap.
+constexpr size_t kSearchFloor = size_t{256} << 20;
+
+size_t search_workspace(CudaContext& ctx, std::optional<size_t> heuristic) {
   size_t free_b = 0, total_b = 0;
   MEDSEG_CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
-  size_t ws = std::min(ctx.workspace_limit(), free_b / 2);
-  return std::max(ws, ctx.workspace_bytes());
+  const size_t cap = std::min(ctx.workspace_limit(), free_b / 2);
+  const size_t want = heuristic ? std::min(std::max(*heuristic, kSearchFloor), cap) : cap;
+  return std::max(want, ctx.workspace_bytes());
 }
 
 // The largest workspace a chosen algorithm may use: what the search had, but never more than the
@@ -208,9 +237,14 @@ void run_fwd(CudaContext& ctx, ConvPlan& p, const float* a, const float* w, floa
         cudnnSetConvolutionMathType(p.conv, p.tf32 ? CUDNN_TENSOR_OP_MATH : CUDNN_FMA_MATH));
     int max_count = 0;
     MEDSEG_CUDNN_CHECK(cudnnGetConvolutionForwardAlgorithmMaxCount(ctx.cudnn(), &max_count));
+    const auto hint = heuristic_workspace<cudnnConvolutionFwdAlgoPerf_t>(
+        ctx, p.tf32, max_count, [&](int n, int* ret, cudnnConvolutionFwdAlgoPerf_t* out) {
+          return cudnnGetConvolutionForwardAlgorithm_v7(ctx.cudnn(), p.a, p.w, p.conv, p.b, n, ret,
+                                                        out);
+        });
     std::vector<cudnnConvolutionFwdAlgoPerf_t> perf(std::max(max_count, 1));
     int returned = 0;
-    const size_t ws = search_workspace(ctx);
+    const size_t ws = search_workspace(ctx, hint);
     void* wsp = ctx.workspace(ws);
     MEDSEG_CUDNN_CHECK(cudnnFindConvolutionForwardAlgorithmEx(ctx.cudnn(), p.a, a, p.w, w, p.conv,
                                                               p.b, b, static_cast<int>(perf.size()),
@@ -233,9 +267,14 @@ void run_bwd_data(CudaContext& ctx, ConvPlan& p, const float* w, const float* db
         cudnnSetConvolutionMathType(p.conv, p.tf32 ? CUDNN_TENSOR_OP_MATH : CUDNN_FMA_MATH));
     int max_count = 0;
     MEDSEG_CUDNN_CHECK(cudnnGetConvolutionBackwardDataAlgorithmMaxCount(ctx.cudnn(), &max_count));
+    const auto hint = heuristic_workspace<cudnnConvolutionBwdDataAlgoPerf_t>(
+        ctx, p.tf32, max_count, [&](int n, int* ret, cudnnConvolutionBwdDataAlgoPerf_t* out) {
+          return cudnnGetConvolutionBackwardDataAlgorithm_v7(ctx.cudnn(), p.w, p.b, p.conv, p.a, n,
+                                                             ret, out);
+        });
     std::vector<cudnnConvolutionBwdDataAlgoPerf_t> perf(std::max(max_count, 1));
     int returned = 0;
-    const size_t ws = search_workspace(ctx);
+    const size_t ws = search_workspace(ctx, hint);
     void* wsp = ctx.workspace(ws);
     MEDSEG_CUDNN_CHECK(cudnnFindConvolutionBackwardDataAlgorithmEx(
         ctx.cudnn(), p.w, w, p.b, db, p.conv, p.a, da, static_cast<int>(perf.size()), &returned,
@@ -258,9 +297,14 @@ void run_bwd_filter(CudaContext& ctx, ConvPlan& p, const float* a, const float* 
         cudnnSetConvolutionMathType(p.conv, p.tf32 ? CUDNN_TENSOR_OP_MATH : CUDNN_FMA_MATH));
     int max_count = 0;
     MEDSEG_CUDNN_CHECK(cudnnGetConvolutionBackwardFilterAlgorithmMaxCount(ctx.cudnn(), &max_count));
+    const auto hint = heuristic_workspace<cudnnConvolutionBwdFilterAlgoPerf_t>(
+        ctx, p.tf32, max_count, [&](int n, int* ret, cudnnConvolutionBwdFilterAlgoPerf_t* out) {
+          return cudnnGetConvolutionBackwardFilterAlgorithm_v7(ctx.cudnn(), p.a, p.b, p.conv, p.w, n,
+                                                               ret, out);
+        });
     std::vector<cudnnConvolutionBwdFilterAlgoPerf_t> perf(std::max(max_count, 1));
     int returned = 0;
-    const size_t ws = search_workspace(ctx);
+    const size_t ws = search_workspace(ctx, hint);
     void* wsp = ctx.workspace(ws);
     MEDSEG_CUDNN_CHECK(cudnnFindConvolutionBackwardFilterAlgorithmEx(
         ctx.cudnn(), p.a, a, p.b, db, p.conv, p.w, dw, static_cast<int>(perf.size()), &returned,

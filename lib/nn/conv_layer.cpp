@@ -83,28 +83,45 @@ void ConvLayer::forward_leaky(const Tensor& x, Tensor& y, float slope) const {
   }
 }
 
-void ConvLayer::backward(const Tensor& dy, const Tensor& x, Tensor* dx) {
+void ConvLayer::backward_weights(const Tensor& dy, const Tensor& x) {
   const auto g = geometry(x.shape());
   check_same_shape(dy.shape(), g.out_shape(), "conv output gradient");
-  if (dx) check_same_shape(dx->shape(), x.shape(), "conv input gradient");
   check_device(dy, device(), "output gradient");
   check_device(x, device(), "input");
-  if (dx) check_device(*dx, device(), "input gradient");
   if (device() == Device::CUDA) {
 #ifdef MEDSEG_HAVE_CUDA
-    auto& ctx = cuda_context();
-    cuda::conv3d_backward_weights(ctx, g, dy.data(), x.data(), dweight.data(), dbias.data());
-    if (dx) cuda::conv3d_backward_data(ctx, g, dy.data(), weight.data(), dx->data());
+    cuda::conv3d_backward_weights(cuda_context(), g, dy.data(), x.data(), dweight.data(),
+                                  dbias.data());
 #endif
     return;
   }
-  if (use_reference) {
+  if (use_reference)
     cpu::conv3d_backward_weights_ref(g, dy.data(), x.data(), dweight.data(), dbias.data());
-    if (dx) cpu::conv3d_backward_data_ref(g, dy.data(), weight.data(), dx->data());
-  } else {
+  else
     cpu::conv3d_backward_weights(g, dy.data(), x.data(), dweight.data(), dbias.data());
-    if (dx) cpu::conv3d_backward_data(g, dy.data(), weight.data(), dx->data());
+}
+
+void ConvLayer::backward_data(const Tensor& dy, Tensor& dx) {
+  const auto g = geometry(dx.shape());
+  check_same_shape(dy.shape(), g.out_shape(), "conv output gradient");
+  check_device(dy, device(), "output gradient");
+  check_device(dx, device(), "input gradient");
+  if (device() == Device::CUDA) {
+#ifdef MEDSEG_HAVE_CUDA
+    cuda::conv3d_backward_data(cuda_context(), g, dy.data(), weight.data(), dx.data());
+#endif
+    return;
   }
+  if (use_reference)
+    cpu::conv3d_backward_data_ref(g, dy.data(), weight.data(), dx.data());
+  else
+    cpu::conv3d_backward_data(g, dy.data(), weight.data(), dx.data());
+}
+
+void ConvLayer::backward(const Tensor& dy, const Tensor& x, Tensor* dx) {
+  if (dx) check_same_shape(dx->shape(), x.shape(), "conv input gradient");
+  backward_weights(dy, x);
+  if (dx) backward_data(dy, *dx);
 }
 
 }  // namespace medseg::nn

@@ -33,8 +33,12 @@ class ConvLayer {
   void forward(const Tensor& x, Tensor& y) const;
   // y = LeakyReLU(conv(x)) in one pass (regular convolutions; see cpu::conv3d_forward_leaky).
   void forward_leaky(const Tensor& x, Tensor& y, float slope) const;
-  // dx may be null (first layer: no input gradient needed).
+  // dx may be null (first layer: no input gradient needed). backward_weights then backward_data.
   void backward(const Tensor& dy, const Tensor& x, Tensor* dx);
+  // The two halves, for callers that free x between them (its buffer can then hold dx): assigns
+  // dweight and dbias from dy and the forward input x; dx (x's shape) from dy.
+  void backward_weights(const Tensor& dy, const Tensor& x);
+  void backward_data(const Tensor& dy, Tensor& dx);
 
   bool use_reference = false;  // naive kernels (tests; CPU only)
 

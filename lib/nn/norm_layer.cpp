@@ -80,7 +80,7 @@ void NormLayer::to(Device device) {
   }
   for (Tensor* t : {&gamma, &beta, &running_mean, &running_std, &dgamma, &dbeta})
     if (t->device() != device) *t = t->to(device);
-  for (auto* v : {&cache_mean_, &cache_inv_std_, &cache_r_, &cache_d_}) v->clear();
+  cache_host_.clear();
   last_info_ = {};
   cache_dev_ = Tensor();
   cache_slots_ = 0;
@@ -95,9 +95,18 @@ void NormLayer::check_same_device_output(const Tensor& t) const {
                ", the layer on ", device_name(device()));
 }
 
+namespace {
+// The six arrays of the cache, `slots` floats each, in one block: mean, inv_std, r, d, scale, shift.
+cpu::NormCache cache_view(float* p, int64_t slots) {
+  cpu::NormCache c{p, p + slots, p + 2 * slots, p + 3 * slots};
+  c.scale = p + 4 * slots;
+  c.shift = p + 5 * slots;
+  return c;
+}
+}  // namespace
+
 cpu::NormCache NormLayer::device_cache() {
-  float* p = cache_dev_.data();
-  return cpu::NormCache{p, p + cache_slots_, p + 2 * cache_slots_, p + 3 * cache_slots_};
+  return cache_view(cache_dev_.data(), cache_slots_);
 }
 
 void NormLayer::check_input(const Tensor& x, const char* what) const {
@@ -109,8 +118,7 @@ void NormLayer::check_input(const Tensor& x, const char* what) const {
 }
 
 cpu::NormCache NormLayer::cache() {
-  return cpu::NormCache{cache_mean_.data(), cache_inv_std_.data(), cache_r_.data(),
-                        cache_d_.data()};
+  return cache_view(cache_host_.data(), cache_slots_);
 }
 
 void NormLayer::forward_train(const Tensor& x, Tensor& y) {
@@ -127,8 +135,8 @@ void NormLayer::forward_train(const Tensor& x, Tensor& y) {
     check_same_device_output(y);
     if (cache_slots_ != static_cast<int64_t>(slots)) {  // (re)allocate: mean 0, inv_std 0, r 1, d 0
       cache_slots_ = static_cast<int64_t>(slots);
-      cache_dev_ = Tensor(Shape{1, 1, 1, 4, cache_slots_}, Device::CUDA);
-      std::vector<float> init(4 * slots, 0.f);
+      cache_dev_ = Tensor(Shape{1, 1, 1, kCacheArrays, cache_slots_}, Device::CUDA);
+      std::vector<float> init(kCacheArrays * slots, 0.f);
       std::fill(init.begin() + 2 * static_cast<std::ptrdiff_t>(slots),
                 init.begin() + 3 * static_cast<std::ptrdiff_t>(slots), 1.f);
       cache_dev_.assign_from(init.data());
@@ -140,10 +148,10 @@ void NormLayer::forward_train(const Tensor& x, Tensor& y) {
 #endif
     return;
   }
-  cache_mean_.assign(slots, 0.f);
-  cache_inv_std_.assign(slots, 0.f);
-  cache_r_.assign(slots, 1.f);
-  cache_d_.assign(slots, 0.f);
+  cache_slots_ = static_cast<int64_t>(slots);
+  cache_host_.assign(kCacheArrays * slots, 0.f);
+  std::fill(cache_host_.begin() + 2 * static_cast<std::ptrdiff_t>(slots),
+            cache_host_.begin() + 3 * static_cast<std::ptrdiff_t>(slots), 1.f);  // r = 1
   cached_shape_ = x.shape();
   last_info_ = use_reference ? cpu::norm_forward_train_ref(cfg_, x.shape(), x.data(), gamma.data(),
                                                            beta.data(), rm, rs, y.data(), cache())
@@ -168,27 +176,52 @@ void NormLayer::forward_infer(const Tensor& x, Tensor& y) const {
      y.data());
 }
 
-void NormLayer::backward(const Tensor& dy, const Tensor& x, const Tensor& y, Tensor& dx) {
+void NormLayer::check_cached(const Tensor& x, const char* what) const {
   check_input(x, "input x");
-  const bool cached = device() == Device::CUDA ? cache_slots_ > 0 : !cache_mean_.empty();
-  MEDSEG_CHECK(cached && cached_shape_ == x.shape(),
-               "NormLayer::backward: no training forward cached for shape ", x.shape(),
-               " (cached: ", cached_shape_, ")");
+  MEDSEG_CHECK(cache_slots_ > 0 && cached_shape_ == x.shape(), "NormLayer::", what,
+               ": no training forward cached for shape ", x.shape(), " (cached: ", cached_shape_,
+               ")");
+}
+
+void NormLayer::backward(const Tensor& dy, const Tensor& x, const Tensor* y, Tensor& dx) {
+  check_cached(x, "backward");
   check_same_shape(x.shape(), dy.shape(), "NormLayer::backward (x, dy)");
-  check_same_shape(x.shape(), y.shape(), "NormLayer::backward (x, y)");
+  if (y) check_same_shape(x.shape(), y->shape(), "NormLayer::backward (x, y)");
   check_same_shape(x.shape(), dx.shape(), "NormLayer::backward (x, dx)");
+  MEDSEG_CHECK(dx.data() != x.data() && (!y || dx.data() != y->data()),
+               "NormLayer::backward: dx may alias dy only");
+  const float* yp = y ? y->data() : nullptr;
   if (device() == Device::CUDA) {
 #ifdef MEDSEG_HAVE_CUDA
     check_same_device_output(dy);
     check_same_device_output(dx);
-    cuda::norm_backward(cuda_context(), cfg_, x.shape(), dy.data(), x.data(), y.data(), gamma.data(),
+    if (y) check_same_device_output(*y);
+    cuda::norm_backward(cuda_context(), cfg_, x.shape(), dy.data(), x.data(), yp, gamma.data(),
                         device_cache(), dx.data(), dgamma.data(), dbeta.data());
 #endif
     return;
   }
   auto fn = use_reference ? cpu::norm_backward_ref : cpu::norm_backward;
-  fn(cfg_, x.shape(), dy.data(), x.data(), y.data(), gamma.data(), cache(), dx.data(),
-     dgamma.data(), dbeta.data());
+  fn(cfg_, x.shape(), dy.data(), x.data(), yp, gamma.data(), cache(), dx.data(), dgamma.data(),
+     dbeta.data());
+}
+
+void NormLayer::backward(const Tensor& dy, const Tensor& x, const Tensor& y, Tensor& dx) {
+  backward(dy, x, &y, dx);
+}
+
+void NormLayer::recompute(const Tensor& x, Tensor& y) {
+  check_cached(x, "recompute");
+  check_same_shape(x.shape(), y.shape(), "NormLayer::recompute (x, y)");
+  MEDSEG_CHECK(x.data() != y.data(), "NormLayer::recompute: y may not alias x");
+  if (device() == Device::CUDA) {
+#ifdef MEDSEG_HAVE_CUDA
+    check_same_device_output(y);
+    cuda::norm_forward_apply(cuda_context(), cfg_, x.shape(), x.data(), device_cache(), y.data());
+#endif
+    return;
+  }
+  cpu::norm_forward_apply(cfg_, x.shape(), x.data(), cache(), y.data());
 }
 
 int64_t NormLayer::skipped_updates() const {
@@ -210,8 +243,8 @@ void NormLayer::set_skipped_updates(int64_t n) {
 NormDiagnostics NormLayer::diagnostics() const {
   NormDiagnostics diag;
   diag.skipped_updates = skipped_updates_;
-  const float* r = cache_r_.data();
-  const float* d = cache_d_.data();
+  const float* r = cache_host_.data() + 2 * cache_slots_;
+  const float* d = cache_host_.data() + 3 * cache_slots_;
   int64_t r_clipped = last_info_.r_clipped, d_clipped = last_info_.d_clipped;
   std::vector<float> host;
   if (device() == Device::CUDA) {
@@ -225,7 +258,7 @@ NormDiagnostics NormLayer::diagnostics() const {
     r = host.data() + 2 * cache_slots_;
     d = host.data() + 3 * cache_slots_;
 #endif
-  } else if (cfg_.kind == cpu::NormKind::InstanceNorm || cache_r_.empty()) {
+  } else if (cfg_.kind == cpu::NormKind::InstanceNorm || cache_host_.empty()) {
     return diag;
   }
   const double c = static_cast<double>(channels_);

@@ -59,8 +59,16 @@ class NormLayer {
   void forward_train(const Tensor& x, Tensor& y);
   void forward_infer(const Tensor& x, Tensor& y) const;
   // x and y: the input and output of the last forward_train. Assigns dx (caller-allocated, x's
-  // shape), dgamma and dbeta.
+  // shape), dgamma and dbeta. y may be null: the LeakyReLU mask is then recomputed from x with the
+  // forward's cached coefficients (the same bits; with use_reference, in double). dx may be dy
+  // (the gradient overwritten in place).
+  void backward(const Tensor& dy, const Tensor& x, const Tensor* y, Tensor& dx);
   void backward(const Tensor& dy, const Tensor& x, const Tensor& y, Tensor& dx);
+  // The output of the last forward_train again, from its input x: bit-identical to what that
+  // forward wrote (the same kernel on the cached coefficients), so a network can drop y after the
+  // forward and rebuild it for the backward. With use_reference the forward computed y in double
+  // and this differs from it by float rounding.
+  void recompute(const Tensor& x, Tensor& y);
 
   NormDiagnostics diagnostics() const;
   int64_t skipped_updates() const;
@@ -71,15 +79,18 @@ class NormLayer {
  private:
   cpu::NormCache cache();
   void check_input(const Tensor& x, const char* what) const;
+  void check_cached(const Tensor& x, const char* what) const;  // a training forward of x's shape
 
   int64_t channels_;
   cpu::NormConfig cfg_;
-  // Training cache: mean, inv_std, r, d, each C (batch kinds) or N*C (instance norm) floats.
+  // Training cache: mean, inv_std, r, d, scale, shift, `cache_slots_` floats each (C for the batch
+  // kinds, N*C for instance norm), in one block on the layer's device.
+  static constexpr int kCacheArrays = 6;
   Shape cached_shape_{};
-  std::vector<float> cache_mean_, cache_inv_std_, cache_r_, cache_d_;
+  std::vector<float> cache_host_;
   cpu::NormStepInfo last_info_{};
   int64_t skipped_updates_ = 0;
-  // On the GPU: the cache (mean, inv_std, r, d, `slots` floats each) on the device, and the device
+  // On the GPU: the cache (the same six arrays) on the device, and the device
   // counters (cuda::NormDeviceCounters, type-erased: this header includes no CUDA header), whose
   // skipped updates add to skipped_updates_.
   Tensor cache_dev_;

@@ -66,8 +66,7 @@ void UNet::to(Device device) {
     for (auto& b : st.blocks) {
       b.conv.to(device);
       b.norm.to(device);
-      b.z = Tensor();
-      b.y = Tensor();
+      b.z = b.y = nullptr;
       b.folded.reset();
     }
   };
@@ -83,9 +82,8 @@ void UNet::to(Device device) {
   input_ = nullptr;
   input_dev_ = Tensor();
   cat_.clear();
-  dcat_.clear();
   dskip_.clear();
-  grad_pool_.clear();
+  pool_.set_device(device);
   logits_ = Tensor();
   aux_logits_.clear();
 }
@@ -102,7 +100,7 @@ UNet::UNet(const UNetConfig& cfg, uint64_t seed)
     Stage st;
     for (int j = 0; j < cfg_.convs_per_stage; ++j) {
       Block b{ConvLayer(j == 0 ? cin : cout, cout, 3, j == 0 ? first_stride : 1, false),
-              NormLayer(cout, cfg_.norm), Tensor(), Tensor(), nullptr};
+              NormLayer(cout, cfg_.norm), nullptr, nullptr, nullptr};
       b.conv.init_he(rng);
       st.blocks.push_back(std::move(b));
     }
@@ -132,112 +130,163 @@ void UNet::allocate(const Shape& in) {
                " levels, got ", in);
   MEDSEG_CHECK(in.c == cfg_.in_channels, "network expects ", cfg_.in_channels,
                " input channels, got ", in);
+  // Another shape: the buffers of the old one would only take memory.
+  pool_.clear();
   in_shape_ = in;
-  Shape s = in;
-  for (int l = 0; l < cfg_.levels; ++l) {
-    for (auto& b : enc_[l].blocks) {
-      s = b.conv.out_shape(s);
-      ensure(b.z, s);
-      ensure(b.y, s);
-    }
-  }
   const int L = cfg_.levels;
   const size_t ups = L > 1 ? L - 1 : 0;
-  cat_.resize(ups);
-  dcat_.resize(ups);
-  dskip_.resize(ups);
-  grad_pool_.clear();
-  for (int l = L - 2; l >= 0; --l) {
-    const Shape skip = enc_[l].blocks.back().y.shape();
-    Shape cs = skip;
-    cs.c = 2 * skip.c;
-    ensure(cat_[l], cs);
-    s = cs;
-    for (auto& b : dec_[l].blocks) {
-      s = b.conv.out_shape(s);
-      ensure(b.z, s);
-      ensure(b.y, s);
-    }
-  }
+  cat_.assign(ups, nullptr);
+  dskip_.assign(ups, nullptr);
   Shape ls = in;
   ls.c = cfg_.num_classes;
   ensure(logits_, ls);
   aux_logits_.resize(aux_levels_.size());
   for (size_t i = 0; i < aux_levels_.size(); ++i) {
-    Shape as = dec_[aux_levels_[i]].blocks.back().y.shape();
+    Shape as = out_shape(dec_[aux_levels_[i]]);
     as.c = cfg_.num_classes;
     ensure(aux_logits_[i], as);
   }
 }
 
-void UNet::stage_forward(Stage& st, const Tensor& x, bool train) {
+Shape UNet::out_shape(const Stage& st) const {
+  // Stage outputs of level l: the input's spatial size / 2^l, filters(l) channels.
+  for (int l = 0; l < cfg_.levels; ++l)
+    if (&st == &enc_[l] || (l + 1 < cfg_.levels && &st == &dec_[l]))
+      return Shape{in_shape_.n, in_shape_.d >> l, in_shape_.h >> l, in_shape_.w >> l,
+                   cfg_.filters(l)};
+  MEDSEG_CHECK(false, "UNet::out_shape: not a stage of this network");
+  return {};
+}
+
+void UNet::release(Tensor*& t) {
+  if (t) pool_.release(*t);
+  t = nullptr;
+}
+
+bool UNet::recompute_activations() const {
+  return recompute_;
+}
+
+Tensor& UNet::output_of(Block& b) {
+  if (b.y) return *b.y;
+  MEDSEG_CHECK(b.z != nullptr, "UNet: a block's output is needed after its conv output was freed");
+  b.y = &pool_.acquire(b.z->shape());
+  b.norm.recompute(*b.z, *b.y);
+  return *b.y;
+}
+
+void UNet::stage_forward(Stage& st, const Tensor& x, bool train, bool release_x) {
   const Tensor* in = &x;
-  for (auto& b : st.blocks) {
-    if (!train && folded_ && b.folded) {
-      b.folded->forward_leaky(*in, b.y, cfg_.norm.slope);  // one pass; z is not needed
-    } else {
-      b.conv.forward(*in, b.z);
-      if (train)
-        b.norm.forward_train(b.z, b.y);
-      else
-        b.norm.forward_infer(b.z, b.y);
+  const bool keep = keep_outputs(train);
+  // After a block's conv has run, its input has had its last reader in this forward (unless kept):
+  // freeing it before the norm's output is taken lets that output reuse the buffer.
+  auto done_with_input = [&](size_t j) {
+    if (j > 0) {
+      if (!keep) release(st.blocks[j - 1].y);
+    } else if (release_x) {
+      pool_.release(x);
     }
-    in = &b.y;
+  };
+  for (size_t j = 0; j < st.blocks.size(); ++j) {
+    Block& b = st.blocks[j];
+    const Shape s = b.conv.out_shape(in->shape());
+    if (!train && folded_ && b.folded) {
+      b.y = &pool_.acquire(s);
+      b.folded->forward_leaky(*in, *b.y, cfg_.norm.slope);  // one pass; z is not needed
+      done_with_input(j);
+    } else {
+      b.z = &pool_.acquire(s);
+      b.conv.forward(*in, *b.z);
+      done_with_input(j);
+      b.y = &pool_.acquire(s);
+      if (train) {
+        b.norm.forward_train(*b.z, *b.y);
+      } else {
+        b.norm.forward_infer(*b.z, *b.y);
+        release(b.z);  // inference keeps nothing for a backward
+      }
+    }
+    in = b.y;
   }
 }
 
-Tensor& UNet::grad_buffer(const Shape& s, const Tensor* a, const Tensor* b) {
-  auto& pool = grad_pool_[{s.n, s.d, s.h, s.w, s.c}];
-  for (auto& t : pool)
-    if (&t != a && &t != b) return t;
-  MEDSEG_CHECK(pool.size() < 3, "gradient pool: a fourth live buffer of shape ", s);
-  pool.emplace_back(s, device_);
-  return pool.back();
-}
-
-void UNet::stage_backward(Stage& st, const Tensor& x, const Tensor& dy, Tensor* dx) {
-  const Tensor* g = &dy;
+Tensor* UNet::stage_backward(Stage& st, const Tensor& input, bool release_input, Tensor* g,
+                             bool need_dx) {
   for (int j = static_cast<int>(st.blocks.size()) - 1; j >= 0; --j) {
     Block& b = st.blocks[j];
-    Tensor& dz = grad_buffer(b.z.shape(), g, dx);
-    b.norm.backward(*g, b.z, b.y, dz);
-    // g is dead now; the gradient w.r.t. this block's input may take its buffer, not dz's.
-    const Tensor& in = j == 0 ? x : st.blocks[j - 1].y;
-    Tensor* din = j > 0 ? &grad_buffer(in.shape(), &dz, dx) : dx;
-    b.conv.backward(dz, in, din);
-    g = din;
+    // dz overwrites dy; the mask comes from z, so y is not read.
+    b.norm.backward(*g, *b.z, nullptr, *g);
+    release(b.z);
+    release(b.y);  // a kept output: its last reader (the next block's conv) is done
+    Tensor* in_held = j > 0 ? &output_of(st.blocks[j - 1]) : nullptr;
+    const Tensor& in = in_held ? *in_held : input;
+    b.conv.backward_weights(*g, in);
+    // The input is not read again: its buffer may serve as the input gradient.
+    const Shape in_shape = in.shape();
+    if (j > 0)
+      release(st.blocks[j - 1].y);
+    else if (release_input)
+      pool_.release(input);
+    if (j == 0 && !need_dx) {
+      pool_.release(*g);
+      return nullptr;
+    }
+    Tensor& din = pool_.acquire(in_shape);
+    b.conv.backward_data(*g, din);
+    pool_.release(*g);
+    g = &din;
   }
+  return g;
 }
 
 void UNet::run_forward(const Tensor& x, bool train, bool aux, Tensor& logits) {
+  // A new forward abandons the previous one's tape.
+  pool_.release_all();
+  for (auto* stages : {&enc_, &dec_})
+    for (auto& st : *stages)
+      for (auto& b : st.blocks) b.z = b.y = nullptr;
+  std::fill(cat_.begin(), cat_.end(), nullptr);
+  std::fill(dskip_.begin(), dskip_.end(), nullptr);
+  input_ = nullptr;
+
   const int L = cfg_.levels;
+  const bool keep = keep_outputs(train);
   const Tensor* in = &x;
   for (int l = 0; l < L; ++l) {
-    stage_forward(enc_[l], *in, train);
-    in = &enc_[l].blocks.back().y;
+    // The skip (the previous stage's output) stays held until its concatenation.
+    stage_forward(enc_[l], *in, train, false);
+    in = enc_[l].blocks.back().y;
   }
   for (int l = L - 2; l >= 0; --l) {
-    // The up-conv's output only lives until the concat: a pooled gradient buffer serves (no
-    // gradient is live during a forward).
-    const Tensor& skip = enc_[l].blocks.back().y;
-    Tensor& up = grad_buffer(skip.shape(), nullptr, nullptr);
+    Block& below = (l + 2 < L ? dec_[l + 1] : enc_[L - 1]).blocks.back();
+    Block& skip = enc_[l].blocks.back();
+    Tensor& up = pool_.acquire(skip.y->shape());
     up_[l].forward(*in, up);
-    concat_channels(up, skip, cat_[l]);
-    stage_forward(dec_[l], cat_[l], train);
-    in = &dec_[l].blocks.back().y;
+    if (!keep) release(below.y);  // rebuilt for the up-conv's weight gradient
+    Shape cs = skip.y->shape();
+    cs.c *= 2;
+    cat_[l] = &pool_.acquire(cs);
+    concat_channels(up, *skip.y, *cat_[l]);
+    pool_.release(up);
+    if (!keep) release(skip.y);  // the concatenation holds a copy
+    // Training keeps the concatenation for the first conv's weight gradient.
+    stage_forward(dec_[l], *cat_[l], train, !train);
+    if (!train) cat_[l] = nullptr;
+    in = dec_[l].blocks.back().y;
     if (aux)
       for (size_t i = 0; i < aux_heads_.size(); ++i)
         if (aux_levels_[i] == l) aux_heads_[i].forward(*in, aux_logits_[i]);
   }
   head_.forward(*in, logits);
+  if (!keep) release((L > 1 ? dec_[0] : enc_[0]).blocks.back().y);
 }
 
 const Tensor& UNet::forward_train(const Tensor& x) {
   folded_ = false;  // the weights are about to change; fold_norms() must run again
   const Tensor& xd = on_device(x);
   allocate(xd.shape());
-  input_ = &xd;
   run_forward(xd, true, true, logits_);
+  input_ = &xd;
   return logits_;
 }
 
@@ -247,45 +296,61 @@ void UNet::backward(const Tensor& dlogits, const std::vector<Tensor>* aux_dlogit
   const auto& sup = aux_levels_;
   MEDSEG_CHECK(sup.empty() || (aux_dlogits && aux_dlogits->size() == sup.size()),
                "UNet::backward: deep supervision needs ", sup.size(), " auxiliary logit gradients");
+  for (size_t i = 0; i < sup.size(); ++i)
+    check_same_shape((*aux_dlogits)[i].shape(), aux_logits_[i].shape(), "auxiliary logits gradient");
   const int L = cfg_.levels;
-  // g: the gradient w.r.t. the output of the stage about to be back-propagated.
-  const Tensor& top = (L > 1 ? dec_[0] : enc_[0]).blocks.back().y;
-  Tensor* g = &grad_buffer(top.shape(), nullptr, nullptr);
-  head_.backward(dlogits, top, g);
+  // g: the gradient w.r.t. the output of the stage about to be back-propagated (a pool buffer).
+  Block& top = (L > 1 ? dec_[0] : enc_[0]).blocks.back();
+  // The head's input is not read again once its weight gradient exists (the norm below takes
+  // its mask from z), so the input gradient may take its buffer.
+  head_.backward_weights(dlogits, output_of(top));
+  const Shape top_shape = top.y->shape();
+  release(top.y);
+  Tensor* g = &pool_.acquire(top_shape);
+  head_.backward_data(dlogits, *g);
   for (int l = 0; l + 1 < L; ++l) {
+    Block& last = dec_[l].blocks.back();
     // An auxiliary head on this decoder output: its gradient adds to the one from above.
     for (size_t i = 0; i < sup.size(); ++i) {
       if (sup[i] != l) continue;
-      const Tensor& y = dec_[l].blocks.back().y;
-      check_same_shape((*aux_dlogits)[i].shape(), aux_logits_[i].shape(), "auxiliary logits gradient");
-      Tensor& da = grad_buffer(y.shape(), g, nullptr);
+      Tensor& y = output_of(last);
+      Tensor& da = pool_.acquire(y.shape());
       aux_heads_[i].backward((*aux_dlogits)[i], y, &da);
       add_inplace(*g, da);
+      pool_.release(da);
     }
-    ensure(dcat_[l], cat_[l].shape());
-    stage_backward(dec_[l], cat_[l], *g, &dcat_[l]);
-    const int64_t c = enc_[l].blocks.back().y.shape().c;
-    ensure(dskip_[l], enc_[l].blocks.back().y.shape());
-    Tensor& dup = grad_buffer(dskip_[l].shape(), nullptr, nullptr);
-    MEDSEG_CHECK(cat_[l].shape().c == 2 * c, "concat of level ", l, " has ", cat_[l].shape().c,
-                 " channels, expected ", 2 * c);
-    split_channels(dcat_[l], dup, dskip_[l]);
-    // The up-conv's input: the next decoder stage's output, or the bottleneck.
-    const Tensor& below = (l + 2 < L ? dec_[l + 1] : enc_[L - 1]).blocks.back().y;
-    g = &grad_buffer(below.shape(), &dup, nullptr);
-    up_[l].backward(dup, below, g);
+    Tensor* dcat = stage_backward(dec_[l], *cat_[l], true, g, true);
+    cat_[l] = nullptr;
+    const Shape skip_shape = out_shape(enc_[l]);
+    MEDSEG_CHECK(dcat->shape().c == 2 * skip_shape.c, "concat of level ", l, " has ",
+                 dcat->shape().c, " channels, expected ", 2 * skip_shape.c);
+    Tensor& dup = pool_.acquire(skip_shape);
+    dskip_[l] = &pool_.acquire(skip_shape);
+    split_channels(*dcat, dup, *dskip_[l]);
+    pool_.release(*dcat);
+    // The up-conv's input: the next decoder stage's output, or the bottleneck's.
+    Block& below = (l + 2 < L ? dec_[l + 1] : enc_[L - 1]).blocks.back();
+    up_[l].backward_weights(dup, output_of(below));
+    const Shape below_shape = below.y->shape();
+    release(below.y);  // as for the head: rebuilt if an auxiliary head still needs it
+    g = &pool_.acquire(below_shape);
+    up_[l].backward_data(dup, *g);
+    pool_.release(dup);
   }
   for (int l = L - 1; l >= 0; --l) {
-    if (l < L - 1) add_inplace(*g, dskip_[l]);  // skip connection: gradients of both uses add
+    if (l < L - 1) {  // skip connection: gradients of both uses add
+      add_inplace(*g, *dskip_[l]);
+      release(dskip_[l]);
+    }
     if (l == 0) {
-      stage_backward(enc_[0], *input_, *g, nullptr);
+      stage_backward(enc_[0], *input_, false, g, false);
     } else {
-      const Tensor& prev = enc_[l - 1].blocks.back().y;
-      Tensor& dprev = grad_buffer(prev.shape(), g, nullptr);
-      stage_backward(enc_[l], prev, *g, &dprev);
-      g = &dprev;
+      Tensor& prev = output_of(enc_[l - 1].blocks.back());
+      g = stage_backward(enc_[l], prev, true, g, true);
+      enc_[l - 1].blocks.back().y = nullptr;  // released by stage_backward
     }
   }
+  input_ = nullptr;  // the tape is consumed
 }
 
 void UNet::forward_to(const Tensor& x, bool train, Tensor& logits) {
@@ -305,9 +370,8 @@ void UNet::forward_infer(const Tensor& x, Tensor& logits) { forward_to(x, false,
 
 void UNet::forward_batch_stats(const Tensor& x, Tensor& logits) {
   const auto saved = snapshot_buffers();
-  forward_to(x, true, logits);
+  forward_to(x, true, logits);  // run_forward leaves no training tape (input_ stays null)
   restore_buffers(saved);
-  input_ = nullptr;  // the tape no longer belongs to a training step
 }
 
 void UNet::fold_norms() {
@@ -441,20 +505,14 @@ void UNet::set_use_reference(bool on) {
 }
 
 size_t UNet::activation_bytes() const {
-  size_t total = 0;
-  auto add = [&](const Tensor& t) { total += t.defined() ? t.bytes() : 0; };
-  for (const auto* stages : {&enc_, &dec_})
-    for (const auto& st : *stages)
-      for (const auto& b : st.blocks) {
-        add(b.z);
-        add(b.y);
-      }
-  for (const auto* v : {&cat_, &dcat_, &dskip_})
-    for (const auto& t : *v) add(t);
-  for (const auto& [shape, pool] : grad_pool_)
-    for (const auto& t : pool) add(t);
-  add(logits_);
-  for (const auto& t : aux_logits_) add(t);
+  size_t total = pool_.bytes() + (logits_.defined() ? logits_.bytes() : 0);
+  for (const auto& t : aux_logits_) total += t.defined() ? t.bytes() : 0;
+  return total;
+}
+
+size_t UNet::peak_activation_bytes() const {
+  size_t total = pool_.peak_bytes_in_use() + (logits_.defined() ? logits_.bytes() : 0);
+  for (const auto& t : aux_logits_) total += t.defined() ? t.bytes() : 0;
   return total;
 }
 

@@ -1,7 +1,18 @@
 // The 3-D U-Net: levels of two conv3x3x3 -> norm -> LeakyReLU blocks, stride-2 conv down, transposed
 // conv up, skip concatenation (upsampled first, skip second), a 1x1x1 head. Explicit forward/backward
-// through the whole network; every intermediate lives in a buffer owned by the network (the "tape"),
-// allocated once per input shape. Parameters have stable names (enc.0.conv.1.weight, ...).
+// through the whole network; every intermediate lives in a buffer of the network's TensorPool,
+// held only while it is needed and reused afterwards, so a step allocates nothing after the first
+// one of an input shape. Parameters have stable names (enc.0.conv.1.weight, ...).
+//
+// Memory (the GPU's scarce resource; docs/architecture.md has the count). The backward keeps, per
+// conv + norm block, only the conv output z; the LeakyReLU mask comes from z and the norm's cached
+// coefficients, a norm's input gradient overwrites its output gradient in place, and a conv's
+// input is freed between its weight and data gradients so that the data gradient can take its
+// buffer. With recompute_activations() (the default) the norm outputs y are not kept either: the
+// backward rebuilds each from z (NormLayer::recompute, the same bits) just before the weight
+// gradient that reads it, one extra elementwise pass per block. It costs no measurable time on
+// the 2-core CPU (the smaller working set pays for the pass) and saves a third of the memory.
+// set_recompute_activations(false) keeps y from the forward instead; both give the same bits.
 #pragma once
 #include <array>
 #include <cstdint>
@@ -16,6 +27,7 @@
 #include "kernels/cpu/norm.hpp"
 #include "nn/conv_layer.hpp"
 #include "nn/norm_layer.hpp"
+#include "nn/tensor_pool.hpp"
 
 namespace medseg::nn {
 
@@ -95,14 +107,22 @@ class UNet {
   void set_renorm_clips(float r_max, float d_max);
   NormDiagnostics diagnostics() const;     // mean over layers; skipped updates summed
   void set_use_reference(bool on);         // naive kernels everywhere (tests)
-  // Bytes held by the tape for the current input shape.
+  // Bytes of activation and gradient buffers the network holds for the current input shape (the
+  // pool's buffers, the logits), and the most of them in use at once.
   size_t activation_bytes() const;
+  size_t peak_activation_bytes() const;
+  // Whether the backward rebuilds the norm outputs instead of keeping them (see the top of this
+  // file; on by default).
+  bool recompute_activations() const;
+  void set_recompute_activations(bool on) { recompute_ = on; }
 
  private:
   struct Block {
     ConvLayer conv;
     NormLayer norm;
-    Tensor z, y;  // conv output, norm output (the tape; gradients live in grad_pool_)
+    // conv output and norm output while held: buffers of pool_, null when not held.
+    Tensor* z = nullptr;
+    Tensor* y = nullptr;
     // Folded inference copy of the conv (weight * gamma / sigma ...).
     std::unique_ptr<ConvLayer> folded;
   };
@@ -111,6 +131,11 @@ class UNet {
   };
   void allocate(const Shape& in);
   void ensure(Tensor& t, const Shape& s) const;  // (re)allocates t on the network's device
+  Shape out_shape(const Stage& st) const;         // of its last block, for the current input
+  // The output y of block b of the last training forward: the held buffer, or a pool buffer it is
+  // rebuilt into (and then held) from b's conv output.
+  Tensor& output_of(Block& b);
+  void release(Tensor*& t);  // back to the pool (when held), then null
   // x itself when on the network's device, else its copy in input_dev_.
   const Tensor& on_device(const Tensor& x);
   // train: batch statistics (and running-statistics updates); aux: also the auxiliary heads (a
@@ -118,15 +143,15 @@ class UNet {
   void run_forward(const Tensor& x, bool train, bool aux, Tensor& logits);
   // forward_infer / forward_batch_stats: x on either device, logits on x's.
   void forward_to(const Tensor& x, bool train, Tensor& logits);
-  void stage_forward(Stage& st, const Tensor& x, bool train);
-  // dy: the gradient w.r.t. the stage output. Writes the gradient w.r.t. the stage input to `dx`
-  // (may be null: the network input needs none).
-  void stage_backward(Stage& st, const Tensor& x, const Tensor& dy, Tensor* dx);
-  // A gradient buffer of shape s from the pool that is neither `a` nor `b`. Gradients are short-lived
-  // (a block's dy dies once its dz exists, dz once the conv's backward has run), so at most three of
-  // one shape are live at a time and the pool holds at most three per shape, instead of a dz and
-  // a dy per block (about half of the training step's activation memory at 64^3).
-  Tensor& grad_buffer(const Shape& s, const Tensor* a, const Tensor* b);
+  // Runs the stage's blocks on x; the last block's y stays held (the stage output). `release_x`:
+  // x is a pool buffer this stage is its last reader of in the forward.
+  void stage_forward(Stage& st, const Tensor& x, bool train, bool release_x);
+  // g: a pool buffer holding the gradient w.r.t. the stage output; consumed (released or reused).
+  // `input`: the stage's forward input (the network input, or a held pool buffer, which is
+  // released after use when `release_input`). Returns the pool buffer of the gradient w.r.t. the
+  // stage input, or null when `need_dx` is false.
+  Tensor* stage_backward(Stage& st, const Tensor& input, bool release_input, Tensor* g, bool need_dx);
+  bool keep_outputs(bool train) const { return train && !recompute_activations(); }
 
   UNetConfig cfg_;
   std::vector<Stage> enc_;  // enc_[l], l = 0..levels-1
@@ -142,10 +167,10 @@ class UNet {
   Shape in_shape_{};
   Tensor input_dev_;  // a host input copied to the device
   const Tensor* input_ = nullptr;  // the input of the last forward_train
-  std::vector<Tensor> cat_, dcat_, dskip_;
-  std::map<std::array<int64_t, 5>, std::deque<Tensor>> grad_pool_;  // deque: stable references
+  TensorPool pool_;
+  bool recompute_ = true;
+  std::vector<Tensor*> cat_, dskip_;  // per decoder level, pool buffers while held
   Tensor logits_;
-  Tensor infer_tmp_;
 };
 
 }  // namespace medseg::nn
