@@ -117,6 +117,9 @@ json bench_one(const BenchConfig& cfg, const std::string& norm, int batch, int p
           {"median_s", med},
           {"voxels_per_s", voxels / med},
           {"peak_rss_mb", peak_rss_mb()},
+          // The network's activation and gradient buffers at their peak (the rest of the device
+          // peak is parameters, optimizer state, loss buffers and the cuDNN workspace).
+          {"activation_peak_mb", static_cast<double>(net.peak_activation_bytes()) / (1 << 20)},
           {"isa", cpu::onednn_isa()}};
   if (dev.cuda) {
     r["gpu"] = nn::cuda_device_name();

@@ -156,7 +156,7 @@ class CudaContext {
   void* workspace(size_t bytes);
   size_t workspace_bytes() const { return workspace_.bytes(); }
   // After an algorithm search: the workspace shrinks back to the largest amount any chosen
-  // algorithm needs (the search may have grown it to the whole limit, up to 1 GiB, which would
+  // algorithm needs (the search may have grown it to its budget, up to the limit, which would
   // otherwise stay held for the life of the context). That amount only grows, so once every
   // shape has been planned no call reallocates.
   void settle_workspace(size_t chosen_bytes);
@@ -171,7 +171,7 @@ class CudaContext {
   cudnnHandle_t cudnn_ = nullptr;
   bool allow_tf32_ = false;
   // 4 GiB: on an H200 cuDNN 9's only NDHWC fp32 algorithm for the 32-channel 2 x 128^3 layers
-  // needs 1.07 GB, and a 1 GiB limit left no algorithm at all (the search still takes at most half
+  // needs 1.07 GB, and a 1 GiB limit left no algorithm at all (a search takes at most half
   // of the free memory).
   size_t workspace_limit_ = size_t{4} << 30;
   DeviceBuffer workspace_;
