@@ -509,6 +509,15 @@ std::vector<NormCase> norm_cases() {
   return out;
 }
 
+cpu::NormConfig config_of(const NormCase& nc) {
+  cpu::NormConfig cfg;
+  cfg.kind = nc.kind;
+  cfg.leaky = nc.leaky;
+  cfg.r_max = nc.r_max;
+  cfg.d_max = nc.d_max;
+  return cfg;
+}
+
 TEST(CudaNorm, TrainForwardAndBackwardMatchReference) {
   MEDSEG_REQUIRE_CUDA();
   CudaContext ctx;
@@ -516,11 +525,7 @@ TEST(CudaNorm, TrainForwardAndBackwardMatchReference) {
   for (const NormCase& nc : norm_cases()) {
     const Shape& s = nc.s;
     const std::string tag = norm_tag(nc);
-    cpu::NormConfig cfg;
-    cfg.kind = nc.kind;
-    cfg.leaky = nc.leaky;
-    cfg.r_max = nc.r_max;
-    cfg.d_max = nc.d_max;
+    cpu::NormConfig cfg = config_of(nc);
     cfg.alpha = 0.1f;
     const int64_t C = s.c, gcs = nc.kind == cpu::NormKind::InstanceNorm ? s.n * C : C;
     // Per-channel offsets and scales so that statistics differ between channels.
@@ -603,11 +608,7 @@ TEST(CudaNorm, RebuiltOutputAndBackwardWithoutOutputAreBitIdentical) {
   for (const NormCase& nc : norm_cases()) {
     const Shape& s = nc.s;
     const std::string tag = norm_tag(nc);
-    cpu::NormConfig cfg;
-    cfg.kind = nc.kind;
-    cfg.leaky = nc.leaky;
-    cfg.r_max = nc.r_max;
-    cfg.d_max = nc.d_max;
+    cpu::NormConfig cfg = config_of(nc);
     const int64_t C = s.c, gcs = nc.kind == cpu::NormKind::InstanceNorm ? s.n * C : C;
     const bool batch = nc.kind != cpu::NormKind::InstanceNorm;
     auto x = random_vector(rng, s.numel(), 0.3, 1.5);

@@ -117,15 +117,17 @@ struct Backward {
   std::vector<float> dx, dgamma, dbeta;
 };
 
-Backward backward(const Problem& p, Forward& f, const std::vector<float>& dy, bool fast) {
+// with_y = false: the LeakyReLU mask from x and the cache instead of the forward output.
+Backward backward(const Problem& p, Forward& f, const std::vector<float>& dy, bool fast,
+                  bool with_y = true) {
   Backward b;
   // Garbage (not zeros) in every gradient buffer: the kernels must assign, never accumulate.
   b.dx.assign(p.x.size(), 1e30f);
   b.dgamma.assign(static_cast<size_t>(p.s.c), std::numeric_limits<float>::quiet_NaN());
   b.dbeta.assign(static_cast<size_t>(p.s.c), -7.5e29f);
   auto fn = fast ? cpu::norm_backward : cpu::norm_backward_ref;
-  fn(p.cfg, p.s, dy.data(), p.x.data(), f.y.data(), p.gamma.data(), f.cache(), b.dx.data(),
-     b.dgamma.data(), b.dbeta.data());
+  fn(p.cfg, p.s, dy.data(), p.x.data(), with_y ? f.y.data() : nullptr, p.gamma.data(), f.cache(),
+     b.dx.data(), b.dgamma.data(), b.dbeta.data());
   return b;
 }
 
@@ -763,12 +765,7 @@ TEST(NormBackward, MaskFromTheInputEqualsMaskFromTheOutputAndMayRunInPlace) {
       const std::vector<float> dy = random_vector(p.x.size(), 44);
       const Backward with_y = backward(p, f, dy, true);
       // Without y: the mask from x and the cached scale and shift.
-      Backward no_y;
-      no_y.dx.assign(p.x.size(), 1e30f);
-      no_y.dgamma.assign(static_cast<size_t>(s.c), 0.f);
-      no_y.dbeta.assign(static_cast<size_t>(s.c), 0.f);
-      cpu::norm_backward(cfg, s, dy.data(), p.x.data(), nullptr, p.gamma.data(), f.cache(),
-                         no_y.dx.data(), no_y.dgamma.data(), no_y.dbeta.data());
+      const Backward no_y = backward(p, f, dy, true, false);
       const std::string what = describe(cfg, s, true);
       EXPECT_TRUE(same_bits(no_y.dx, with_y.dx)) << what << ": " << first_difference(no_y.dx, with_y.dx);
       EXPECT_TRUE(same_bits(no_y.dgamma, with_y.dgamma)) << what;
@@ -781,13 +778,7 @@ TEST(NormBackward, MaskFromTheInputEqualsMaskFromTheOutputAndMayRunInPlace) {
       EXPECT_TRUE(same_bits(dgamma, with_y.dgamma)) << what << " in place";
       // The reference without y recomputes the pre-activation in double from the cache.
       Forward fr = forward_train(p, false);
-      const Backward ref_y = backward(p, fr, dy, false);
-      Backward ref_no_y;
-      ref_no_y.dx.assign(p.x.size(), 1e30f);
-      ref_no_y.dgamma.assign(static_cast<size_t>(s.c), 0.f);
-      ref_no_y.dbeta.assign(static_cast<size_t>(s.c), 0.f);
-      cpu::norm_backward_ref(cfg, s, dy.data(), p.x.data(), nullptr, p.gamma.data(), fr.cache(),
-                             ref_no_y.dx.data(), ref_no_y.dgamma.data(), ref_no_y.dbeta.data());
+      const Backward ref_y = backward(p, fr, dy, false), ref_no_y = backward(p, fr, dy, false, false);
       expect_close(what + " ref dx without y", ref_no_y.dx, ref_y.dx, 1e-6, 1e-6);
       expect_close(what + " ref dgamma without y", ref_no_y.dgamma, ref_y.dgamma, 1e-5, 1e-6);
     }
