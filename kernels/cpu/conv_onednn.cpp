@@ -34,6 +34,7 @@
 //  - One engine and one stream for the process. A CPU stream with the OpenMP runtime executes in
 //    the calling thread; each cache entry has its own mutex because its memory objects carry the
 //    caller's pointers during a call.
+#include <algorithm>
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
@@ -462,10 +463,12 @@ bool below_avx512() {
 
 // Our kernels (Winograd, direct) against oneDNN: ours run wherever they cover the geometry, on every
 // ISA. Measured in development, 2 threads: on AVX2 (Zen 3) 1.4-6x oneDNN's kernels on the U-Net's
-// shapes; on AVX-512 (Zen 4, oneDNN avx512_core_bf16, session 7) the Winograd passes 1.4-3.3x and
-// the transposed conv's forward and backward-weights 3.9x / 1.9x oneDNN called directly, but the
-// stride-2 direct kernels (backward-data, backward-weights) only 0.65-0.82x, so on AVX-512 those
-// two leave the stride-2 layers to oneDNN (docs/benchmarks.md). A fixed rule, not a timing: runs
+// shapes; on AVX-512 (Zen 4, oneDNN avx512_core_bf16, session 7) the Winograd passes 1.4-3.3x on
+// volumes from 16^3 up and the transposed conv's forward and backward-weights 3.9x / 1.9x oneDNN
+// called directly, but at 8^3 Winograd only ties in forward / backward-data and loses
+// backward-weights (0.2-0.7x), and the direct backward-weights (0.67-0.99x at 8^3, 0.78-0.82x
+// stride 2) and stride-2 backward-data (0.65-0.81x) kernels lose: those go to oneDNN there
+// (docs/benchmarks.md). A fixed rule, not a timing: runs
 // repeat bit for bit (resume is exact), which the measured mode (ConvChoiceMode::Measure, the
 // first call of a geometry times both) cannot promise. MEDSEG_CONV_WINOGRAD=0 /
 // MEDSEG_CONV_DIRECT=0 switch our kernels off (A/B runs).
@@ -486,8 +489,14 @@ ConvChoiceMode& choice_mode_setting() {
 
 bool measure_choices() { return choice_mode_setting() == ConvChoiceMode::Measure; }
 
-// The stride-2 direct kernels lose to oneDNN's AVX-512 JIT kernels (see above).
+// On AVX-512 (see above): Winograd wins from 16^3 up; below that (the deep levels) oneDNN's
+// kernels match it in the forward and backward-data and beat it 1.5-5x in backward-weights. The
+// direct backward-weights kernels (any stride) and the stride-2 backward-data kernel lose there.
+bool winograd_wins(const ConvGeometry& g) {
+  return below_avx512() || std::min({g.id, g.ih, g.iw}) >= 16;
+}
 bool strided_direct_wins(const ConvGeometry& g) { return g.stride == 1 || below_avx512(); }
+bool direct_weights_wins() { return below_avx512(); }
 
 struct Choices {
   std::mutex mu;
@@ -552,7 +561,7 @@ void forward(const ConvGeometry& g, const float* x, const float* w, const float*
   MEDSEG_CHECK(!slope || !g.transposed, "conv3d_forward_leaky: not for transposed convolutions (",
                g.str(), ")");
   const auto ours = [&] {
-    return (use_winograd() && conv3d_forward_winograd(g, x, w, b, y, slope)) ||
+    return (use_winograd() && winograd_wins(g) && conv3d_forward_winograd(g, x, w, b, y, slope)) ||
            (use_direct() && conv_transpose2_forward_direct(g, x, w, b, y));
   };
   const auto onednn = [&] {
@@ -587,7 +596,7 @@ void conv3d_backward_data(const ConvGeometry& g, const float* dy, const float* w
   validate(g);
   MEDSEG_CHECK(dy && w && dx, "conv3d_backward_data: null dy, w or dx for ", g.str());
   const auto ours = [&] {
-    return (use_winograd() && conv3d_backward_data_winograd(g, dy, w, dx)) ||
+    return (use_winograd() && winograd_wins(g) && conv3d_backward_data_winograd(g, dy, w, dx)) ||
            (use_direct() && strided_direct_wins(g) &&
             conv3d_stride2_backward_data_direct(g, dy, w, dx));
   };
@@ -612,8 +621,9 @@ void conv3d_backward_weights(const ConvGeometry& g, const float* dy, const float
   // register-tiled kernels cover the U-Net's channel counts (conv_direct.cpp, conv_transposed.cpp).
   const auto ours = [&] {
     if (g.transposed) return use_direct() && conv_transpose2_backward_weights_direct(g, dy, x, dw, db);
-    return (use_winograd() && conv3d_backward_weights_winograd(g, dy, x, dw, db)) ||
-           (use_direct() && strided_direct_wins(g) &&
+    return (use_winograd() && winograd_wins(g) &&
+            conv3d_backward_weights_winograd(g, dy, x, dw, db)) ||
+           (use_direct() && direct_weights_wins() &&
             conv3d_backward_weights_direct(g, dy, x, dw, db));
   };
   const auto onednn = [&] {
