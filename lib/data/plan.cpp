@@ -175,7 +175,9 @@ int Plan::filters_at(int level) const {
 double estimate_training_memory_gb(const std::array<int64_t, 3>& patch, int levels,
                                    int base_filters, int max_filters, int batch_size,
                                    int in_channels, int num_classes) {
-  // Per level and voxel, in units of that level's filters f (what nn::UNet holds): the encoder's tape
+  // Per level and voxel, in units of that level's filters f: what nn::UNet held up to session 6
+  // (since then it holds less, docs/architecture.md, so this is an upper bound; kept so that plans,
+  // and with them every dataset's patch, stay as they were): the encoder's tape
   // is 2 x (conv output, norm output) = 4f; the decoder's is the concatenation (2f) and 4f; the
   // backward adds the concatenation's gradient (2f), the skip gradient (f) and the pool of three
   // short-lived gradient buffers (3f). The bottleneck has the encoder's 4f and the pool.

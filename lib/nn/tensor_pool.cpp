@@ -30,26 +30,21 @@ Tensor& TensorPool::acquire(const Shape& s) {
   return slot->t;
 }
 
-const TensorPool::Slot* TensorPool::find(const Tensor& t) const {
+TensorPool::Slot* TensorPool::find(const Tensor& t) {
   auto it = slots_.find(key_of(t.shape()));
   if (it == slots_.end()) return nullptr;
-  for (const auto& sl : it->second)
+  for (auto& sl : it->second)
     if (&sl.t == &t) return &sl;
   return nullptr;
 }
 
 void TensorPool::release(const Tensor& t) {
-  Slot* slot = const_cast<Slot*>(find(t));  // our own slot; find() is shared with holds()
+  Slot* slot = find(t);
   MEDSEG_CHECK(slot != nullptr, "TensorPool: releasing a tensor of shape ", t.shape(),
                " that is not one of the pool's buffers");
   MEDSEG_CHECK(slot->busy, "TensorPool: releasing a free buffer of shape ", t.shape());
   slot->busy = false;
   in_use_ -= slot->t.bytes();
-}
-
-bool TensorPool::holds(const Tensor& t) const {
-  const Slot* slot = find(t);
-  return slot && slot->busy;
 }
 
 void TensorPool::release_all() {
@@ -70,7 +65,5 @@ size_t TensorPool::bytes() const {
     for (const auto& sl : list) total += sl.t.bytes();
   return total;
 }
-
-size_t TensorPool::bytes_in_use() const { return in_use_; }
 
 }  // namespace medseg::nn

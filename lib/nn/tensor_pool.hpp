@@ -32,15 +32,12 @@ class TensorPool {
   // Gives back a buffer acquire() returned; throws (an internal error) for anything else or for a
   // buffer already free.
   void release(const Tensor& t);
-  // True when t is one of this pool's buffers and in use.
-  bool holds(const Tensor& t) const;
   // Every buffer free again (a new forward pass abandons the previous one's tape).
   void release_all();
   // Drops every buffer (the memory goes back to the allocator).
   void clear();
 
-  size_t bytes() const;        // all buffers, in use or free
-  size_t bytes_in_use() const;
+  size_t bytes() const;  // all buffers, in use or free
   size_t peak_bytes_in_use() const { return peak_; }  // since construction or clear()
 
  private:
@@ -50,7 +47,7 @@ class TensorPool {
   };
   using Key = std::array<int64_t, 5>;
   static Key key_of(const Shape& s) { return {s.n, s.d, s.h, s.w, s.c}; }
-  const Slot* find(const Tensor& t) const;
+  Slot* find(const Tensor& t);
 
   Device device_;
   std::map<Key, std::deque<Slot>> slots_;  // deque: stable references

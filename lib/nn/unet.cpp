@@ -163,10 +163,6 @@ void UNet::release(Tensor*& t) {
   t = nullptr;
 }
 
-bool UNet::recompute_activations() const {
-  return recompute_;
-}
-
 Tensor& UNet::output_of(Block& b) {
   if (b.y) return *b.y;
   MEDSEG_CHECK(b.z != nullptr, "UNet: a block's output is needed after its conv output was freed");

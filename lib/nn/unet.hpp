@@ -14,10 +14,7 @@
 // the 2-core CPU (the smaller working set pays for the pass) and saves a third of the memory.
 // set_recompute_activations(false) keeps y from the forward instead; both give the same bits.
 #pragma once
-#include <array>
 #include <cstdint>
-#include <deque>
-#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -113,7 +110,7 @@ class UNet {
   size_t peak_activation_bytes() const;
   // Whether the backward rebuilds the norm outputs instead of keeping them (see the top of this
   // file; on by default).
-  bool recompute_activations() const;
+  bool recompute_activations() const { return recompute_; }
   void set_recompute_activations(bool on) { recompute_ = on; }
 
  private:
