@@ -120,6 +120,9 @@ json bench_one(const BenchConfig& cfg, const std::string& norm, int batch, int p
           // The network's activation and gradient buffers at their peak (the rest of the device
           // peak is parameters, optimizer state, loss buffers and the cuDNN workspace).
           {"activation_peak_mb", static_cast<double>(net.peak_activation_bytes()) / (1 << 20)},
+          // What the network's buffer pool holds (each shape at its own largest live count): this,
+          // not the peak above, is what the device allocator counts as in use.
+          {"activation_held_mb", static_cast<double>(net.activation_bytes()) / (1 << 20)},
           {"isa", cpu::onednn_isa()}};
   if (dev.cuda) {
     r["gpu"] = nn::cuda_device_name();
