@@ -22,7 +22,9 @@ int run_plan_cmd(const std::vector<std::string>& args) {
       ("memory-gb", po::value<double>(&c.memory_budget_gb)->default_value(c.memory_budget_gb),
        "training memory budget for the patch choice")
       ("patch", po::value<std::string>(&patch), "use this patch D,H,W instead of the computed one")
-      ("max-cases", po::value<int>(&c.max_cases)->default_value(-1), "fingerprint at most N cases");
+      ("max-cases", po::value<int>(&c.max_cases)->default_value(-1), "fingerprint at most N cases")
+      ("exclude-bad-cases", po::bool_switch(&c.exclude_bad_cases),
+       "plan without cases that fail validation instead of stopping");
   add_common(desc, false);
   auto vm = parse(desc, args, "plan");
   if (!vm) return 0;

@@ -53,6 +53,10 @@ int run_evaluate_cmd(const std::vector<std::string>& args) {
   c.pred = (*vm)["pred"].as<std::string>();
   c.ref = (*vm)["ref"].as<std::string>();
   c.out_json = (*vm)["out"].as<std::string>();
+  // The report is FILE.json plus FILE.csv beside it: a --out ending in .csv would be written twice.
+  if (c.out_json.extension() != ".json")
+    throw ArgumentError("--out " + c.out_json.string() +
+                        ": the report is a .json file (the table goes to the same name with .csv)");
   if (!labels.empty()) {
     std::stringstream ss(labels);
     std::string part;
@@ -60,10 +64,10 @@ int run_evaluate_cmd(const std::vector<std::string>& args) {
       try {
         size_t pos = 0;
         const int v = std::stoi(part, &pos);
-        if (pos != part.size() || v < 1) throw std::invalid_argument("");
+        if (pos != part.size() || v < 1 || v > 65535) throw std::invalid_argument("");
         c.labels.push_back(v);
       } catch (...) {
-        throw ArgumentError("--labels: expected positive integers separated by commas, got '" + labels + "'");
+        throw ArgumentError("--labels: expected label values 1..65535 separated by commas, got '" + labels + "'");
       }
     }
   }

@@ -3,6 +3,9 @@
 // invalid input (ArgumentError) exits 2; runtime failures (IO, numeric, CUDA) exit 1.
 #include "app/commands.hpp"
 
+#include <filesystem>
+#include <new>
+
 #include <csignal>
 #include <functional>
 #include <iostream>
@@ -101,6 +104,15 @@ int run_command(const std::string& name, const Command& cmd, const std::vector<s
     return fail(std::string("error: ") + e.what(), 2);
   } catch (const Error& e) {
     return fail(std::string("error: ") + e.what(), 1);
+  } catch (const std::filesystem::filesystem_error& e) {
+    // A path the command was given (or derived) that the file system refuses: a symlink loop, a
+    // file where a folder is needed, no permission. Named with the system's reason.
+    std::string paths = e.path1().string();
+    if (!e.path2().empty()) paths += ", " + e.path2().string();
+    return fail("error: " + paths + ": " + e.code().message() + " (" + e.what() + ")", 1);
+  } catch (const std::bad_alloc&) {
+    return fail("error: out of memory (an input or option asks for more memory than this machine "
+                "has)", 1);
   } catch (const std::exception& e) {
     return fail(std::string("internal error: ") + e.what(), 1);
   }

@@ -38,8 +38,19 @@ LoadedModel load_model_bundle(const std::filesystem::path& dir) {
   LoadedModel m;
   m.bundle = read_bundle_json(dir);
   try {
+    // The bundle format this build writes; a missing or later one is not read on trust.
+    const auto fmt = m.bundle.find("format");
+    if (fmt == m.bundle.end() || *fmt != "medseg-model-bundle/1")
+      throw IoError(plan_path.string() + ": format is " +
+                    (fmt == m.bundle.end() ? std::string("missing") : fmt->dump()) +
+                    "; this medseg reads \"medseg-model-bundle/1\"");
     m.plan = data::Plan::from_json(m.bundle.at("plan"));
     m.network = nn::unet_config_from_json(m.bundle.at("network"));
+    if (m.network.num_classes != m.plan.num_classes() || m.network.in_channels != m.plan.in_channels)
+      throw IoError(plan_path.string() + ": the network has " + std::to_string(m.network.in_channels) +
+                    " input channel(s) and " + std::to_string(m.network.num_classes) +
+                    " classes, the plan " + std::to_string(m.plan.in_channels) + " and " +
+                    std::to_string(m.plan.num_classes()) + " (labels)");
     m.keep_largest_component = m.bundle.value("keep_largest_component", false);
     m.trained_with_mirroring = m.bundle.value("augmentation", std::string("full")) != "none";
   } catch (const nlohmann::json::exception& e) {

@@ -13,19 +13,11 @@ namespace medseg::pipelines {
 
 int run_plan(const PlanConfig& cfg) {
   io::Dataset ds = io::discover_dataset(cfg.data);
-  // Headers only: reading every voxel twice (here and in the fingerprint) would double the time
-  // on large CT datasets; the fingerprint reads the voxels and fails on unreadable ones anyway.
-  io::ValidationOptions vopt;
-  vopt.check_voxels = false;
-  const io::ValidationReport report = io::validate_dataset(ds, vopt);
-  if (!report.ok()) {
-    log_warn("dataset ", cfg.data.string(), ": leaving out ", report.bad_cases.size(),
-             " case(s) that failed validation:\n", report.text());
-    std::erase_if(ds.training, [&](const io::CaseEntry& e) {
-      return std::find(report.bad_cases.begin(), report.bad_cases.end(), e.id) !=
-             report.bad_cases.end();
-    });
-  }
+  // The same validation as `train` (headers and voxels: NaN/Inf, label values): a plan made from
+  // a case that training would refuse is no plan. The report goes to stderr.
+  const io::ValidationReport report = io::validate_dataset(ds, io::ValidationOptions{});
+  if (!report.problems.empty()) std::cerr << report.text() << std::flush;
+  io::drop_or_refuse_bad_cases(ds, report, cfg.exclude_bad_cases, cfg.data);
   if (ds.training.empty())
     throw ArgumentError("dataset " + cfg.data.string() + " has no usable training case");
 

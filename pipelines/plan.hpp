@@ -20,11 +20,13 @@ struct PlanConfig {
   int batch_size = 2;
   std::optional<std::array<int64_t, 3>> patch;  // (z, y, x) override
   int max_cases = -1;  // fingerprint only the first N labelled cases (<= 0: all)
+  bool exclude_bad_cases = false;  // drop cases that fail validation instead of refusing the dataset
 };
 
-// Prints Plan::describe() to stdout and writes the plan. Cases whose headers fail validation
-// (missing or unreadable files, image/label geometry mismatch) are left out with a warning; throws
-// ArgumentError when no case is left, IoError when a file cannot be read or written. Returns 0.
+// Validates the dataset as `train` does (io::validate_dataset, report on stderr): a failing case
+// throws ArgumentError unless exclude_bad_cases drops it with a warning. Prints Plan::describe()
+// to stdout and writes the plan. Throws ArgumentError when no case is left, IoError when a file
+// cannot be read or written. Returns 0.
 int run_plan(const PlanConfig& cfg);
 
 }  // namespace medseg::pipelines

@@ -1,6 +1,8 @@
 #include "pipelines/predict.hpp"
 
+#include <cctype>
 #include <chrono>
+#include <set>
 #include <iomanip>
 #include <sstream>
 
@@ -19,31 +21,94 @@
 namespace medseg::pipelines {
 
 namespace {
-bool looks_like_image_file(const fs::path& p) {
+bool ends_with_nocase(const std::string& s, const std::string& suffix) {
+  if (s.size() <= suffix.size()) return false;
+  for (size_t i = 0; i < suffix.size(); ++i)
+    if (std::tolower(static_cast<unsigned char>(s[s.size() - suffix.size() + i])) != suffix[i])
+      return false;
+  return true;
+}
+
+// The mask file names predict writes: NIfTI only (write_labels writes .nii / .nii.gz).
+bool names_a_mask_file(const fs::path& p) {
   const std::string s = p.filename().string();
-  for (const char* e : {".nii.gz", ".nii", ".nrrd", ".mha", ".mhd"})
-    if (s.size() > std::strlen(e) && s.compare(s.size() - std::strlen(e), std::strlen(e), e) == 0) return true;
-  return false;
+  return ends_with_nocase(s, ".nii.gz") || ends_with_nocase(s, ".nii");
+}
+
+// A label name as part of a file name: anything but letters, digits, '-', '_' and '.' becomes '_'
+// ("NCR/NET" would otherwise name a folder that does not exist).
+std::string file_name_part(const std::string& name) {
+  std::string out = name;
+  for (char& ch : out)
+    if (!(std::isalnum(static_cast<unsigned char>(ch)) || ch == '-' || ch == '_' || ch == '.'))
+      ch = '_';
+  if (out.empty() || out == "." || out == "..") out = "label";
+  return out;
+}
+
+fs::path canonical_or_absolute(const fs::path& p) {
+  std::error_code ec;
+  fs::path c = fs::weakly_canonical(p, ec);
+  return ec ? fs::absolute(p).lexically_normal() : c;
 }
 }  // namespace
 
 int run_predict(const PredictConfig& cfg) {
   const DeviceChoice device = resolve_device(cfg.device, true);
   log_info(device.description);
-  if (cfg.step <= 0 || cfg.step > 1) throw ArgumentError("--step must be in (0, 1], got " + std::to_string(cfg.step));
+  // Tiles grow as (1 / step)^3: below 0.1 a scan takes over 1000 times the work of step 1.
+  if (!(cfg.step >= 0.1 && cfg.step <= 1))
+    throw ArgumentError("--step must be between 0.1 and 1 (a fraction of the patch), got " +
+                        std::to_string(cfg.step));
+  if (cfg.tiles_per_batch < 1)
+    throw ArgumentError("--tiles-per-batch must be >= 1, got " + std::to_string(cfg.tiles_per_batch));
+  if (cfg.keep_largest < -1 || cfg.keep_largest > 1)
+    throw ArgumentError("--keep-largest must be 1 (on), 0 (off) or -1 (as the model records), got " +
+                        std::to_string(cfg.keep_largest));
   LoadedModel m = load_model_bundle(cfg.model);
   const data::Plan& plan = m.plan;
   const auto cases = io::discover_inputs(cfg.input, plan.in_channels);
   if (cases.empty()) throw ArgumentError("no scans found in " + cfg.input.string());
   // A folder input (or several cases) writes a folder of masks; a single file input writes the file
   // named by --output unless that names an existing folder.
-  const bool out_is_dir = fs::is_directory(cfg.input) || fs::is_directory(cfg.output) ||
-                          !looks_like_image_file(cfg.output);
-  // Every scan's header is checked before the first case runs (a folder with one broken file
-  // fails at once, not after hours), and the output folders are made only when the first mask is
-  // written: a run that fails early leaves nothing behind.
+  std::error_code ec;
+  const bool out_is_dir = fs::is_directory(cfg.input, ec) || fs::is_directory(cfg.output, ec) ||
+                          !names_a_mask_file(cfg.output);
+  if (!fs::is_directory(cfg.input, ec) && !fs::is_directory(cfg.output, ec) &&
+      !names_a_mask_file(cfg.output) && cfg.output.has_extension())
+    throw ArgumentError("--output " + cfg.output.string() +
+                        ": a mask file must end in .nii.gz or .nii (or name an existing folder)");
+  if (out_is_dir && fs::exists(cfg.output, ec) && !fs::is_directory(cfg.output, ec))
+    throw ArgumentError("--output " + cfg.output.string() + " exists and is not a folder");
+  if (!cfg.export_dir.empty() && fs::exists(cfg.export_dir, ec) && !fs::is_directory(cfg.export_dir, ec))
+    throw ArgumentError("--export " + cfg.export_dir.string() + " exists and is not a folder");
+  // No output may replace an input scan (a mask written over its own scan loses the scan).
+  {
+    std::set<fs::path> inputs;
+    for (const auto& c : cases)
+      for (const auto& image : c.images) inputs.insert(canonical_or_absolute(image));
+    for (const auto& c : cases) {
+      const fs::path mask = out_is_dir ? cfg.output / (c.id + ".nii.gz") : cfg.output;
+      if (inputs.count(canonical_or_absolute(mask)))
+        throw ArgumentError("--output " + cfg.output.string() + ": the mask of " + c.id +
+                            " would overwrite the input scan " + mask.string());
+    }
+  }
+  // Every scan is read and checked before the first case runs (a folder with one broken file
+  // fails at once, not after hours, and leaves no masks of the cases before it), and the output
+  // folders are made only when the first mask is written: a run that fails early leaves nothing
+  // behind. Headers first (cheap), then, with several cases, the voxels (NaN/Inf, the channels'
+  // grids): reading a scan costs a small fraction of its inference.
   for (const auto& c : cases)
     for (const auto& image : c.images) io::read_header(image);
+  if (cases.size() > 1) {
+    for (const auto& c : cases) {
+      if (c.images.size() == 1)
+        io::read_image(c.images[0]);
+      else
+        io::read_image_channels(c.images);
+    }
+  }
   bool made_dirs = false;
   const auto make_output_dirs = [&] {
     if (made_dirs) return;
@@ -109,7 +174,7 @@ int run_predict(const PredictConfig& cfg) {
         pv.data.resize(static_cast<size_t>(mask.geo.voxels()));
         for (int64_t q = 0; q < mask.geo.voxels(); ++q) pv.data[q] = source_probs[q * K + k];
         const fs::path dir = out_is_dir ? cfg.output : cfg.output.parent_path();
-        io::write_float_image(dir / (c.id + "_prob_" + plan.labels[k].name + ".nii.gz"), pv);
+        io::write_float_image(dir / (c.id + "_prob_" + file_name_part(plan.labels[k].name) + ".nii.gz"), pv);
       }
     }
     if (!cfg.export_dir.empty())

@@ -225,7 +225,11 @@ int run_train(const TrainConfig& cfg) {
   std::error_code ec;
   const bool existed = fs::exists(cfg.out, ec);
   try {
-    return train_into(cfg);
+    const int code = train_into(cfg);
+    // A dry run trains nothing: the folder it made for the model stays only if something is in it.
+    if (cfg.dry_run && !existed && fs::is_directory(cfg.out, ec) && fs::is_empty(cfg.out, ec))
+      fs::remove(cfg.out, ec);
+    return code;
   } catch (...) {
     if (!existed && fs::is_directory(cfg.out, ec) &&
         nn::find_directory(cfg.out, "checkpoint_last").empty() &&
@@ -281,22 +285,7 @@ int train_into(const TrainConfig& cfg) {
       else if (!report.ok() && !cfg.exclude_bad_cases)  // rank 0 does not see this rank's problems
         log_warn("dataset problems on this rank:\n", report.text());
     }
-    if (!report.ok()) {
-      if (!cfg.exclude_bad_cases)
-        throw ArgumentError(std::to_string(report.bad_cases.size()) + " case(s) of " + cfg.data.string() +
-                            " failed validation; fix them or pass --exclude-bad-cases to train without "
-                            "them");
-      std::vector<io::CaseEntry> kept;
-      for (auto& c : ds.training)
-        if (std::find(report.bad_cases.begin(), report.bad_cases.end(), c.id) == report.bad_cases.end())
-          kept.push_back(c);
-      log_warn("excluding ", ds.training.size() - kept.size(), " case(s): ", [&] {
-        std::string s;
-        for (auto& b : report.bad_cases) s += (s.empty() ? "" : ", ") + b;
-        return s;
-      }());
-      ds.training = kept;
-    }
+    io::drop_or_refuse_bad_cases(ds, report, cfg.exclude_bad_cases, cfg.data);
     if (ds.training.size() < 1) throw ArgumentError("no usable training cases in " + cfg.data.string());
   });
   if (parallel) {

@@ -2,6 +2,7 @@
 // evaluate, plus exit codes and messages for bad input.
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -155,6 +156,96 @@ TEST(Cli, PredictRejectsUnreadableScansAndWrongChannelCounts) {
   EXPECT_EQ(r.code, 0) << r.output;
   EXPECT_NE(r.output.find("TTA off (trained without mirroring)"), std::string::npos) << r.output;
   EXPECT_TRUE(fs::exists(w / "ok.nii.gz"));
+  fs::remove_all(w);
+}
+
+// predict never writes over its inputs, reads every scan of a folder before the first mask (a bad
+// one later in the folder used to leave the earlier masks behind), and refuses options that would
+// run for ages or mean nothing; a dry run leaves no model folder; evaluate's --out is a .json.
+TEST(Cli, PredictProtectsInputsAndChecksEveryScanFirst) {
+  const fs::path w = scratch("protect");
+  tiny_model(w);
+  if (HasFatalFailure()) return;
+  fs::path scan;
+  for (const auto& e : fs::directory_iterator(w / "data/imagesTs")) scan = e.path();
+  ASSERT_FALSE(scan.empty());
+  const std::string model = " --model " + (w / "model").string() + " --device cpu --no-tta";
+  fs::create_directories(w / "in");
+  fs::copy_file(scan, w / "in/a.nii.gz");
+  Volume nan_scan = io::read_image(scan);
+  nan_scan.data[nan_scan.data.size() / 2] = std::nanf("");
+  io::write_float_image(w / "in/b.nii.gz", nan_scan);
+  auto r = run("predict" + model + " --input " + (w / "in").string() + " --output " + (w / "out").string());
+  EXPECT_NE(r.code, 0) << r.output;
+  EXPECT_NE(r.output.find("b.nii.gz"), std::string::npos) << r.output;
+  EXPECT_FALSE(fs::exists(w / "out")) << "a mask was written before a bad scan was found";
+  fs::remove(w / "in/b.nii.gz");
+
+  const std::string before = read_file(w / "in/a.nii.gz");
+  for (const fs::path& out : {w / "in/a.nii.gz", w / "in"}) {
+    r = run("predict" + model + " --input " + (out == w / "in" ? w / "in" : w / "in/a.nii.gz").string() +
+            " --output " + out.string());
+    EXPECT_EQ(r.code, 2) << r.output;
+    EXPECT_NE(r.output.find("would overwrite the input scan"), std::string::npos) << r.output;
+  }
+  EXPECT_EQ(read_file(w / "in/a.nii.gz"), before) << "the input scan changed";
+
+  std::ofstream(w / "occupied") << "a file";
+  const std::vector<std::pair<std::string, std::string>> refused = {
+      {" --output " + (w / "occupied").string(), "exists and is not a folder"},
+      {" --output " + (w / "mask.png").string(), "must end in .nii.gz or .nii"},
+      {" --output " + (w / "o.nii.gz").string() + " --step 0.01", "--step"},
+      {" --output " + (w / "o.nii.gz").string() + " --step nan", "--step"},
+      {" --output " + (w / "o.nii.gz").string() + " --tiles-per-batch 0", "--tiles-per-batch"},
+      {" --output " + (w / "o.nii.gz").string() + " --keep-largest 7", "--keep-largest"}};
+  for (const auto& [args, message] : refused) {
+    r = run("predict" + model + " --input " + (w / "in/a.nii.gz").string() + args);
+    EXPECT_EQ(r.code, 2) << args << "\n" << r.output;
+    EXPECT_NE(r.output.find(message), std::string::npos) << args << "\n" << r.output;
+    EXPECT_EQ(r.output.find("internal error"), std::string::npos) << r.output;
+  }
+  EXPECT_FALSE(fs::exists(w / "o.nii.gz"));
+  EXPECT_FALSE(fs::exists(w / "mask.png"));
+
+  r = run("train --data " + (w / "data").string() + " --out " + (w / "dry").string() +
+          " --dry-run --patch 32,64,64 --base-filters 4 --device cpu --threads 2");
+  EXPECT_EQ(r.code, 0) << r.output;
+  EXPECT_FALSE(fs::exists(w / "dry")) << "a dry run left a model folder";
+
+  r = run("evaluate --pred " + (w / "in").string() + " --ref " + (w / "in").string() + " --out " +
+          (w / "report.csv").string());
+  EXPECT_EQ(r.code, 2) << r.output;
+  EXPECT_NE(r.output.find("is a .json file"), std::string::npos) << r.output;
+  fs::remove_all(w);
+}
+
+// An edited bundle is refused at load, naming plan.json: a format this build does not write, a
+// network whose classes disagree with the plan's labels, a norm epsilon that is not positive.
+TEST(Cli, EditedModelBundlesAreRefusedNamingPlanJson) {
+  const fs::path w = scratch("bundle");
+  tiny_model(w);
+  if (HasFatalFailure()) return;
+  fs::path scan;
+  for (const auto& e : fs::directory_iterator(w / "data/imagesTs")) scan = e.path();
+  const auto original = nlohmann::json::parse(read_file(w / "model/plan.json"));
+  const std::vector<std::pair<std::function<void(nlohmann::json&)>, std::string>> edits = {
+      {[](nlohmann::json& j) { j.erase("format"); }, "format is missing"},
+      {[](nlohmann::json& j) { j["format"] = "medseg-model-bundle/99"; }, "medseg-model-bundle/99"},
+      {[](nlohmann::json& j) { j["network"]["num_classes"] = j["network"]["num_classes"].get<int>() + 1; },
+       "classes"},
+      {[](nlohmann::json& j) { j["network"]["norm_eps"] = -1; }, "norm_eps"},
+      {[](nlohmann::json& j) { j["plan"]["version"] = 99; }, "version"}};
+  for (const auto& [edit, message] : edits) {
+    nlohmann::json j = original;
+    edit(j);
+    write_text_file_atomic(w / "model/plan.json", j.dump(1));
+    const auto r = run("predict --model " + (w / "model").string() + " --input " + scan.string() +
+                       " --output " + (w / "o.nii.gz").string() + " --device cpu --no-tta");
+    EXPECT_EQ(r.code, 1) << message << "\n" << r.output;
+    EXPECT_NE(r.output.find("plan.json"), std::string::npos) << r.output;
+    EXPECT_NE(r.output.find(message), std::string::npos) << r.output;
+    EXPECT_FALSE(fs::exists(w / "o.nii.gz"));
+  }
   fs::remove_all(w);
 }
 

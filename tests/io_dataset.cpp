@@ -180,6 +180,61 @@ TEST(Dataset, NnunetRegionLabelsAreRefused) {
   }
 }
 
+// Label values are range-checked before they are narrowed (4294967298 wrapped to 2 and was
+// accepted), and a file_ending that matches nothing says so instead of "no training cases".
+TEST(Dataset, NnunetLabelValuesOutOfRangeAndWrongFileEndingAreNamed) {
+  TempDir dir;
+  write_image(dir / "imagesTr" / "a_0000.nii.gz", tiny_geometry());
+  write_label(dir / "labelsTr" / "a.nii.gz", tiny_geometry());
+  for (const std::string v : {"4294967298", "18446744073709551615", "-1", "65536"}) {
+    write_file(dir / "dataset.json", R"({"channel_names": {"0": "CT"}, "labels": {"background": 0,
+                   "liver": )" + v + R"(}, "file_ending": ".nii.gz"})");
+    try {
+      discover_dataset(dir.path());
+      ADD_FAILURE() << "label value " << v << " accepted";
+    } catch (const ArgumentError& e) {
+      EXPECT_NE(std::string(e.what()).find("\"liver\" has value " + v), std::string::npos)
+          << e.what();
+    }
+  }
+  write_file(dir / "dataset.json", R"({"channel_names": {"0": "CT"}, "labels": {"background": 0,
+                 "liver": 1}, "file_ending": ".nii"})");
+  try {
+    discover_dataset(dir.path());
+    ADD_FAILURE() << "no case matched, yet accepted";
+  } catch (const ArgumentError& e) {
+    EXPECT_NE(std::string(e.what()).find("\"file_ending\" is \".nii\""), std::string::npos)
+        << e.what();
+    EXPECT_NE(std::string(e.what()).find("a_0000.nii.gz"), std::string::npos) << e.what();
+  }
+}
+
+// Entries named like images that are not files (a looping or dangling symlink, a folder) are
+// reported by name, not skipped (nor an internal filesystem error).
+TEST(Dataset, EntriesNamedLikeImagesThatAreNotFilesAreReported) {
+  TempDir dir;
+  const fs::path root = dir / "nn";
+  write_image(root / "imagesTr" / "a_0000.nii.gz", tiny_geometry());
+  write_label(root / "labelsTr" / "a.nii.gz", tiny_geometry());
+  write_file(root / "dataset.json", R"({"channel_names": {"0": "CT"}, "labels": {"background": 0,
+                 "liver": 1}, "file_ending": ".nii.gz"})");
+  fs::create_symlink("loop_0000.nii.gz", root / "imagesTr" / "loop_0000.nii.gz");
+  fs::create_directories(root / "imagesTr" / "folder_0000.nii.gz");
+  const Dataset ds = discover_dataset(root);
+  ASSERT_EQ(ds.training.size(), 3u);
+  const ValidationReport r = validate_dataset(ds, ValidationOptions{});
+  EXPECT_EQ(r.bad_cases, (std::vector<std::string>{"folder", "loop"})) << r.text();
+  EXPECT_NE(r.text().find("folder_0000.nii.gz: is a folder"), std::string::npos) << r.text();
+  EXPECT_NE(r.text().find("loop_0000.nii.gz"), std::string::npos) << r.text();
+
+  fs::create_directories(dir / "in");
+  fs::create_symlink("nowhere.nii.gz", dir / "in" / "dangling.nii.gz");
+  write_image(dir / "in" / "good.nii.gz", tiny_geometry());
+  const auto inputs = discover_inputs(dir / "in", 1);
+  ASSERT_EQ(inputs.size(), 2u);
+  EXPECT_THROW(read_header(inputs[0].images[0]), IoError);
+}
+
 TEST(Dataset, PlainFoldersInferLabelsFromData) {
   TempDir dir;
   for (const std::string c : {"b", "a"}) {
@@ -443,7 +498,12 @@ TEST(DatasetInputs, FilesFoldersAndChannelGroups) {
   auto single = discover_inputs(dir / "one" / "scan.nii.gz", 1);
   ASSERT_EQ(single.size(), 1u);
   EXPECT_EQ(single[0].id, "scan");
-  EXPECT_THROW(discover_inputs(dir / "one" / "scan.nii.gz", 2), ArgumentError);
+  try {
+    discover_inputs(dir / "one" / "scan.nii.gz", 2);
+    ADD_FAILURE() << "one file accepted for a 2-channel model";
+  } catch (const ArgumentError& e) {
+    EXPECT_NE(std::string(e.what()).find("{CASE}_0000 .. _0001"), std::string::npos) << e.what();
+  }
   EXPECT_THROW(discover_inputs(dir / "absent.nii.gz", 1), IoError);
 
   write_image(dir / "msd" / "b.nii.gz", g);

@@ -409,6 +409,71 @@ TEST(ImageIo, BrokenHeaderFieldsAndNonRegularFilesAreRefused) {
   expect_io_error_naming(fifo, "not a regular file");
 }
 
+// What ITK would read wrongly or not at all, refused by name before it gets there: a header +
+// image pair (.hdr/.img went to ITK unchecked: a NaN sform aborted the process), a .nii.gz without
+// the NIfTI-1 magic (read as ANALYZE 7.5, whose orientation ignores the sform), a NIfTI-2 file, gzip
+// data named .nii, and a MetaImage whose voxel data is short (MetaIO only prints a message).
+TEST(ImageIo, UncheckableAndMisnamedFilesAreRefusedByName) {
+  TempDir dir;
+  const Volume v = synthetic_image(synthetic_geometry(kIdentity));
+  std::ofstream(dir / "pair.hdr") << std::string(348, '\0');
+  std::ofstream(dir / "pair.img") << std::string(64, '\0');
+  expect_io_error_naming(dir / "pair.hdr", ".hdr/.img pair");
+  expect_io_error_naming(dir / "pair.img", ".hdr/.img pair");
+  std::ofstream(dir / "volume.vtk") << "# vtk DataFile Version 3.0\n";
+  expect_io_error_naming(dir / "volume.vtk", "not a supported image file");
+
+  const fs::path magic = dir / "magic.nii";
+  write_float_image(magic, v);
+  patch_bytes(magic, 344, "xyz", 4);
+  expect_io_error_naming(magic, "magic 'xyz'");
+
+  const fs::path nifti2 = dir / "two.nii";
+  write_float_image(nifti2, v);
+  const int32_t n2 = 540;
+  patch_bytes(nifti2, 0, &n2, 4);
+  patch_bytes(nifti2, 4, "n+2", 4);
+  expect_io_error_naming(nifti2, "NIfTI-2");
+
+  const fs::path gz = dir / "packed.nii.gz", misnamed = dir / "packed.nii";
+  write_float_image(gz, v);
+  fs::copy_file(gz, misnamed);
+  expect_io_error_naming(misnamed, "name it .nii.gz");
+
+  // MetaImage, uncompressed (as other tools write it) and compressed (as medseg writes it): whole
+  // files read, short ones do not.
+  const auto write_mha = [&](const fs::path& p, int64_t floats) {
+    std::ofstream f(p, std::ios::binary);
+    f << "ObjectType = Image\nNDims = 3\nDimSize = 4 3 2\nElementSpacing = 1 1 2\n"
+         "ElementType = MET_FLOAT\nElementDataFile = LOCAL\n";
+    for (int64_t i = 0; i < floats; ++i) {
+      const float x = static_cast<float>(i);
+      f.write(reinterpret_cast<const char*>(&x), 4);
+    }
+  };
+  write_mha(dir / "whole.mha", 24);
+  const Volume whole = read_image(dir / "whole.mha");
+  EXPECT_EQ(whole.data.size(), 24u);
+  EXPECT_EQ(whole.data.back(), 23.f);
+  const fs::path mha = dir / "short.mha";
+  write_mha(mha, 20);
+  const fs::path packed = dir / "packed_short.mha";
+  write_float_image(packed, larger_image());
+  fs::resize_file(packed, fs::file_size(packed) - 100);
+  for (const fs::path& bad : {mha, packed})
+  for (int k = 0; k < 2; ++k) {
+    try {
+      if (k == 0) read_image(bad);
+      if (k == 1) read_labels(bad);
+      ADD_FAILURE() << bad << ": a truncated MetaImage read without error (call " << k << ")";
+    } catch (const IoError& e) {
+      const std::string msg = e.what();
+      EXPECT_EQ(msg.rfind(bad.string() + ": ", 0), 0u) << msg;
+      EXPECT_NE(msg.find("truncated"), std::string::npos) << msg;
+    }
+  }
+}
+
 // Scaled integers (CT: int16 with scl_slope / scl_inter) are valid: the length check counts the
 // stored bytes, not the float ITK converts them to (they were refused as "truncated").
 TEST(ImageIo, ScaledIntegerNiftiIsReadWithItsScaling) {

@@ -3,9 +3,13 @@
 
 #include <cmath>
 #include <filesystem>
+#include <functional>
 #include <limits>
 #include <set>
 
+#include <nlohmann/json.hpp>
+
+#include "core/atomic_file.hpp"
 #include "core/error.hpp"
 #include "core/rng.hpp"
 #include "kernels/cpu/ops.hpp"
@@ -259,6 +263,74 @@ TEST(Safetensors, RoundTripRestoresEveryTensorAndMetadata) {
     FAIL();
   } catch (const IoError& e) {
     EXPECT_NE(std::string(e.what()).find(path.string()), std::string::npos);
+  }
+  std::filesystem::remove_all(dir);
+}
+
+// The header is checked field by field: a permuted shape with the same count (another layout's
+// weights), a shape or offsets of the wrong JSON type, metadata that is not a string: IoErrors
+// naming the file and the tensor, not JSON library exceptions.
+TEST(Safetensors, MalformedHeaderFieldsAreIoErrorsNamingTheTensor) {
+  UNetConfig cfg = tiny(cpu::NormKind::BatchRenorm);
+  UNet a(cfg, 1);
+  auto params = a.parameters();
+  const auto dir = std::filesystem::temp_directory_path() /
+                   ("medseg_st_malformed_" + std::to_string(::getpid()));
+  std::filesystem::create_directories(dir);
+  const auto path = dir / "w.safetensors";
+  save_safetensors(path, params, {{"format", "medseg"}});
+  const std::string original = read_file(path);
+  uint64_t n = 0;
+  for (int i = 0; i < 8; ++i) n |= static_cast<uint64_t>(static_cast<unsigned char>(original[i])) << (8 * i);
+  const nlohmann::json header = nlohmann::json::parse(original.substr(8, n));
+  // The first 5-D tensor (a convolution's weights, Cout x 3 x 3 x 3 x Cin, Cout != Cin).
+  std::string conv;
+  for (const auto& p : params)
+    if (header.at(p.name).at("shape").size() == 5 &&
+        header.at(p.name).at("shape")[0] != header.at(p.name).at("shape")[4]) {
+      conv = p.name;
+      break;
+    }
+  ASSERT_FALSE(conv.empty());
+  const auto rewrite = [&](const std::function<void(nlohmann::json&)>& edit) {
+    nlohmann::json h = header;
+    edit(h);
+    std::string text = h.dump();
+    while (text.size() < n) text.push_back(' ');
+    ASSERT_LE(text.size(), n) << "edited header longer than the original";
+    write_text_file_atomic(path, original.substr(0, 8) + text + original.substr(8 + n));
+  };
+  struct Case {
+    const char* what;
+    std::function<void(nlohmann::json&)> edit;
+    std::string expect;
+  };
+  const std::vector<Case> cases = {
+      {"permuted shape",
+       [&](nlohmann::json& h) {
+         auto& s = h[conv]["shape"];
+         std::swap(s[0], s[4]);
+       },
+       "'" + conv + "' has shape"},
+      {"shape of strings", [&](nlohmann::json& h) { h[conv]["shape"] = {"a", "b"}; },
+       "'" + conv + "' is malformed"},
+      {"offsets of strings", [&](nlohmann::json& h) { h[conv]["data_offsets"] = {"0", "8"}; },
+       "'" + conv + "' is malformed"},
+      {"metadata number", [&](nlohmann::json& h) { h["__metadata__"]["format"] = 7; },
+       "__metadata__ value 'format'"},
+  };
+  for (const auto& c : cases) {
+    rewrite(c.edit);
+    if (HasFatalFailure()) break;
+    UNet b(cfg, 2);
+    auto pb = b.parameters();
+    try {
+      load_safetensors(path, pb);
+      ADD_FAILURE() << c.what << ": accepted";
+    } catch (const IoError& e) {
+      EXPECT_NE(std::string(e.what()).find(path.string()), std::string::npos) << e.what();
+      EXPECT_NE(std::string(e.what()).find(c.expect), std::string::npos) << c.what << ": " << e.what();
+    }
   }
   std::filesystem::remove_all(dir);
 }

@@ -81,3 +81,45 @@ TEST(PlanPipeline, MissingDatasetIsAnArgumentOrIoError) {
   EXPECT_THROW(pipelines::run_plan(cfg), Error);
   EXPECT_FALSE(fs::exists(cfg.out));
 }
+
+// plan validates like train: a case with a label value the dataset does not declare (and one with
+// a NaN voxel, which a header check cannot see) refuses the dataset, names the files, writes no
+// plan; --exclude-bad-cases plans from the others.
+TEST(PlanPipeline, RefusesCasesThatTrainingWouldRefuseUnlessExcluded) {
+  const fs::path tmp =
+      fs::temp_directory_path() / ("medseg_plan_badcase_" + std::to_string(::getpid()));
+  fs::remove_all(tmp);
+  const fs::path data = write_msd_dataset(tmp / "data");
+  LabelVolume lab = io::read_labels(data / "labelsTr" / "tiny_1.nii.gz");
+  lab.data[100] = 7;
+  io::write_labels(data / "labelsTr" / "tiny_1.nii.gz", lab);
+  Volume img = io::read_image(data / "imagesTr" / "tiny_2.nii.gz");
+  img.data[5] = std::numeric_limits<float>::quiet_NaN();
+  io::write_float_image(data / "imagesTr" / "tiny_2.nii.gz", img);
+
+  pipelines::PlanConfig cfg;
+  cfg.data = data;
+  cfg.out = tmp / "out" / "plan.json";
+  testing::internal::CaptureStderr();
+  try {
+    pipelines::run_plan(cfg);
+    ADD_FAILURE() << "a dataset with bad cases was planned";
+  } catch (const ArgumentError& e) {
+    EXPECT_NE(std::string(e.what()).find("2 case(s)"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("--exclude-bad-cases"), std::string::npos) << e.what();
+  }
+  const std::string report = testing::internal::GetCapturedStderr();
+  EXPECT_NE(report.find("tiny_1.nii.gz"), std::string::npos) << report;
+  EXPECT_NE(report.find("tiny_2.nii.gz"), std::string::npos) << report;
+  EXPECT_FALSE(fs::exists(cfg.out));
+
+  cfg.exclude_bad_cases = true;
+  testing::internal::CaptureStdout();
+  testing::internal::CaptureStderr();
+  EXPECT_EQ(pipelines::run_plan(cfg), 0);
+  testing::internal::GetCapturedStdout();
+  testing::internal::GetCapturedStderr();
+  const data::Plan plan = data::read_plan(cfg.out);
+  EXPECT_EQ(plan.num_classes(), 2);
+  fs::remove_all(tmp);
+}

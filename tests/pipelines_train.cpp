@@ -23,18 +23,26 @@ using test::step_losses;
 namespace fs = std::filesystem;
 
 namespace {
-fs::path tiny_dataset() {
-  static fs::path dir = [] {
-    fs::path d = fs::temp_directory_path() / ("medseg_train_ds_" + std::to_string(::getpid()));
-    fs::remove_all(d);
+// Generated once per process (ctest runs every test in its own) and removed when it exits.
+struct TinyDataset {
+  fs::path dir = fs::temp_directory_path() / ("medseg_train_ds_" + std::to_string(::getpid()));
+  TinyDataset() {
+    fs::remove_all(dir);
     infer::SyntheticOptions o;
     o.train_cases = 4;
     o.test_cases = 1;
     o.size = {32, 32, 12};
-    infer::generate_synthetic_dataset(d, o);
-    return d;
-  }();
-  return dir;
+    infer::generate_synthetic_dataset(dir, o);
+  }
+  ~TinyDataset() {
+    std::error_code ec;
+    fs::remove_all(dir, ec);
+  }
+};
+
+fs::path tiny_dataset() {
+  static const TinyDataset ds;
+  return ds.dir;
 }
 
 pipelines::TrainConfig tiny_config(const fs::path& out) {

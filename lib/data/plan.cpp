@@ -392,6 +392,9 @@ Plan Plan::from_json(const nlohmann::json& j) {
   if (!j.is_object()) throw ArgumentError("plan: expected a JSON object, found " + j.dump());
   if (j.contains("format") && j["format"] != "medseg-plan")
     malformed("format", "must be \"medseg-plan\", found " + j["format"].dump());
+  // Version 1 is the only one written so far; a later one may mean fields this build misreads.
+  if (j.contains("version") && !(j["version"].is_number_integer() && j["version"] == 1))
+    malformed("version", "is " + j["version"].dump() + "; this medseg reads version 1 plans");
   Plan p;
   const auto& name = need(j, "dataset_name");
   if (!name.is_string()) malformed("dataset_name", "must be a string");

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <optional>
+#include <sstream>
 
 #include "core/error.hpp"
 #include "core/log.hpp"
@@ -324,6 +325,8 @@ LabelVolume reorient(const LabelVolume& v, const Orientation& o) {
 
 // ------------------------------------------------------------------------------ resampling
 
+constexpr double kMaxResampledVoxels = 1073741824.0;  // 2^30: 4 GiB per float copy
+
 std::array<int64_t, 3> resampled_size(const std::array<int64_t, 3>& size,
                                       const std::array<double, 3>& spacing,
                                       const std::array<double, 3>& target) {
@@ -531,6 +534,19 @@ PreprocessedCase preprocess_case(const Plan& plan, const std::string& id, const 
         std::abs(map.canonical.spacing[a] - plan.target_spacing[a]) > kSpacingTolerance;
   if (map.resampled) {
     size = resampled_size(map.canonical.size, map.canonical.spacing, plan.target_spacing);
+    // A scan at an absurd spacing for the plan (1000 mm voxels, or a plan edited to 1e-4 mm)
+    // would otherwise end in an allocation failure naming nothing.
+    const double voxels = static_cast<double>(size[0]) * static_cast<double>(size[1]) *
+                          static_cast<double>(size[2]) * static_cast<double>(image.channels);
+    if (voxels > kMaxResampledVoxels) {
+      std::ostringstream os;
+      os << "case '" << id << "': resampling " << map.canonical.describe() << " to the plan's "
+         << plan.target_spacing[0] << " x " << plan.target_spacing[1] << " x "
+         << plan.target_spacing[2] << " mm spacing gives " << size[0] << " x " << size[1] << " x "
+         << size[2] << " voxels, more than medseg handles (2^30); the scan's voxel spacing (or "
+         << "the plan's target spacing) is implausible";
+      throw ArgumentError(os.str());
+    }
     img = resample_linear(canon, size);
     if (labels) lab = resample_nearest(lab ? *lab : *labels, size);
   }

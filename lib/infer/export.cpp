@@ -10,6 +10,7 @@
 #include <sstream>
 
 #include "core/atomic_file.hpp"
+#include "core/log.hpp"
 #include "core/error.hpp"
 #include "io/image_io.hpp"
 
@@ -35,7 +36,13 @@ std::vector<Entry> build_table(const LabelVolume& mask, const std::vector<io::La
   if (!table.count(0)) table[0] = {0, "background", {0, 0, 0}};
   std::set<int> present(mask.data.begin(), mask.data.end());
   for (int v : present)
-    if (!table.count(v)) table[v] = {v, "label_" + std::to_string(v), io::default_label_color(v)};
+    if (!table.count(v)) {
+      // Only when labels were given: a mask value the model does not know is worth a word.
+      if (!labels.empty())
+        log_warn("export: the mask holds label value ", v,
+                 ", which the model does not name; exported as label_", v);
+      table[v] = {v, "label_" + std::to_string(v), io::default_label_color(v)};
+    }
   std::vector<Entry> out;
   for (auto& [v, e] : table) out.push_back(e);
   return out;

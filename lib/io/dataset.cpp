@@ -43,8 +43,10 @@ std::string image_extension(const std::string& name) {
 
 bool is_image_file(const fs::directory_entry& e) {
   const std::string name = e.path().filename().string();
-  // Hidden files include our own ".tmp-..." partial writes and macOS "._" resource forks.
-  return !name.empty() && name[0] != '.' && e.is_regular_file() && !image_extension(name).empty();
+  // Hidden files include our own ".tmp-..." partial writes and macOS "._" resource forks. Whatever
+  // else is named like an image is listed even when it is not a regular file (a folder, a dangling
+  // or looping symlink, a FIFO): reading it then reports it by name instead of skipping it.
+  return !name.empty() && name[0] != '.' && !image_extension(name).empty();
 }
 
 // Image files directly inside `folder`, sorted by name (directory order is not stable).
@@ -194,7 +196,12 @@ std::vector<LabelInfo> nnunet_labels(const json& j, const fs::path& json_path) {
                           "\" must map to an integer, "
                           "found " +
                           v.dump());
-    add_label(labels, v.get<int>(), name, json_path);
+    // Range-checked before narrowing: 4294967298 must not wrap to 2, 2^64 - 1 to -1.
+    if (v.is_number_unsigned() ? v.get<uint64_t>() > 65535u
+                               : (v.get<int64_t>() < 0 || v.get<int64_t>() > 65535))
+      throw ArgumentError(json_path.string() + ": label \"" + name + "\" has value " + v.dump() +
+                          ", expected 0..65535");
+    add_label(labels, static_cast<int>(v.get<int64_t>()), name, json_path);
   }
   finish_labels(labels);
   return labels;
@@ -223,7 +230,8 @@ std::vector<CaseEntry> single_channel_cases(const fs::path& images, const fs::pa
     const fs::path l = labels / p.filename();
     // A training case keeps its expected label path even when the file is missing, so that
     // validation reports it by name.
-    if (label_required || fs::exists(l)) c.label = l;
+    std::error_code lec;
+    if (label_required || fs::exists(l, lec)) c.label = l;
     out.push_back(std::move(c));
   }
   return out;
@@ -261,7 +269,8 @@ std::vector<CaseEntry> grouped_cases(const fs::path& images, const fs::path& lab
     const std::string ext =
         ending.empty() ? image_extension(files.begin()->second.filename().string()) : ending;
     const fs::path l = labels / (id + ext);
-    if (label_required || fs::exists(l)) c.label = l;
+    std::error_code lec;
+    if (label_required || fs::exists(l, lec)) c.label = l;
     out.push_back(std::move(c));
   }
   return out;
@@ -315,7 +324,8 @@ Dataset discover_msd(const fs::path& root, const json& j, const fs::path& json_p
       c.images = {resolve_inside(root, entry, json_path, where)};
       c.id = case_id_from_path(c.images[0], false);
       const fs::path l = root / "labelsTs" / c.images[0].filename();
-      if (fs::exists(l)) c.label = l;
+      std::error_code lec;
+      if (fs::exists(l, lec)) c.label = l;
       ds.test.push_back(std::move(c));
     }
   } else if (fs::is_directory(root / "imagesTs")) {
@@ -341,6 +351,14 @@ Dataset discover_nnunet(const fs::path& root, const json& j, const fs::path& jso
     throw ArgumentError(root.string() + ": nnU-Net dataset without an imagesTr folder");
   ds.training = grouped_cases(root / "imagesTr", root / "labelsTr", ds.num_channels(), ending, true,
                               root / "imagesTr");
+  if (ds.training.empty()) {
+    const auto other = list_images(root / "imagesTr");
+    if (!other.empty())
+      throw ArgumentError(json_path.string() + ": \"file_ending\" is \"" + ending + "\" but " +
+                          (root / "imagesTr").string() + " holds " + std::to_string(other.size()) +
+                          " image file(s) with other endings, e.g. " +
+                          other.front().filename().string());
+  }
   if (fs::is_directory(root / "imagesTs"))
     ds.test = grouped_cases(root / "imagesTs", root / "labelsTs", ds.num_channels(), ending, false,
                             root / "imagesTs");
@@ -511,7 +529,7 @@ std::vector<CaseEntry> discover_inputs(const fs::path& input, int channels) {
     if (channels != 1)
       throw ArgumentError(input.string() + ": the model takes " + std::to_string(channels) +
                           " channels; give a folder of nnU-Net files {CASE}_0000 .. _" +
-                          std::to_string(1000 + channels - 1).substr(1) + " instead of one file");
+                          std::to_string(10000 + channels - 1).substr(1) + " instead of one file");
     // A lone "case_0000.nii.gz" is a one-channel nnU-Net case: name the output after the case.
     return {CaseEntry{case_id_from_path(input, true), {fs::absolute(input)}, {}}};
   }
@@ -684,6 +702,21 @@ ValidationReport validate_dataset(const Dataset& ds, const ValidationOptions& op
     if (bad) report.bad_cases.push_back(c.id);
   }
   return report;
+}
+
+void drop_or_refuse_bad_cases(Dataset& ds, const ValidationReport& report, bool exclude,
+                              const std::filesystem::path& data) {
+  if (report.ok()) return;
+  if (!exclude)
+    throw ArgumentError(std::to_string(report.bad_cases.size()) + " case(s) of " + data.string() +
+                        " failed validation; fix them or pass --exclude-bad-cases to go on without "
+                        "them");
+  const std::set<std::string> bad(report.bad_cases.begin(), report.bad_cases.end());
+  const size_t before = ds.training.size();
+  std::erase_if(ds.training, [&](const CaseEntry& c) { return bad.count(c.id) > 0; });
+  std::string names;
+  for (const auto& b : report.bad_cases) names += (names.empty() ? "" : ", ") + b;
+  log_warn("excluding ", before - ds.training.size(), " case(s): ", names);
 }
 
 }  // namespace medseg::io

@@ -82,4 +82,10 @@ struct ValidationReport {
 // image not smaller than min_size. Never throws for a bad case; records it.
 ValidationReport validate_dataset(const Dataset& ds, const ValidationOptions& opt);
 
+// What `plan` and `train` do with a report that has bad cases: without `exclude`, throw an
+// ArgumentError (exit 2) saying how many cases of `data` failed and that --exclude-bad-cases drops
+// them; with it, remove them from ds.training with a warning naming them. A clean report is a no-op.
+void drop_or_refuse_bad_cases(Dataset& ds, const ValidationReport& report, bool exclude,
+                              const std::filesystem::path& data);
+
 }  // namespace medseg::io

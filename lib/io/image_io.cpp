@@ -14,9 +14,11 @@
 #include <cstring>
 #include <fstream>
 #include <limits>
+#include <map>
 #include <optional>
 #include <sstream>
 #include <string>
+#include <vector>
 
 #include "core/atomic_file.hpp"
 #include "core/error.hpp"
@@ -77,6 +79,21 @@ struct OpenedIo {
 };
 
 void check_nifti_header(const fs::path& path);  // below, with the other NIfTI-1 checks
+bool ends_with(const std::string& s, const std::string& suffix);  // below; case-insensitive
+
+bool has_supported_extension(const fs::path& p) {
+  const std::string name = p.filename().string();
+  for (const char* e : {".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd"})
+    if (ends_with(name, e)) return true;
+  return false;
+}
+
+bool is_analyze_pair(const fs::path& p) {
+  const std::string name = p.filename().string();
+  for (const char* e : {".hdr", ".img", ".hdr.gz", ".img.gz"})
+    if (ends_with(name, e)) return true;
+  return false;
+}
 
 OpenedIo open_header(const fs::path& path) {
   std::error_code ec;
@@ -84,6 +101,15 @@ OpenedIo open_header(const fs::path& path) {
   if (fs::is_directory(path, ec)) fail(path, "is a folder, expected an image file");
   // A FIFO or device would block the reader (or never end): only regular files (after symlinks).
   if (!fs::is_regular_file(path, ec)) fail(path, "is not a regular file, expected an image file");
+  // Only the formats medseg checks itself or that ITK reads strictly. Header + image pairs
+  // (.hdr/.img) went to ITK unchecked: a NaN sform aborted the process, a short .img read as
+  // zeros, a zero or NaN spacing became 1 mm.
+  if (!has_supported_extension(path))
+    fail(path, "not a supported image file: expected .nii.gz or .nii (NIfTI-1), .nrrd/.nhdr or "
+               ".mha/.mhd" +
+                   std::string(is_analyze_pair(path)
+                                   ? "; a .hdr/.img pair must be converted to one .nii.gz"
+                                   : ""));
   check_nifti_header(path);
   OpenedIo out;
   out.io = itk::ImageIOFactory::CreateImageIO(path.c_str(), itk::ImageIOFactory::ReadMode);
@@ -217,15 +243,39 @@ std::optional<NiftiLayout> nifti_layout(const fs::path& path) {
   unsigned char hdr[348];
   const int got = gzread(f, hdr, sizeof hdr);
   gzclose(f);
-  if (got < 4) fail(path, "NIfTI header is truncated");
-  NiftiLayout out;
-  int32_t sizeof_hdr = header_field<int32_t>(hdr, 0, false);
-  if (sizeof_hdr != 348) {
-    swap_bytes(&sizeof_hdr, 4);
-    if (sizeof_hdr != 348) return std::nullopt;  // NIfTI-2 or not NIfTI: ITK decides
-    out.swapped = true;
+  if (got >= 2 && hdr[0] == 0x1f && hdr[1] == 0x8b)  // gzopen hands back the raw stream here
+    fail(path, "holds gzip-compressed data inside gzip compression (or a .gz named .nii): "
+               "not a readable image");
+  if (format_of(path) == Format::Nifti && got >= 2) {
+    // gzopen decompresses transparently; ITK reads a .nii as raw bytes and would fail vaguely.
+    unsigned char first[2] = {0, 0};
+    std::ifstream raw(path, std::ios::binary);
+    raw.read(reinterpret_cast<char*>(first), 2);
+    if (first[0] == 0x1f && first[1] == 0x8b)
+      fail(path, "is gzip-compressed: name it .nii.gz (a .nii is read uncompressed)");
   }
-  if (got != static_cast<int>(sizeof hdr)) fail(path, "NIfTI header is truncated");
+  if (got >= 8 && std::memcmp(hdr + 4, "n+2\0", 4) == 0)
+    fail(path, "is a NIfTI-2 file, which medseg does not read: convert it to NIfTI-1 (.nii.gz)");
+  if (got < static_cast<int>(sizeof hdr))
+    fail(path, "not a readable image: " + std::to_string(std::max(got, 0)) +
+                   " bytes, shorter than a NIfTI-1 header (348)");
+  // A NIfTI-1 header is told by its magic, not by sizeof_hdr (files with 0 or 540 there exist and
+  // read). Without the magic, ITK falls back to ANALYZE 7.5, which ignores the qform and sform:
+  // the scan would be read in a different orientation than its header states.
+  if (std::memcmp(hdr + 344, "n+1\0", 4) != 0 && std::memcmp(hdr + 344, "ni1\0", 4) != 0) {
+    std::string magic;
+    for (int i = 344; i < 348 && hdr[i]; ++i)
+      magic += std::isprint(hdr[i]) ? static_cast<char>(hdr[i]) : '?';
+    fail(path, "not a readable image: NIfTI-1 magic '" + magic +
+                   "' where 'n+1' is expected (an ANALYZE 7.5 header has no reliable orientation)");
+  }
+  NiftiLayout out;
+  // Byte order as niftilib decides it: dim[0] must read as 1..7.
+  const int16_t dim0 = header_field<int16_t>(hdr, 40, false);
+  const int16_t dim0_swapped = header_field<int16_t>(hdr, 40, true);
+  if ((dim0 < 1 || dim0 > 7) && (dim0_swapped < 1 || dim0_swapped > 7))
+    fail(path, "NIfTI header dim[0] = " + std::to_string(dim0) + " (must be 1 to 7)");
+  out.swapped = dim0 < 1 || dim0 > 7;
   const bool sw = out.swapped;
   const auto i16 = [&](size_t off) { return header_field<int16_t>(hdr, off, sw); };
   const auto f32 = [&](size_t off) { return header_field<float>(hdr, off, sw); };
@@ -291,7 +341,13 @@ std::optional<NiftiLayout> nifti_layout(const fs::path& path) {
   return out;
 }
 
-void check_nifti_header(const fs::path& path) { nifti_layout(path); }
+void check_metaimage(const fs::path& path, bool check_data);  // below
+
+void check_nifti_header(const fs::path& path) {
+  if (nifti_layout(path)) return;
+  const std::string name = path.filename().string();
+  if (ends_with(name, ".mha") || ends_with(name, ".mhd")) check_metaimage(path, false);
+}
 
 // ITK 5.2 reads a .nii or .nii.gz that was cut short without complaint (the missing voxels come
 // back as zeros), and niftilib silently replaces NaN and Inf in float32/float64 data by 0. So one
@@ -362,8 +418,110 @@ NonFiniteVoxels verify_nifti(const fs::path& path, const NiftiLayout& layout, bo
   return out;
 }
 
+// MetaImage (.mha/.mhd): MetaIO reads a short data block with only a console message ("data not
+// read completely"), leaving the rest of the image as it was. So the header is parsed here (text
+// "Key = Value" lines up to ElementDataFile) and the data checked long enough: the voxel bytes, or
+// CompressedDataSize for compressed data. Listed and patterned data files are left to MetaIO.
+// With check_data false, the header alone: spacing as for NIfTI (a positive size in mm, 1e-5 to
+// 1e5; MetaIO turned a NaN into an unrelated "No such file or directory"), a finite origin and
+// direction.
+void check_metaimage(const fs::path& path, bool check_data) {
+  std::ifstream f(path, std::ios::binary);
+  if (!f) fail(path, "cannot open");
+  std::vector<uint64_t> dims;
+  uint64_t channels = 1, element = 0;
+  int64_t header_size = 0;
+  uint64_t compressed_size = 0;
+  bool compressed = false;
+  std::string line, data_file;
+  while (std::getline(f, line)) {
+    const auto eq = line.find('=');
+    if (eq == std::string::npos) continue;
+    const auto trim = [](std::string t) {
+      const auto b = t.find_first_not_of(" \t\r"), e = t.find_last_not_of(" \t\r");
+      return b == std::string::npos ? std::string() : t.substr(b, e - b + 1);
+    };
+    const std::string key = trim(line.substr(0, eq)), value = trim(line.substr(eq + 1));
+    std::istringstream v(value);
+    const auto numbers = [&] {
+      std::vector<double> out;
+      std::istringstream in(value);
+      std::string tok;
+      while (in >> tok) out.push_back(std::strtod(tok.c_str(), nullptr));
+      return out;
+    };
+    if (key == "ElementSpacing" || key == "ElementSize") {
+      for (double sp : numbers())
+        if (!(std::isfinite(sp) && sp >= 1e-5 && sp <= 1e5)) {
+          std::ostringstream os;
+          os << "MetaImage " << key << " has " << sp << " (must be a positive size in mm, 1e-5 to 1e5)";
+          fail(path, os.str());
+        }
+    } else if (key == "Offset" || key == "Position" || key == "Origin" || key == "TransformMatrix" ||
+               key == "Rotation" || key == "Orientation" || key == "CenterOfRotation") {
+      for (double x : numbers())
+        if (!std::isfinite(x)) fail(path, "MetaImage " + key + " has a non-finite value");
+    } else if (key == "DimSize") {
+      dims.clear();
+      double d;
+      while (v >> d) dims.push_back(d >= 0 ? static_cast<uint64_t>(d) : 0);
+    } else if (key == "ElementNumberOfChannels") {
+      v >> channels;
+    } else if (key == "CompressedData") {
+      compressed = value == "True" || value == "true" || value == "1";
+    } else if (key == "CompressedDataSize") {
+      v >> compressed_size;
+    } else if (key == "HeaderSize") {
+      v >> header_size;
+    } else if (key == "ElementType") {
+      static const std::map<std::string, uint64_t> sizes = {
+          {"MET_UCHAR", 1}, {"MET_CHAR", 1},  {"MET_USHORT", 2},    {"MET_SHORT", 2},
+          {"MET_UINT", 4},  {"MET_INT", 4},   {"MET_ULONG", 4},     {"MET_LONG", 4},
+          {"MET_FLOAT", 4}, {"MET_DOUBLE", 8}, {"MET_ULONG_LONG", 8}, {"MET_LONG_LONG", 8}};
+      const auto it = sizes.find(value);
+      element = it == sizes.end() ? 0 : it->second;
+    } else if (key == "ElementDataFile") {
+      data_file = value;
+      break;
+    }
+  }
+  if (!check_data) return;
+  if (data_file.empty() || dims.empty() || element == 0 || (compressed && compressed_size == 0) ||
+      data_file == "LIST" || data_file.find('%') != std::string::npos ||
+      data_file.find(' ') != std::string::npos)
+    return;
+  uint64_t expected = element * std::max<uint64_t>(channels, 1);
+  for (uint64_t d : dims) expected *= d;
+  if (compressed) expected = compressed_size;  // the deflate stream's length, from the header
+  std::error_code ec;
+  uint64_t available = 0;
+  fs::path data_path = path;
+  if (data_file == "LOCAL") {
+    const std::streamoff begin = f.tellg();
+    const uint64_t total = fs::file_size(path, ec);
+    if (ec || begin < 0) return;
+    available = total > static_cast<uint64_t>(begin) ? total - static_cast<uint64_t>(begin) : 0;
+  } else {
+    data_path = fs::path(data_file).is_absolute() ? fs::path(data_file) : path.parent_path() / data_file;
+    const uint64_t total = fs::file_size(data_path, ec);
+    if (ec) fail(path, "its data file " + data_path.string() + " cannot be read: " + ec.message());
+    // HeaderSize -1: the data are the last bytes of the file, whatever precedes them.
+    const uint64_t skip = header_size > 0 ? static_cast<uint64_t>(header_size) : 0;
+    available = header_size == -1 ? total : (total > skip ? total - skip : 0);
+  }
+  if (available < expected)
+    fail(path, "file is truncated: " + std::to_string(available) + " bytes of voxel data" +
+                   (data_path == path ? std::string() : " in " + data_path.string()) +
+                   ", the header needs " + std::to_string(expected));
+}
+
 void check_nifti_complete(const fs::path& path) {
-  if (const auto layout = nifti_layout(path)) verify_nifti(path, *layout, false);
+  if (const auto layout = nifti_layout(path)) {
+    verify_nifti(path, *layout, false);
+    return;
+  }
+  const std::string name = path.filename().string();
+  if (ends_with(name, ".mha") || ends_with(name, ".mhd")) check_metaimage(path, true);
 }
 
 // The non-finite voxels of a float32/float64 NIfTI as stored, with the file checked complete on

@@ -51,6 +51,14 @@ UNetConfig unet_config_from_json(const nlohmann::json& j) {
   range("base_filters", c.base_filters, 1, 4096);
   range("max_filters", c.max_filters, c.base_filters, 65536);
   range("convs_per_stage", c.convs_per_stage, 1, 8);
+  const auto positive = [](const char* what, float v, float hi) {
+    if (!(v > 0.f && v <= hi))
+      throw ArgumentError(std::string("malformed network description: ") + what + " = " +
+                          std::to_string(v) + " (must be > 0 and <= " + std::to_string(hi) + ")");
+  };
+  positive("norm_eps", c.norm.eps, 1.f);
+  positive("norm_alpha", c.norm.alpha, 1.f);
+  positive("leaky_slope", c.norm.slope, 1.f);
   return c;
 }
 

@@ -2,6 +2,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <sstream>
 #include <nlohmann/json.hpp>
 
 #include "core/atomic_file.hpp"
@@ -56,34 +57,56 @@ std::map<std::string, std::string> load_safetensors(const std::filesystem::path&
     throw IoError(where + ": malformed safetensors header: " + e.what());
   }
   const size_t data0 = 8 + n;
+  if (!header.is_object()) throw IoError(where + ": malformed safetensors header: not a JSON object");
   for (const auto& t : tensors) {
     if (!header.contains(t.name)) throw IoError(where + ": tensor '" + t.name + "' is missing");
     const auto& e = header[t.name];
-    if (e.value("dtype", "") != "F32") throw IoError(where + ": tensor '" + t.name + "' is not F32");
-    int64_t count = 1;
-    for (auto d : e.at("shape")) count *= d.get<int64_t>();
-    if (count != t.value->numel())
-      throw IoError(where + ": tensor '" + t.name + "' has " + std::to_string(count) +
-                    " values, the model expects " + std::to_string(t.value->numel()) +
-                    " (shape " + t.value->shape().str() + ")");
-    const size_t a = e.at("data_offsets")[0].get<size_t>(), b = e.at("data_offsets")[1].get<size_t>();
+    const std::string what = where + ": tensor '" + t.name + "'";
+    std::vector<int64_t> shape;
+    size_t a = 0, b = 0;
+    try {
+      if (e.value("dtype", "") != "F32") throw IoError(what + " is not F32");
+      shape = e.at("shape").get<std::vector<int64_t>>();
+      const auto& off = e.at("data_offsets");
+      if (!off.is_array() || off.size() != 2) throw IoError(what + ": data_offsets is not a pair");
+      a = off[0].get<size_t>();
+      b = off[1].get<size_t>();
+    } catch (const nlohmann::json::exception& ex) {
+      throw IoError(what + " is malformed: " + ex.what());
+    }
+    // The exact shape, not just the count: a permuted shape is another layout's weights.
+    if (shape != dims_of(*t.value)) {
+      const auto list = [](const std::vector<int64_t>& v) {
+        std::ostringstream os;
+        for (size_t i = 0; i < v.size(); ++i) os << (i ? "," : "") << v[i];
+        return os.str();
+      };
+      throw IoError(what + " has shape [" + list(shape) + "], the model expects [" +
+                    list(dims_of(*t.value)) + "]");
+    }
+    const int64_t count = t.value->numel();
     if (b < a || b - a != t.value->bytes() || data0 + b > buf.size())
-      throw IoError(where + ": tensor '" + t.name + "' has bad data offsets (file truncated?)");
+      throw IoError(what + " has bad data offsets (file truncated?)");
     // NaN / Inf weights (a damaged or diverged model) would give a confident-looking garbage mask.
     const char* raw = buf.data() + data0 + a;
     for (int64_t i = 0; i < count; ++i) {
       float v;
       std::memcpy(&v, raw + i * 4, 4);
       if (!std::isfinite(v))
-        throw IoError(where + ": tensor '" + t.name + "' holds a non-finite value (" +
-                      std::to_string(v) + " at index " + std::to_string(i) +
-                      "): the model is damaged");
+        throw IoError(what + " holds a non-finite value (" + std::to_string(v) + " at index " +
+                      std::to_string(i) + "): the model is damaged");
     }
     t.value->assign_from(reinterpret_cast<const float*>(raw));
   }
   std::map<std::string, std::string> meta;
-  if (header.contains("__metadata__"))
-    for (auto& [k, v] : header["__metadata__"].items()) meta[k] = v.get<std::string>();
+  if (header.contains("__metadata__")) {
+    const auto& m = header["__metadata__"];
+    if (!m.is_object()) throw IoError(where + ": __metadata__ is not a JSON object");
+    for (auto& [k, v] : m.items()) {
+      if (!v.is_string()) throw IoError(where + ": __metadata__ value '" + k + "' is not a string");
+      meta[k] = v.get<std::string>();
+    }
+  }
   return meta;
 }
 
