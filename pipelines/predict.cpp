@@ -82,6 +82,14 @@ int run_predict(const PredictConfig& cfg) {
     throw ArgumentError("--output " + cfg.output.string() + " exists and is not a folder");
   if (!cfg.export_dir.empty() && fs::exists(cfg.export_dir, ec) && !fs::is_directory(cfg.export_dir, ec))
     throw ArgumentError("--export " + cfg.export_dir.string() + " exists and is not a folder");
+  // The folders to be made must not sit under a file.
+  for (fs::path dir : {out_is_dir ? cfg.output : cfg.output.parent_path(), cfg.export_dir}) {
+    if (dir.empty()) continue;  // the current folder, or no --export
+    dir = fs::absolute(dir).lexically_normal();
+    while (!dir.empty() && dir != dir.root_path() && !fs::exists(dir, ec)) dir = dir.parent_path();
+    if (!dir.empty() && !fs::is_directory(dir, ec))
+      throw ArgumentError("cannot make folders under " + dir.string() + ": it is a file");
+  }
   // No output may replace an input scan (a mask written over its own scan loses the scan).
   {
     std::set<fs::path> inputs;

@@ -206,6 +206,16 @@ TEST(Cli, PredictProtectsInputsAndChecksEveryScanFirst) {
   }
   EXPECT_FALSE(fs::exists(w / "o.nii.gz"));
   EXPECT_FALSE(fs::exists(w / "mask.png"));
+  r = run("predict" + model + " --input " + (w / "in/a.nii.gz").string() + " --output " +
+          (w / "occupied/sub/o.nii.gz").string());
+  EXPECT_EQ(r.code, 2) << r.output;
+  EXPECT_NE(r.output.find("it is a file"), std::string::npos) << r.output;
+  // An upper-case extension names a file too (ITK would refuse to write it).
+  r = run("predict" + model + " --input " + (w / "in/a.nii.gz").string() + " --output " +
+          (w / "UPPER.NII.GZ").string());
+  EXPECT_EQ(r.code, 0) << r.output;
+  ASSERT_TRUE(fs::is_regular_file(w / "UPPER.NII.GZ"));
+  EXPECT_EQ(io::read_labels(w / "UPPER.NII.GZ").geo.size, io::read_geometry(w / "in/a.nii.gz").size);
 
   r = run("train --data " + (w / "data").string() + " --out " + (w / "dry").string() +
           " --dry-run --patch 32,64,64 --base-filters 4 --device cpu --threads 2");

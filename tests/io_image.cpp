@@ -420,6 +420,8 @@ TEST(ImageIo, UncheckableAndMisnamedFilesAreRefusedByName) {
   std::ofstream(dir / "pair.img") << std::string(64, '\0');
   expect_io_error_naming(dir / "pair.hdr", ".hdr/.img pair");
   expect_io_error_naming(dir / "pair.img", ".hdr/.img pair");
+  fs::create_symlink("nowhere.nii.gz", dir / "dangling.nii.gz");
+  expect_io_error_naming(dir / "dangling.nii.gz", "symbolic link that leads nowhere");
   std::ofstream(dir / "volume.vtk") << "# vtk DataFile Version 3.0\n";
   expect_io_error_naming(dir / "volume.vtk", "not a supported image file");
 

@@ -582,7 +582,7 @@ struct CaseChecker {
   // Header of one file, or nullopt after recording why it cannot be used.
   std::optional<ImageHeader> header(const fs::path& file, const char* role) {
     std::error_code ec;
-    if (!fs::exists(file, ec)) {
+    if (!fs::exists(file, ec) && !fs::is_symlink(fs::symlink_status(file, ec))) {
       add(file, std::string(role) + " file is missing");
       return std::nullopt;
     }

@@ -97,7 +97,13 @@ bool is_analyze_pair(const fs::path& p) {
 
 OpenedIo open_header(const fs::path& path) {
   std::error_code ec;
-  if (!fs::exists(path, ec)) fail(path, "file not found");
+  if (!fs::exists(path, ec)) {
+    std::error_code lec;
+    if (fs::is_symlink(fs::symlink_status(path, lec)))
+      fail(path, "is a symbolic link that leads nowhere (" +
+                     (ec ? ec.message() : std::string("its target does not exist")) + ")");
+    fail(path, "file not found");
+  }
   if (fs::is_directory(path, ec)) fail(path, "is a folder, expected an image file");
   // A FIFO or device would block the reader (or never end): only regular files (after symlinks).
   if (!fs::is_regular_file(path, ec)) fail(path, "is not a regular file, expected an image file");
@@ -773,15 +779,18 @@ void write_label_image(const fs::path& dest, const LabelVolume& labels) {
   // ITK writes an uncompressed .nii, the header is patched in place, and .nii.gz is compressed
   // here.
   write_atomic(dest, [&](const fs::path& tmp) {
-    fs::path plain = tmp;
-    if (format == Format::NiftiGz) {  // ".tmp-...-name.nii.gz" -> ".tmp-...-name.nii"
-      const std::string name = tmp.filename().string();
-      plain.replace_filename(name.substr(0, name.size() - 3));
-    }
+    // ".tmp-...-name.nii.gz" -> ".tmp-...-name.nii"; the extension in lower case whatever the
+    // destination's (ITK 5.2 calls "OUT.NII" a bad NIfTI file name).
+    const std::string name = tmp.filename().string();
+    const size_t ext = format == Format::NiftiGz ? 7 : 4;
+    const fs::path plain = tmp.parent_path() / (name.substr(0, name.size() - ext) + ".nii");
     try {
       write_itk<ImageT>(plain, image.GetPointer());
       set_nifti_intent(plain, kNiftiIntentLabel);
-      if (format == Format::NiftiGz) gzip_file(plain, tmp);
+      if (format == Format::NiftiGz)
+        gzip_file(plain, tmp);
+      else if (plain != tmp)
+        fs::rename(plain, tmp);
     } catch (...) {
       std::error_code ec;
       if (plain != tmp) fs::remove(plain, ec);
