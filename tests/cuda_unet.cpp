@@ -22,6 +22,7 @@
 #include "nn/unet.hpp"
 #ifdef MEDSEG_HAVE_CUDA
 #include "kernels/cuda/device.hpp"
+#include "nn/device_ops_cuda.hpp"
 #endif
 
 namespace medseg {
@@ -230,6 +231,57 @@ TEST(CudaUNet, NoCudaMallocAfterTheFirstTrainingStep) {
   }
   EXPECT_EQ(cuda::allocator_stats().cuda_malloc_count, mallocs_after_first)
       << "steps 2-4 called cudaMalloc";
+#endif
+}
+
+// The device memory of a training step, accounted for (the peak-memory target of the issue rests on
+// it): after the first step, a step allocates nothing transient (its peak is what is held when it
+// starts), and what is held is the network's buffer pool and logits (activation_bytes), the one
+// workspace of the context (cuDNN and the norm kernels), and a remainder of parameters, gradients,
+// optimizer state, the batch and the loss buffers. A failure prints the breakdown.
+TEST(CudaUNet, StepMemoryIsThePoolTheWorkspaceAndTheParameters) {
+  MEDSEG_REQUIRE_CUDA_NET();
+#ifdef MEDSEG_HAVE_CUDA
+  cuda::release_cached_blocks();
+  const size_t base = cuda::allocator_stats().bytes_in_use;  // whatever earlier tests still hold
+  nn::UNetConfig cfg;
+  cfg.levels = 4;
+  cfg.base_filters = 16;
+  nn::UNet net(cfg, 4);
+  net.to(Device::CUDA);
+  nn::Optimizer opt(nn::OptimizerConfig{}, net.parameters());
+  const Tensor x = random_input(Shape{2, 32, 32, 32, 1}, 5).to(Device::CUDA);
+  const auto labels = random_labels(x.shape(), cfg.num_classes, 6);
+  Tensor dl;
+  nn::SupervisionBuffers sup;
+  const auto step = [&] {
+    const Tensor& lg = net.forward_train(x);
+    nn::supervised_loss(net, lg, labels.data(), dl, sup);
+    net.backward(dl, &sup.aux_dlogits);
+    EXPECT_TRUE(std::isfinite(opt.step(0.01)));
+    nn::synchronize_device();
+  };
+  step();
+  const size_t held = cuda::allocator_stats().bytes_in_use - base;
+  cuda::reset_peak_bytes();
+  step();
+  const size_t peak = cuda::allocator_stats().peak_bytes_in_use - base;
+  size_t params = 0;
+  for (const auto& p : net.parameters()) params += p.value->bytes();
+  for (const auto& b : net.buffers()) params += b.value->bytes();
+  const size_t activations = net.activation_bytes();
+  const size_t workspace = nn::cuda_context().workspace_bytes();
+  std::ostringstream breakdown;
+  breakdown << "held " << held << " B: activations " << activations << ", workspace " << workspace
+            << ", parameters and buffers " << params << " (x4 allowed for gradients and optimizer "
+            << "state), batch " << x.bytes() << ", dlogits " << dl.bytes() << "; step peak " << peak;
+  EXPECT_LE(peak, held + (size_t{1} << 20)) << "a step allocated transient buffers; " << breakdown.str();
+  ASSERT_GE(held, activations + workspace) << breakdown.str();
+  const size_t rest = held - activations - workspace;
+  // Allocation size classes round blocks over 1 MiB up to a quarter power of two (none of this
+  // network's larger buffers: they are powers of two), smaller ones to 512 B.
+  EXPECT_LE(rest, 4 * params + x.bytes() + 2 * dl.bytes() + activations / 16 + (size_t{8} << 20))
+      << breakdown.str();
 #endif
 }
 
