@@ -1,5 +1,6 @@
 #include "app/options.hpp"
 
+#include <filesystem>
 #include <fstream>
 #include <iostream>
 #include <sstream>
@@ -34,10 +35,20 @@ std::optional<po::variables_map> parse(const po::options_description& desc,
     }
     if (desc.find_nothrow("config", false) && vm.count("config")) {
       const std::string file = vm["config"].as<std::string>();
+      // Only a regular file: a FIFO would block here for ever, a folder read as empty.
+      std::error_code ec;
+      if (!std::filesystem::is_regular_file(file, ec))
+        throw ArgumentError("--config " + file + ": " +
+                            (std::filesystem::exists(file, ec) ? "not a regular file"
+                                                               : "no such file"));
       std::ifstream in(file);
-      if (!in) throw UsageError("cannot read the config file " + file, usage.str());
+      if (!in) throw ArgumentError("--config " + file + ": cannot be read");
       // Command-line values were stored first and take precedence over the file.
-      po::store(po::parse_config_file(in, desc), vm);
+      try {
+        po::store(po::parse_config_file(in, desc), vm);
+      } catch (const po::error& e) {
+        throw ArgumentError("--config " + file + ": " + e.what());
+      }
     }
     po::notify(vm);
   } catch (const UsageError&) {

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <iostream>
+#include <set>
 
 #include "core/error.hpp"
 #include "core/log.hpp"
@@ -12,7 +13,27 @@
 namespace medseg::pipelines {
 
 int run_plan(const PlanConfig& cfg) {
+  if (cfg.batch_size < 1) throw ArgumentError("--batch-size must be >= 1");
+  if (cfg.base_filters < 1 || cfg.base_filters > 4096)
+    throw ArgumentError("--base-filters must be 1 to 4096");
+  if (cfg.max_filters < cfg.base_filters)
+    throw ArgumentError("--max-filters must be at least --base-filters");
+  if (!(cfg.memory_budget_gb > 0 && cfg.memory_budget_gb < 1e6))
+    throw ArgumentError("--memory-gb must be a positive number of GB");
   io::Dataset ds = io::discover_dataset(cfg.data);
+  // The plan and fingerprint must not replace a file of the dataset they describe.
+  {
+    std::set<fs::path> own{fs::weakly_canonical(ds.root / "dataset.json")};
+    for (const auto& list : {ds.training, ds.test})
+      for (const auto& c : list) {
+        for (const auto& i : c.images) own.insert(fs::weakly_canonical(i));
+        if (!c.label.empty()) own.insert(fs::weakly_canonical(c.label));
+      }
+    for (const fs::path& out : {cfg.out, cfg.fingerprint_out})
+      if (!out.empty() && own.count(fs::weakly_canonical(out)))
+        throw ArgumentError(out.string() + " is a file of the dataset " + cfg.data.string() +
+                            "; write the plan elsewhere");
+  }
   // The same validation as `train` (headers and voxels: NaN/Inf, label values): a plan made from
   // a case that training would refuse is no plan. The report goes to stderr.
   const io::ValidationReport report = io::validate_dataset(ds, io::ValidationOptions{});

@@ -2,6 +2,7 @@
 
 #include <cctype>
 #include <chrono>
+#include <map>
 #include <set>
 #include <iomanip>
 #include <sstream>
@@ -133,6 +134,17 @@ int run_predict(const PredictConfig& cfg) {
            cfg.tta < 0 ? (tta ? " (trained with mirroring)" : " (trained without mirroring)") : "",
            m.net->folded() ? ", norms folded" : "", keep_largest ? ", keep largest component" : "");
 
+  // Probability map names: the label names as file-name parts, made unique with the label value
+  // where two would collide (empty, repeated, or names that differ only in replaced characters).
+  std::vector<std::string> prob_names;
+  {
+    std::map<std::string, int> uses;
+    for (const auto& l : plan.labels) ++uses[file_name_part(l.name)];
+    for (const auto& l : plan.labels) {
+      const std::string n = file_name_part(l.name);
+      prob_names.push_back(uses[n] > 1 || l.name.empty() ? n + "_" + std::to_string(l.value) : n);
+    }
+  }
   nn::UNet& net = *m.net;
   auto forward = [&](const Tensor& x, Tensor& logits) { net.forward_infer(x, logits); };
   const int K = plan.num_classes();
@@ -182,7 +194,7 @@ int run_predict(const PredictConfig& cfg) {
         pv.data.resize(static_cast<size_t>(mask.geo.voxels()));
         for (int64_t q = 0; q < mask.geo.voxels(); ++q) pv.data[q] = source_probs[q * K + k];
         const fs::path dir = out_is_dir ? cfg.output : cfg.output.parent_path();
-        io::write_float_image(dir / (c.id + "_prob_" + file_name_part(plan.labels[k].name) + ".nii.gz"), pv);
+        io::write_float_image(dir / (c.id + "_prob_" + prob_names[static_cast<size_t>(k)] + ".nii.gz"), pv);
       }
     }
     if (!cfg.export_dir.empty())

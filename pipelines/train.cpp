@@ -13,6 +13,7 @@
 #include <numeric>
 #include <optional>
 #include <thread>
+#include <set>
 #include <sstream>
 
 #include <nlohmann/json.hpp>
@@ -272,7 +273,29 @@ int train_into(const TrainConfig& cfg) {
     (void)data::AugmentConfig::preset(cfg.augment);  // an unknown name fails before any work
     if (!(cfg.norm_momentum > 0 && cfg.norm_momentum <= 1))
       throw ArgumentError("--norm-momentum must be in (0, 1]");
-    if (cfg.time_limit_minutes < 0) throw ArgumentError("--time-limit must be > 0");
+    if (cfg.time_limit_minutes < 0 || !std::isfinite(cfg.time_limit_minutes))
+      throw ArgumentError("--time-limit must be a positive number of minutes");
+    // The ranges the layers and the optimizer assume, as option errors (they were internal
+    // checks naming source files, or were not checked at all).
+    if (!(cfg.lr > 0 && cfg.lr <= 10)) throw ArgumentError("--lr must be in (0, 10]");
+    if (cfg.base_filters < 1 || cfg.base_filters > 4096)
+      throw ArgumentError("--base-filters must be 1 to 4096");
+    if (cfg.max_filters < cfg.base_filters || cfg.max_filters > 65536)
+      throw ArgumentError("--max-filters must be at least --base-filters (" +
+                          std::to_string(cfg.base_filters) + ") and at most 65536");
+    if (cfg.optimizer != "sgd" && cfg.optimizer != "adamw")
+      throw ArgumentError("--optimizer must be sgd or adamw, got '" + cfg.optimizer + "'");
+    if (!(cfg.r_max >= 1 && cfg.r_max <= 1e6) || !(cfg.d_max >= 0 && cfg.d_max <= 1e6))
+      throw ArgumentError("--r-max must be >= 1 and --d-max >= 0");
+    for (const double f : {cfg.renorm_warmup, cfg.renorm_r_end, cfg.renorm_d_end})
+      if (!(f >= 0 && f <= 1))
+        throw ArgumentError("--renorm-warmup, --renorm-r-end and --renorm-d-end are fractions of the "
+                            "run, 0 to 1");
+    if (cfg.workers < 1 || cfg.workers > 64) throw ArgumentError("--workers must be 1 to 64");
+    if (cfg.fold < -1 || (cfg.fold >= 0 && cfg.folds < 2))
+      throw ArgumentError("--fold must be 0 .. --folds - 1 with --folds >= 2");
+    if (!(cfg.val_fraction >= 0 && cfg.val_fraction < 1) && cfg.fold < 0)
+      throw ArgumentError("--val-fraction must be in [0, 1)");
 
     ds = io::discover_dataset(cfg.data);
     log_info("dataset: ", ds.name.empty() ? cfg.data.string() : ds.name, " (", ds.layout, " layout, ",
@@ -287,6 +310,27 @@ int train_into(const TrainConfig& cfg) {
     }
     io::drop_or_refuse_bad_cases(ds, report, cfg.exclude_bad_cases, cfg.data);
     if (ds.training.size() < 1) throw ArgumentError("no usable training cases in " + cfg.data.string());
+    // The model folder must not be the dataset, nor sit among its scans (its files would be read
+    // as cases by the next run), nor be a file.
+    {
+      std::error_code ec;
+      if (fs::exists(cfg.out, ec) && !fs::is_directory(cfg.out, ec))
+        throw ArgumentError("--out " + cfg.out.string() + " exists and is not a folder");
+      const fs::path out = fs::weakly_canonical(fs::absolute(cfg.out));
+      if (out == fs::weakly_canonical(fs::absolute(cfg.data)))
+        throw ArgumentError("--out " + cfg.out.string() + " is the dataset folder; put the model elsewhere");
+      std::set<fs::path> scan_dirs;
+      for (const auto& c : ds.training) {
+        for (const auto& i : c.images) scan_dirs.insert(fs::weakly_canonical(i).parent_path());
+        if (!c.label.empty()) scan_dirs.insert(fs::weakly_canonical(c.label).parent_path());
+      }
+      for (fs::path p = out;; p = p.parent_path()) {
+        if (scan_dirs.count(p))
+          throw ArgumentError("--out " + cfg.out.string() + " is inside the dataset's scan folder " +
+                              p.string() + "; put the model elsewhere");
+        if (p.empty() || p == p.parent_path()) break;
+      }
+    }
   });
   if (parallel) {
     uint64_t h = fnv1a(nullptr, 0);
@@ -311,9 +355,32 @@ int train_into(const TrainConfig& cfg) {
     resuming = cfg.resume && !last_dir.empty();
     if (cfg.resume && !resuming) log_warn("--resume: no checkpoint in ", cfg.out, ", starting fresh");
     if (resuming) {
-      bundle = json::parse(read_file(plan_path));
-      plan = data::Plan::from_json(bundle.at("plan"));
-      ucfg = nn::unet_config_from_json(bundle.at("network"));
+      try {
+        bundle = json::parse(read_file(plan_path));
+        plan = data::Plan::from_json(bundle.at("plan"));
+        ucfg = nn::unet_config_from_json(bundle.at("network"));
+      } catch (const json::exception& e) {
+        throw IoError(plan_path.string() + ": malformed: " + e.what());
+      }
+      // The checkpoint continues only the run it came from: the same dataset (name, channels,
+      // labels) it was planned on.
+      std::string why;
+      if (plan.dataset_name != ds.name)
+        why = "dataset '" + plan.dataset_name + "', --data is '" + ds.name + "'";
+      else if (plan.in_channels != ds.num_channels())
+        why = std::to_string(plan.in_channels) + " channel(s), --data has " +
+              std::to_string(ds.num_channels());
+      else if (plan.labels.size() != ds.labels.size())
+        why = std::to_string(plan.labels.size()) + " labels, --data has " +
+              std::to_string(ds.labels.size());
+      else
+        for (size_t k = 0; k < plan.labels.size() && why.empty(); ++k)
+          if (plan.labels[k].value != ds.labels[k].value || plan.labels[k].name != ds.labels[k].name)
+            why = "label " + std::to_string(plan.labels[k].value) + " '" + plan.labels[k].name +
+                  "', --data has " + std::to_string(ds.labels[k].value) + " '" + ds.labels[k].name + "'";
+      if (!why.empty())
+        throw ArgumentError("--resume: the checkpoint in " + cfg.out.string() + " was planned on " +
+                            why + "; resume with the same dataset or train into a new --out");
     } else {
       data::PlanOptions popt;
       popt.base_filters = cfg.base_filters;
@@ -458,7 +525,16 @@ int train_into(const TrainConfig& cfg) {
     });
     comm.broadcast(state_text);
     broadcast_tensors(comm, opt.state());
-    st = TrainState::from_json(json::parse(state_text));
+    try {
+      st = TrainState::from_json(json::parse(state_text));
+    } catch (const json::exception& e) {
+      throw IoError((last_dir / "state.json").string() + ": malformed: " + e.what());
+    }
+    if (st.step < 0 || st.planned_steps < 1 || st.step > st.planned_steps || st.epoch_length < 0 ||
+        !(st.elapsed_s >= 0) || st.skipped_steps < 0 || st.skipped_steps > st.step)
+      throw IoError((last_dir / "state.json").string() + ": inconsistent: step " +
+                    std::to_string(st.step) + " of " + std::to_string(st.planned_steps) +
+                    " planned steps");
     opt.set_steps(st.step);
     log_info("resuming at step ", st.step, " of ", st.planned_steps, " from ", last_dir);
   }

@@ -1,6 +1,7 @@
 // The medseg binary end to end, as a user runs it: sample data -> train -> predict (+export) ->
 // evaluate, plus exit codes and messages for bad input.
 #include <gtest/gtest.h>
+#include <sys/stat.h>
 
 #include <cmath>
 #include <cstdio>
@@ -226,6 +227,62 @@ TEST(Cli, PredictProtectsInputsAndChecksEveryScanFirst) {
           (w / "report.csv").string());
   EXPECT_EQ(r.code, 2) << r.output;
   EXPECT_NE(r.output.find("is a .json file"), std::string::npos) << r.output;
+  fs::remove_all(w);
+}
+
+// train and plan check options and places before any work: option values out of range (as option
+// errors, not internal checks), a --config that is no regular file (a FIFO hung for ever), a model
+// folder that is the dataset or sits among its scans, a plan written over a dataset file, a resume
+// on another dataset or from a damaged state.json.
+TEST(Cli, TrainAndPlanRefuseBadOptionsPlacesAndResumes) {
+  const fs::path w = scratch("trainopts");
+  tiny_model(w);
+  if (HasFatalFailure()) return;
+  const std::string data = " --data " + (w / "data").string();
+  const std::string out = " --out " + (w / "m2").string() + " --device cpu";
+  ASSERT_EQ(mkfifo((w / "cfg.fifo").c_str(), 0600), 0);
+  fs::create_directories(w / "cfg.dir");
+  const std::vector<std::pair<std::string, std::string>> refused = {
+      {"train" + data + out + " --lr 0", "--lr"},
+      {"train" + data + out + " --time-limit nan", "--time-limit"},
+      {"train" + data + out + " --base-filters 0", "--base-filters"},
+      {"train" + data + out + " --renorm-warmup 2", "--renorm-warmup"},
+      {"train" + data + out + " --config " + (w / "cfg.fifo").string(), "not a regular file"},
+      {"train" + data + out + " --config " + (w / "cfg.dir").string(), "not a regular file"},
+      {"train" + data + " --device cpu --out " + (w / "data").string(), "is the dataset folder"},
+      {"train" + data + " --device cpu --out " + (w / "data/imagesTr/m").string(), "scan folder"},
+      {"plan" + data + " --batch-size 0", "--batch-size"},
+      {"plan" + data + " --out " + (w / "data/dataset.json").string(), "is a file of the dataset"}};
+  const std::string json_before = read_file(w / "data/dataset.json");
+  for (const auto& [args, message] : refused) {
+    const auto r = run(args + " --threads 2");
+    EXPECT_EQ(r.code, 2) << args << "\n" << r.output;
+    EXPECT_NE(r.output.find(message), std::string::npos) << args << "\n" << r.output;
+    EXPECT_EQ(r.output.find("lib/"), std::string::npos) << "a source path in: " << r.output;
+    EXPECT_EQ(r.output.find("unrecognised"), std::string::npos) << r.output;
+  }
+  EXPECT_EQ(read_file(w / "data/dataset.json"), json_before);
+  EXPECT_FALSE(fs::exists(w / "m2"));
+  EXPECT_FALSE(fs::exists(w / "data/imagesTr/m"));
+
+  // --resume on another dataset (same cases, another name) and from a damaged state.json.
+  fs::copy(w / "data", w / "other", fs::copy_options::recursive);
+  auto j = nlohmann::json::parse(read_file(w / "other/dataset.json"));
+  j["name"] = "AnotherDataset";
+  write_text_file_atomic(w / "other/dataset.json", j.dump(1));
+  const std::string resume = " --out " + (w / "model").string() +
+                             " --resume --iterations 4 --patch 32,64,64 --base-filters 4 --device cpu"
+                             " --threads 2 --val-fraction 0.34";
+  auto r = run("train --data " + (w / "other").string() + resume);
+  EXPECT_EQ(r.code, 2) << r.output;
+  EXPECT_NE(r.output.find("was planned on dataset"), std::string::npos) << r.output;
+  const fs::path state = w / "model/checkpoint_last/state.json";
+  ASSERT_TRUE(fs::exists(state));
+  write_text_file_atomic(state, "{\"step\": \"two\"}");
+  r = run("train" + data + resume);
+  EXPECT_EQ(r.code, 1) << r.output;
+  EXPECT_NE(r.output.find("state.json: malformed"), std::string::npos) << r.output;
+  EXPECT_TRUE(fs::exists(w / "model/model.safetensors")) << "a failed resume removed the model";
   fs::remove_all(w);
 }
 

@@ -457,6 +457,11 @@ TEST(ImageIo, UncheckableAndMisnamedFilesAreRefusedByName) {
   const Volume whole = read_image(dir / "whole.mha");
   EXPECT_EQ(whole.data.size(), 24u);
   EXPECT_EQ(whole.data.back(), 23.f);
+  // A stray uncompressed copy beside a .nii.gz: ITK 5.2 would read the copy.
+  write_float_image(dir / "shadowed.nii.gz", v);
+  write_float_image(dir / "shadowed.nii", larger_image());
+  expect_io_error_naming(dir / "shadowed.nii.gz", "shadowed.nii sits beside it");
+
   const fs::path mha = dir / "short.mha";
   write_mha(mha, 20);
   const fs::path packed = dir / "packed_short.mha";

@@ -166,23 +166,29 @@ TEST_F(TrainPipeline, BadOptionsAndDatasetsAreArgumentErrors) {
 // A scan that passes validation but fails when preprocessing reads it (a scale factor that
 // overflows its finite stored values to Inf): the run fails naming the file, and the model folder
 // it had made (plan, partial preprocessing cache) is removed; a folder that existed is kept.
+// A case that passes validation but fails in preprocessing, after the model folder was made: a
+// 1000 mm spacing (image and label alike, so their grids agree) that the plan's ~1 mm spacing would
+// resample to more than 2^30 voxels.
 TEST_F(TrainPipeline, AFailureBeforeTheFirstCheckpointLeavesNoModelFolder) {
   fs::path bad = scratch("overflow_ds");
   fs::copy(tiny_dataset(), bad, fs::copy_options::recursive);
-  const fs::path scan = bad / "imagesTr" / "synth_001.nii.gz";
-  std::vector<char> bytes;
-  {
-    gzFile in = gzopen(scan.c_str(), "rb");
-    ASSERT_NE(in, nullptr);
-    char buf[1 << 16];
-    int n;
-    while ((n = gzread(in, buf, sizeof buf)) > 0) bytes.insert(bytes.end(), buf, buf + n);
-    gzclose(in);
-  }
-  ASSERT_GT(bytes.size(), 352u);
-  const float slope = 1e38f;  // scl_slope: |x| > 3.4 becomes Inf in float32
-  std::memcpy(bytes.data() + 112, &slope, sizeof slope);
-  {
+  for (const fs::path scan : {bad / "imagesTr" / "synth_001.nii.gz", bad / "labelsTr" / "synth_001.nii.gz"}) {
+    std::vector<char> bytes;
+    {
+      gzFile in = gzopen(scan.c_str(), "rb");
+      ASSERT_NE(in, nullptr);
+      char buf[1 << 16];
+      int n;
+      while ((n = gzread(in, buf, sizeof buf)) > 0) bytes.insert(bytes.end(), buf, buf + n);
+      gzclose(in);
+    }
+    ASSERT_GT(bytes.size(), 352u);
+    for (int axis = 1; axis <= 3; ++axis) {  // pixdim[1..3]
+      const float spacing = 1000.f;
+      std::memcpy(bytes.data() + 76 + 4 * axis, &spacing, sizeof spacing);
+    }
+    const int16_t codes[2] = {1, 0};  // qform (from pixdim) only: no sform with the old spacing
+    std::memcpy(bytes.data() + 252, codes, sizeof codes);
     gzFile out = gzopen(scan.c_str(), "wb");
     ASSERT_NE(out, nullptr);
     ASSERT_EQ(gzwrite(out, bytes.data(), static_cast<unsigned>(bytes.size())),
@@ -195,9 +201,10 @@ TEST_F(TrainPipeline, AFailureBeforeTheFirstCheckpointLeavesNoModelFolder) {
   c.data = bad;
   try {
     pipelines::run_train(c);
-    ADD_FAILURE() << "a scan with Inf intensities was trained on";
-  } catch (const std::exception& e) {
-    EXPECT_NE(std::string(e.what()).find("synth_001.nii.gz"), std::string::npos) << e.what();
+    ADD_FAILURE() << "a scan at 1000 mm spacing was trained on";
+  } catch (const ArgumentError& e) {
+    EXPECT_NE(std::string(e.what()).find("case 'synth_001'"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("2^30"), std::string::npos) << e.what();
   }
   EXPECT_FALSE(fs::exists(parent / "model"));
   // The same failure into a folder that already existed: the folder stays.

@@ -116,6 +116,22 @@ OpenedIo open_header(const fs::path& path) {
                    std::string(is_analyze_pair(path)
                                    ? "; a .hdr/.img pair must be converted to one .nii.gz"
                                    : ""));
+  // ITK 5.2's NIfTI reader looks for "<name>.nii" and "<name>.hdr" before "<name>.nii.gz": a stray
+  // uncompressed copy beside the file would be read in its place, while every check here reads the
+  // file named.
+  {
+    const std::string name = path.filename().string();
+    if (ends_with(name, ".nii.gz")) {
+      const std::string stem = name.substr(0, name.size() - 7);
+      for (const char* ext : {".nii", ".hdr", ".NII", ".HDR"}) {
+        const fs::path sibling = path.parent_path() / (stem + ext);
+        if (fs::exists(sibling, ec))
+          fail(path, "a file " + sibling.filename().string() +
+                         " sits beside it, and the NIfTI reader would read that one instead; "
+                         "remove or rename one of them");
+      }
+    }
+  }
   check_nifti_header(path);
   OpenedIo out;
   out.io = itk::ImageIOFactory::CreateImageIO(path.c_str(), itk::ImageIOFactory::ReadMode);
@@ -705,7 +721,15 @@ Volume read_image(const fs::path& path) {
   int64_t bad = 0, first = -1;
   for (int64_t i = 0; i < v.geo.voxels(); ++i)
     if (!std::isfinite(p[i]) && bad++ == 0) first = i;
-  if (bad) nonfinite_error(first, p[first], bad);
+  if (bad) {
+    // The stored values were finite: the scale factor or the conversion to float32 overflowed.
+    std::ostringstream os;
+    os << "voxel " << voxel_string(opened.geo, first) << " becomes " << p[first]
+       << " as a 32-bit float (" << bad
+       << " voxels; a stored value beyond float range, or a scale factor overflowing); an image must "
+          "hold finite intensities";
+    fail(path, os.str());
+  }
   return v;
 }
 

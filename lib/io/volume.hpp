@@ -19,7 +19,8 @@ struct Geometry {
   double voxel_volume_mm3() const { return spacing[0] * spacing[1] * spacing[2]; }
   // Physical point (LPS, mm) of a continuous index (x, y, z).
   std::array<double, 3> index_to_physical(double x, double y, double z) const;
-  // Same size, and spacing/origin/direction within the tolerances.
+  // Same size, and spacing/origin/direction within the tolerances (spacing relative; origin in mm,
+  // widened by 1% per mm of distance from 0; direction cosines absolute).
   bool same_grid(const Geometry& o, double spacing_tol = 1e-4, double origin_tol = 1e-3,
                  double direction_tol = 1e-4) const;
   std::string describe() const;
