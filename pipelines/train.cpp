@@ -104,6 +104,17 @@ struct TrainState {
   }
 };
 
+// MemAvailable from /proc/meminfo in GB (1e9 bytes), 0 when unknown.
+double available_memory_gb() {
+  std::ifstream f("/proc/meminfo");
+  std::string key;
+  double kb = 0;
+  std::string unit;
+  while (f >> key >> kb >> unit)
+    if (key == "MemAvailable:") return kb * 1024.0 / 1e9;
+  return 0;
+}
+
 nn::RenormSchedule schedule_from(const TrainConfig& cfg) {
   nn::RenormSchedule s;
   s.warmup_fraction = cfg.renorm_warmup;
@@ -408,6 +419,24 @@ int train_into(const TrainConfig& cfg) {
   }
   const int batch = cfg.batch_size > 0 ? cfg.batch_size : plan.batch_size;
   if (root) std::cerr << plan.describe();
+  // A patch or batch far beyond the host's memory ends in the OOM killer (no message, the model
+  // folder left behind). The planner's estimate is an upper bound (it counts the activations held
+  // before session 7; the network now holds about half): refuse when even half of it exceeds the
+  // memory available. GPU runs keep their activations on the device.
+  if (!device.cuda) {
+    const double need_gb = 0.5 * data::estimate_training_memory_gb(plan.patch, plan.levels,
+                                                                   plan.base_filters, plan.max_filters,
+                                                                   batch, plan.in_channels,
+                                                                   plan.num_classes());
+    const double have_gb = available_memory_gb();
+    if (have_gb > 0 && need_gb > have_gb)
+      throw ArgumentError("batch " + std::to_string(batch) + " of patch " + std::to_string(plan.patch[0]) +
+                          "x" + std::to_string(plan.patch[1]) + "x" + std::to_string(plan.patch[2]) +
+                          " needs about " + std::to_string(static_cast<int>(std::ceil(need_gb))) +
+                          " GB for its activations, more than the " +
+                          std::to_string(static_cast<int>(have_gb)) +
+                          " GB available; use a smaller --patch or --batch-size");
+  }
   if (ucfg.deep_supervision && ucfg.supervised_levels().empty())
     log_warn("--deep-supervision: the network has ", ucfg.levels, " levels; auxiliary heads need at "
              "least 4 (the lowest decoder level gets weight 0), so none are added");

@@ -247,6 +247,7 @@ TEST(Cli, TrainAndPlanRefuseBadOptionsPlacesAndResumes) {
       {"train" + data + out + " --time-limit nan", "--time-limit"},
       {"train" + data + out + " --base-filters 0", "--base-filters"},
       {"train" + data + out + " --renorm-warmup 2", "--renorm-warmup"},
+      {"train" + data + out + " --patch 1024,1024,1024", "GB available"},
       {"train" + data + out + " --config " + (w / "cfg.fifo").string(), "not a regular file"},
       {"train" + data + out + " --config " + (w / "cfg.dir").string(), "not a regular file"},
       {"train" + data + " --device cpu --out " + (w / "data").string(), "is the dataset folder"},
