@@ -392,6 +392,15 @@ int train_into(const TrainConfig& cfg) {
       if (!why.empty())
         throw ArgumentError("--resume: the checkpoint in " + cfg.out.string() + " was planned on " +
                             why + "; resume with the same dataset or train into a new --out");
+      const std::string kind = bundle.contains("optimizer") && bundle["optimizer"].is_object()
+                                   ? bundle["optimizer"].value("kind", std::string("sgd"))
+                                   : std::string("sgd");
+      if (kind != cfg.optimizer)
+        throw ArgumentError("--resume: the checkpoint in " + cfg.out.string() + " was trained with --optimizer " +
+                            kind + ", not " + cfg.optimizer);
+      if (cfg.iterations > 0)
+        log_warn("--resume continues the checkpoint's own schedule; --iterations ", cfg.iterations,
+                 " is ignored (train into a new --out for another length)");
     } else {
       data::PlanOptions popt;
       popt.base_filters = cfg.base_filters;
@@ -442,6 +451,9 @@ int train_into(const TrainConfig& cfg) {
              "least 4 (the lowest decoder level gets weight 0), so none are added");
 
   Split split = split_cases(ds.training, cfg);
+  if (split.val.empty() && (cfg.fold >= 0 || cfg.val_fraction > 0))
+    log_warn("no validation case in this split (", ds.training.size(),
+             " cases): no validation Dice, the final weights are the model");
   nn::UNet net(ucfg, cfg.seed);
   place_network(device, net, cfg.tf32);  // the same initial weights on either device
   log_info("network: ", ucfg.levels, " levels, ", ucfg.base_filters, " base filters, ",

@@ -277,6 +277,9 @@ TEST(Cli, TrainAndPlanRefuseBadOptionsPlacesAndResumes) {
   auto r = run("train --data " + (w / "other").string() + resume);
   EXPECT_EQ(r.code, 2) << r.output;
   EXPECT_NE(r.output.find("was planned on dataset"), std::string::npos) << r.output;
+  r = run("train" + data + resume + " --optimizer adamw");
+  EXPECT_EQ(r.code, 2) << r.output;
+  EXPECT_NE(r.output.find("was trained with --optimizer sgd"), std::string::npos) << r.output;
   const fs::path state = w / "model/checkpoint_last/state.json";
   ASSERT_TRUE(fs::exists(state));
   write_text_file_atomic(state, "{\"step\": \"two\"}");

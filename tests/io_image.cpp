@@ -457,6 +457,15 @@ TEST(ImageIo, UncheckableAndMisnamedFilesAreRefusedByName) {
   const Volume whole = read_image(dir / "whole.mha");
   EXPECT_EQ(whole.data.size(), 24u);
   EXPECT_EQ(whole.data.back(), 23.f);
+  // A sheared sform (and no qform): ITK cannot represent it; said in words, not in ITK's.
+  const fs::path sheared = dir / "sheared.nii";
+  write_float_image(sheared, v);
+  const int16_t sform_only[2] = {0, 1};
+  patch_bytes(sheared, 252, sform_only, sizeof sform_only);
+  const float srow[12] = {1, 0.4f, 0, 0, 0, 1, 0, 0, 0, 0, 1, 0};
+  patch_bytes(sheared, 280, srow, sizeof srow);
+  expect_io_error_naming(sheared, "not a rotation with scaling");
+
   // A stray uncompressed copy beside a .nii.gz: ITK 5.2 would read the copy.
   write_float_image(dir / "shadowed.nii.gz", v);
   write_float_image(dir / "shadowed.nii", larger_image());

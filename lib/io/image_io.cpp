@@ -143,7 +143,11 @@ OpenedIo open_header(const fs::path& path) {
   try {
     out.io->ReadImageInformation();
   } catch (const itk::ExceptionObject& e) {
-    fail(path, "cannot read the header: " + itk_reason(e));
+    const std::string reason = itk_reason(e);
+    if (reason.find("orthonormal") != std::string::npos)
+      fail(path, "its qform/sform is not a rotation with scaling (sheared or non-orthogonal axes), "
+                 "which medseg cannot represent: resample it to an orthogonal grid first");
+    fail(path, "cannot read the header: " + reason);
   }
   const itk::ImageIOBase& io = *out.io;
   if (io.GetNumberOfComponents() != 1)
