@@ -23,9 +23,7 @@ namespace {
 bool is_mask_file(const fs::path& p) {
   const std::string name = p.filename().string();
   if (name.empty() || name[0] == '.') return false;  // hidden files, atomic-write temporaries
-  for (const char* ext : {".nii.gz", ".nii", ".nrrd", ".mha", ".mhd"})
-    if (name.size() > std::string(ext).size() && name.ends_with(ext)) return true;
-  return false;
+  return !io::image_extension(name).empty();
 }
 
 std::vector<fs::path> mask_files(const fs::path& dir) {

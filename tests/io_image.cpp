@@ -490,6 +490,21 @@ TEST(ImageIo, UncheckableAndMisnamedFilesAreRefusedByName) {
   }
 }
 
+// Validation's voxel pass counts what training would read as non-finite: a stored value that
+// overflows float32 only after the scale factor counts, with its decoded value.
+TEST(ImageIo, NonFiniteCountIncludesScaleFactorOverflow) {
+  TempDir dir;
+  const fs::path p = dir / "scaled.nii";
+  write_float_image(p, larger_image());
+  EXPECT_EQ(count_nonfinite_voxels(p).count, 0);
+  patch_float(p, 112, 1e37f);  // scl_slope
+  const NonFiniteVoxels n = count_nonfinite_voxels(p);
+  EXPECT_GT(n.count, 0);
+  EXPECT_GE(n.first_index, 0);
+  EXPECT_FALSE(std::isfinite(n.first_value) && std::fabs(n.first_value) <= 3.5e38)
+      << n.first_value;
+}
+
 // Scaled integers (CT: int16 with scl_slope / scl_inter) are valid: the length check counts the
 // stored bytes, not the float ITK converts them to (they were refused as "truncated").
 TEST(ImageIo, ScaledIntegerNiftiIsReadWithItsScaling) {

@@ -172,7 +172,7 @@ TEST_F(TrainPipeline, BadOptionsAndDatasetsAreArgumentErrors) {
 TEST_F(TrainPipeline, AFailureBeforeTheFirstCheckpointLeavesNoModelFolder) {
   fs::path bad = scratch("overflow_ds");
   fs::copy(tiny_dataset(), bad, fs::copy_options::recursive);
-  for (const fs::path scan : {bad / "imagesTr" / "synth_001.nii.gz", bad / "labelsTr" / "synth_001.nii.gz"}) {
+  for (const fs::path& scan : {bad / "imagesTr" / "synth_001.nii.gz", bad / "labelsTr" / "synth_001.nii.gz"}) {
     std::vector<char> bytes;
     {
       gzFile in = gzopen(scan.c_str(), "rb");

@@ -23,23 +23,6 @@ namespace {
 
 using json = nlohmann::json;
 
-const char* const kImageExtensions[] = {".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd"};
-
-std::string lower(std::string s) {
-  for (char& c : s) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
-  return s;
-}
-
-// The recognised image extension of a file name ("" when none).
-std::string image_extension(const std::string& name) {
-  const std::string l = lower(name);
-  for (const char* ext : kImageExtensions) {
-    const std::string e = ext;
-    if (l.size() > e.size() && l.compare(l.size() - e.size(), e.size(), e) == 0)
-      return name.substr(name.size() - e.size());
-  }
-  return "";
-}
 
 bool is_image_file(const fs::directory_entry& e) {
   const std::string name = e.path().filename().string();
@@ -652,12 +635,9 @@ struct CaseChecker {
         os << nf.count << " NaN/Inf voxel" << (nf.count == 1 ? "" : "s")
            << " (first: " << nf.first_value << " at voxel "
            << voxel_string(read_header(file).geo, nf.first_index) << ")";
+        os << " as 32-bit floats";
         add(file, os.str());
-        return;
       }
-      // Finite as stored, but training reads float32 after the scale factor: what read_image
-      // refuses (an overflowing scale or a float64 beyond float range) is this case's problem too.
-      read_image(file);
     } catch (const Error& e) {
       add(file, strip_path(e.what(), file));
     }

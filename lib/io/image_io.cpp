@@ -81,13 +81,6 @@ struct OpenedIo {
 void check_nifti_header(const fs::path& path);  // below, with the other NIfTI-1 checks
 bool ends_with(const std::string& s, const std::string& suffix);  // below; case-insensitive
 
-bool has_supported_extension(const fs::path& p) {
-  const std::string name = p.filename().string();
-  for (const char* e : {".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd"})
-    if (ends_with(name, e)) return true;
-  return false;
-}
-
 bool is_analyze_pair(const fs::path& p) {
   const std::string name = p.filename().string();
   for (const char* e : {".hdr", ".img", ".hdr.gz", ".img.gz"})
@@ -110,7 +103,7 @@ OpenedIo open_header(const fs::path& path) {
   // Only the formats medseg checks itself or that ITK reads strictly. Header + image pairs
   // (.hdr/.img) went to ITK unchecked: a NaN sform aborted the process, a short .img read as
   // zeros, a zero or NaN spacing became 1 mm.
-  if (!has_supported_extension(path))
+  if (image_extension(path.filename().string()).empty())
     fail(path, "not a supported image file: expected .nii.gz or .nii (NIfTI-1), .nrrd/.nhdr or "
                ".mha/.mhd" +
                    std::string(is_analyze_pair(path)
@@ -270,8 +263,7 @@ std::optional<NiftiLayout> nifti_layout(const fs::path& path) {
   const int got = gzread(f, hdr, sizeof hdr);
   gzclose(f);
   if (got >= 2 && hdr[0] == 0x1f && hdr[1] == 0x8b)  // gzopen hands back the raw stream here
-    fail(path, "holds gzip-compressed data inside gzip compression (or a .gz named .nii): "
-               "not a readable image");
+    fail(path, "is gzip-compressed twice: not a readable image");
   if (format_of(path) == Format::Nifti && got >= 2) {
     // gzopen decompresses transparently; ITK reads a .nii as raw bytes and would fail vaguely.
     unsigned char first[2] = {0, 0};
@@ -489,8 +481,7 @@ void check_metaimage(const fs::path& path, bool check_data) {
         if (!std::isfinite(x)) fail(path, "MetaImage " + key + " has a non-finite value");
     } else if (key == "DimSize") {
       dims.clear();
-      double d;
-      while (v >> d) dims.push_back(d >= 0 ? static_cast<uint64_t>(d) : 0);
+      for (double d : numbers()) dims.push_back(d >= 0 ? static_cast<uint64_t>(d) : 0);
     } else if (key == "ElementNumberOfChannels") {
       v >> channels;
     } else if (key == "CompressedData") {
@@ -541,7 +532,7 @@ void check_metaimage(const fs::path& path, bool check_data) {
                    ", the header needs " + std::to_string(expected));
 }
 
-void check_nifti_complete(const fs::path& path) {
+void check_complete(const fs::path& path) {
   if (const auto layout = nifti_layout(path)) {
     verify_nifti(path, *layout, false);
     return;
@@ -603,7 +594,7 @@ typename itk::Image<PixelT, 3>::Pointer read_pixels(const fs::path& path, Opened
   auto reader = itk::ImageFileReader<ImageT>::New();
   reader->SetFileName(path.string());
   reader->SetImageIO(opened.io);
-  if (!verified) check_nifti_complete(path);
+  if (!verified) check_complete(path);
   try {
     reader->Update();
   } catch (const itk::ExceptionObject& e) {
@@ -663,16 +654,28 @@ void check_geometry_arg(const Geometry& g, size_t values, size_t expected, const
 
 }  // namespace
 
+std::string image_extension(const std::string& name) {
+  for (const char* ext : {".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd"}) {
+    const size_t n = std::strlen(ext);
+    if (name.size() > n && ends_with(name, ext)) return name.substr(name.size() - n);
+  }
+  return "";
+}
+
 NonFiniteVoxels count_nonfinite_voxels(const fs::path& path) {
   OpenedIo opened = open_header(path);
-  if (auto raw = scan_nifti_nonfinite(path)) return *raw;
-  // Integer files hold no NaN/Inf, but are decoded in full all the same: this is the one voxel
-  // pass validation makes over an image, and it must meet corrupt data now, not during training.
+  const auto raw = scan_nifti_nonfinite(path);
+  if (raw && raw->count) return *raw;
+  // The voxels as training reads them, decoded in full (this is the one voxel pass validation
+  // makes over an image, and it must meet corrupt data now, not during training): a value that is
+  // finite as stored but not as a 32-bit float after the scale factor (an overflowing scl_slope,
+  // a float64 beyond float range) counts as non-finite too, with its decoded value.
   NonFiniteVoxels out;
-  auto image = read_pixels<double>(path, opened);
+  auto image = read_pixels<double>(path, opened, raw.has_value());
   const double* p = image->GetBufferPointer();
+  constexpr double kFloatMax = std::numeric_limits<float>::max();
   for (int64_t i = 0; i < opened.geo.voxels(); ++i) {
-    if (std::isfinite(p[i])) continue;
+    if (std::isfinite(p[i]) && std::fabs(p[i]) <= kFloatMax) continue;
     if (out.count++ == 0) {
       out.first_index = i;
       out.first_value = p[i];

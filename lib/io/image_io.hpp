@@ -46,6 +46,10 @@ struct NonFiniteVoxels {
 };
 NonFiniteVoxels count_nonfinite_voxels(const fs::path& path);
 
+// The scan extension of a file name as written (.nii.gz, .nii, .nrrd, .nhdr, .mha or .mhd, in any
+// case), "" for anything else: the formats every reader here accepts.
+std::string image_extension(const std::string& name);
+
 // "(x, y, z)" of a linear voxel index, for messages.
 std::string voxel_string(const Geometry& g, int64_t index);
 
