@@ -10,7 +10,8 @@
 namespace medseg::pipelines {
 
 int run_export(const ExportConfig& cfg) {
-  const Volume image = io::read_image(cfg.image);
+  // A 4-D NIfTI (MSD's multi-modal scans) is accepted: the overlays show its first volume.
+  const Volume image = io::read_image_channels({cfg.image});
   const LabelVolume mask = io::read_labels(cfg.mask);
   if (!image.geo.same_grid(mask.geo))
     throw IoError("mask " + cfg.mask.string() + " is not on the grid of image " +

@@ -108,16 +108,24 @@ int run_predict(const PredictConfig& cfg) {
   // folders are made only when the first mask is written: a run that fails early leaves nothing
   // behind. Headers first (cheap), then, with several cases, the voxels (NaN/Inf, the channels'
   // grids): reading a scan costs a small fraction of its inference.
-  for (const auto& c : cases)
-    for (const auto& image : c.images) io::read_header(image);
-  if (cases.size() > 1) {
-    for (const auto& c : cases) {
-      if (c.images.size() == 1)
-        io::read_image(c.images[0]);
-      else
-        io::read_image_channels(c.images);
+  const auto read_case = [&](const io::CaseEntry& c) {
+    return io::read_image_channels(c.images, plan.in_channels);
+  };
+  for (const auto& c : cases) {
+    // One file of a multi-channel model is MSD's 4-D layout: a volume per channel.
+    const bool volumes = c.images.size() == 1 && plan.in_channels > 1;
+    for (const auto& image : c.images) {
+      const io::ImageHeader h = io::read_header(image, volumes);
+      if (volumes && h.volumes != plan.in_channels)
+        throw ArgumentError(image.string() + ": has " + std::to_string(h.volumes) + " volume" +
+                      (h.volumes == 1 ? "" : "s") + " along its 4th axis; the model takes " +
+                      std::to_string(plan.in_channels) +
+                      " channels (one volume each, or nnU-Net's files {CASE}_0000 .. _" +
+                      std::to_string(10000 + plan.in_channels - 1).substr(1) + ")");
     }
   }
+  if (cases.size() > 1)
+    for (const auto& c : cases) read_case(c);
   bool made_dirs = false;
   const auto make_output_dirs = [&] {
     if (made_dirs) return;
@@ -129,6 +137,10 @@ int run_predict(const PredictConfig& cfg) {
   if (cfg.fold_norms) m.net->fold_norms();
   const bool keep_largest = cfg.keep_largest < 0 ? m.keep_largest_component : cfg.keep_largest == 1;
   const bool tta = cfg.tta < 0 ? m.trained_with_mirroring : cfg.tta == 1;
+  if (tta && !m.trained_with_mirroring)
+    log_warn("--tta on a model trained without mirroring: it averages flipped views its network never "
+             "saw, which can ruin the masks (hippocampus, session 9: mean Dice 0.888 without TTA, "
+             "0.014 with it)");
   log_info("model ", cfg.model, ": ", plan.num_classes() - 1, " label(s), patch ", plan.patch[0], "x",
            plan.patch[1], "x", plan.patch[2], ", TTA ", tta ? "on" : "off",
            cfg.tta < 0 ? (tta ? " (trained with mirroring)" : " (trained without mirroring)") : "",
@@ -151,9 +163,7 @@ int run_predict(const PredictConfig& cfg) {
   for (size_t ci = 0; ci < cases.size(); ++ci) {
     const auto& c = cases[ci];
     const auto t0 = std::chrono::steady_clock::now();
-    auto read_scan = [&] {
-      return c.images.size() == 1 ? io::read_image(c.images[0]) : io::read_image_channels(c.images);
-    };
+    auto read_scan = [&] { return read_case(c); };
     data::PreprocessedCase pc = data::preprocess_case(plan, c.id, read_scan(), nullptr, 0);
     // The source scan is not held during inference (one float copy of the volume less at the peak);
     // the review export reads it again.

@@ -14,6 +14,7 @@
 #include "core/atomic_file.hpp"
 #include "io/image_io.hpp"
 #include "support/cli.hpp"
+#include "support/four_d_nifti.hpp"
 #include "support/nifti_header.hpp"
 #include "support/shared_data.hpp"
 
@@ -157,6 +158,56 @@ TEST(Cli, PredictRejectsUnreadableScansAndWrongChannelCounts) {
   EXPECT_EQ(r.code, 0) << r.output;
   EXPECT_NE(r.output.find("TTA off (trained without mirroring)"), std::string::npos) << r.output;
   EXPECT_TRUE(fs::exists(w / "ok.nii.gz"));
+  fs::remove_all(w);
+}
+
+// MSD's multi-modal layout end to end: a dataset whose cases are 4-D files (two modalities, one
+// volume each) plans and trains, predict takes a folder of such files for the two-channel model and
+// writes masks on their 3-D grid, and a 3-D scan for that model is refused by name.
+TEST(Cli, MsdFourDModalitiesTrainAndPredict) {
+  const fs::path w = scratch("msd4d");
+  ASSERT_EQ(run("sample-data --out " + (w / "src").string() + " --cases 3 --seed 5").code, 0);
+  // The generated dataset with a second modality per case (the scan negated), as MSD stores it.
+  for (const std::string sub : {"imagesTr", "imagesTs"}) {
+    fs::create_directories(w / "data" / sub);
+    for (const auto& e : fs::directory_iterator(w / "src" / sub)) {
+      const Volume v = io::read_image(e.path());
+      std::vector<float> negated(v.data);
+      for (float& x : negated) x = -x;
+      test::write_4d_nifti(w / "data" / sub / e.path().filename(), v.geo, {v.data, negated});
+    }
+  }
+  fs::copy(w / "src/labelsTr", w / "data/labelsTr");
+  nlohmann::json j = nlohmann::json::parse(std::ifstream(w / "src/dataset.json"));
+  j["modality"] = {{"0", "MRI"}, {"1", "MRI negated"}};
+  std::ofstream(w / "data/dataset.json") << j.dump(2);
+
+  auto r = run("train --data " + (w / "data").string() + " --out " + (w / "model").string() +
+               " --iterations 2 --patch 32,64,64 --base-filters 4 --device cpu --threads 2"
+               " --val-fraction 0.34");
+  ASSERT_EQ(r.code, 0) << r.output;
+  EXPECT_NE(r.output.find("2 channel(s)"), std::string::npos) << r.output;
+  const nlohmann::json plan = nlohmann::json::parse(std::ifstream(w / "model/plan.json"));
+  EXPECT_EQ(plan["plan"]["in_channels"], 2) << plan.dump();
+
+  r = run("predict --model " + (w / "model").string() + " --input " + (w / "data/imagesTs").string() +
+          " --output " + (w / "pred").string() + " --device cpu");
+  ASSERT_EQ(r.code, 0) << r.output;
+  for (const auto& e : fs::directory_iterator(w / "src/imagesTs")) {
+    const fs::path mask = w / "pred" / e.path().filename();
+    ASSERT_TRUE(fs::exists(mask)) << mask;
+    const Geometry src = io::read_geometry(e.path()), got = io::read_geometry(mask);
+    EXPECT_TRUE(got.same_grid(src)) << io::geometry_difference(got, src);
+  }
+  fs::path scan3d;
+  for (const auto& e : fs::directory_iterator(w / "src/imagesTs")) scan3d = e.path();
+  r = run("predict --model " + (w / "model").string() + " --input " + scan3d.string() + " --output " +
+          (w / "no.nii.gz").string() + " --device cpu");
+  EXPECT_EQ(r.code, 2) << r.output;
+  EXPECT_NE(r.output.find(scan3d.string() + ": has 1 volume along its 4th axis; the model takes 2"),
+            std::string::npos)
+      << r.output;
+  EXPECT_FALSE(fs::exists(w / "no.nii.gz"));
   fs::remove_all(w);
 }
 

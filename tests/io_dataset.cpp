@@ -12,6 +12,7 @@
 #include "core/error.hpp"
 #include "io/dataset.hpp"
 #include "io/image_io.hpp"
+#include "support/four_d_nifti.hpp"
 #include "support/shared_data.hpp"
 
 namespace medseg::io {
@@ -120,6 +121,57 @@ TEST(Dataset, MsdLayoutListsCasesLabelsAndTestImages) {
   const ValidationReport r = validate_dataset(ds, ValidationOptions{});
   EXPECT_TRUE(r.ok()) << r.text();
   EXPECT_TRUE(r.problems.empty()) << r.text();
+}
+
+// MSD's multi-modal layout (BrainTumour, Prostate): one 4-D file per case, a volume per modality
+// declared in dataset.json; labels 3-D. Validation checks the volume count of every case.
+TEST(Dataset, MsdModalitiesAreTheVolumesOfOneFourDFile) {
+  TempDir dir;
+  const fs::path root = dir / "Task98_Two";
+  const Geometry g = tiny_geometry();
+  const auto volume = [&](float base) {
+    std::vector<float> v(static_cast<size_t>(g.voxels()));
+    for (size_t i = 0; i < v.size(); ++i) v[i] = base + static_cast<float>(i % 5);
+    return v;
+  };
+  for (const std::string c : {"two_001", "two_002", "two_003", "two_004"}) {
+    test::write_4d_nifti(root / "imagesTr" / (c + ".nii.gz"), g, {volume(1), volume(100)});
+    write_label(root / "labelsTr" / (c + ".nii.gz"), g);
+  }
+  fs::create_directories(root / "imagesTs");
+  test::write_4d_nifti(root / "imagesTs" / "two_010.nii.gz", g, {volume(1), volume(100)});
+  std::string json = msd_json({"two_001", "two_002", "two_003", "two_004"});
+  json.replace(json.find(R"({"0": "MRI"})"), 12, R"({"0": "T2", "1": "ADC"})");
+  write_file(root / "dataset.json", json);
+  Dataset ds = discover_dataset(root);
+  EXPECT_TRUE(ds.channels_in_volumes);
+  EXPECT_EQ(ds.num_channels(), 2);
+  ASSERT_EQ(ds.training.size(), 4u);
+  EXPECT_EQ(ds.training[0].images.size(), 1u);
+  ASSERT_EQ(ds.test.size(), 1u);
+  ValidationOptions opt;
+  opt.check_voxels = true;
+  const ValidationReport good = validate_dataset(ds, opt);
+  EXPECT_TRUE(good.problems.empty()) << good.text();
+  const Volume v = read_image_channels(ds.training[0].images, ds.num_channels());
+  EXPECT_EQ(v.channels, 2);
+  EXPECT_EQ(v.geo.size, g.size);
+  EXPECT_EQ(v.at(3, 2, 1, 1), volume(100)[static_cast<size_t>((1 * 9 + 2) * 10 + 3)]);
+
+  // Three volumes, a 3-D file, a NaN in the second volume: each named.
+  test::write_4d_nifti(root / "imagesTr" / "two_002.nii.gz", g, {volume(1), volume(2), volume(3)});
+  write_image(root / "imagesTr" / "two_003.nii.gz", g);
+  std::vector<float> nan_volume = volume(100);
+  nan_volume[static_cast<size_t>((1 * 9 + 2) * 10 + 3)] = NAN;
+  test::write_4d_nifti(root / "imagesTr" / "two_004.nii.gz", g, {volume(1), nan_volume});
+  const ValidationReport bad = validate_dataset(ds, opt);
+  EXPECT_EQ(bad.bad_cases, (std::vector<std::string>{"two_002", "two_003", "two_004"})) << bad.text();
+  const std::string text = bad.text();
+  EXPECT_NE(text.find("two_002.nii.gz: has 3 volumes along its 4th axis, dataset.json declares 2"),
+            std::string::npos)
+      << text;
+  EXPECT_NE(text.find("two_003.nii.gz: has 1 volume along its 4th axis"), std::string::npos) << text;
+  EXPECT_NE(text.find("(3, 2, 1) of volume 1"), std::string::npos) << text;
 }
 
 TEST(Dataset, NnunetTwoChannelsGroupedByCase) {
@@ -327,9 +379,6 @@ TEST(Dataset, MalformedJsonNamesTheFileAndTheError) {
   };
   expect_error(R"({"description": "neither layout"})", "layout not recognised");
   expect_error(R"([1, 2])", "expected a JSON object");
-  // MSD keeps several modalities in one 4-D file per case, which read_image refuses.
-  expect_error(R"({"modality": {"0": "CT", "1": "PET"}, "labels": {}, "training": []})",
-               "2 modalities");
   expect_error(
       R"({"modality": {"0": "CT"}, "labels": {"0": "background"}, "training": [{"x": 1}]})",
       "training[0] must be {\"image\"");
@@ -498,12 +547,11 @@ TEST(DatasetInputs, FilesFoldersAndChannelGroups) {
   auto single = discover_inputs(dir / "one" / "scan.nii.gz", 1);
   ASSERT_EQ(single.size(), 1u);
   EXPECT_EQ(single[0].id, "scan");
-  try {
-    discover_inputs(dir / "one" / "scan.nii.gz", 2);
-    ADD_FAILURE() << "one file accepted for a 2-channel model";
-  } catch (const ArgumentError& e) {
-    EXPECT_NE(std::string(e.what()).find("{CASE}_0000 .. _0001"), std::string::npos) << e.what();
-  }
+  // One file for a 2-channel model is an MSD 4-D case (its volumes are checked when it is read).
+  auto packed = discover_inputs(dir / "one" / "scan.nii.gz", 2);
+  ASSERT_EQ(packed.size(), 1u);
+  EXPECT_EQ(packed[0].id, "scan");
+  EXPECT_EQ(packed[0].images.size(), 1u);
   EXPECT_THROW(discover_inputs(dir / "absent.nii.gz", 1), IoError);
 
   write_image(dir / "msd" / "b.nii.gz", g);
@@ -514,11 +562,14 @@ TEST(DatasetInputs, FilesFoldersAndChannelGroups) {
   EXPECT_EQ(msd[0].id, "a");
   EXPECT_EQ(msd[1].id, "b");
   EXPECT_TRUE(msd[0].label.empty());
+  EXPECT_EQ(discover_inputs(dir / "msd", 2).size(), 2u);  // MSD 4-D files, one case each
+  write_image(dir / "msd" / "c_0000.nii.gz", g);
   try {
     discover_inputs(dir / "msd", 2);
-    ADD_FAILURE() << "plain files accepted for a 2-channel model";
+    ADD_FAILURE() << "a folder mixing channel files and plain files accepted";
   } catch (const ArgumentError& e) {
     EXPECT_NE(std::string(e.what()).find("a.mha"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("mixes"), std::string::npos) << e.what();
   }
 
   for (const std::string c : {"p1", "p2"})

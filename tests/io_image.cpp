@@ -8,9 +8,11 @@
 #include <cmath>
 #include <fstream>
 #include <string>
+#include <vector>
 
 #include "core/error.hpp"
 #include "io/image_io.hpp"
+#include "support/four_d_nifti.hpp"
 #include "support/nifti_header.hpp"
 #include "support/shared_data.hpp"
 
@@ -249,41 +251,83 @@ TEST(ImageIo, ChannelsInterleaveAndMustShareGeometry) {
   }
 }
 
-// Rewrites dims in an uncompressed NIfTI header, to build 4-D files without a 4-D writer.
-void patch_dims(const fs::path& p, const std::vector<int16_t>& dims) {
-  std::fstream f(p, std::ios::in | std::ios::out | std::ios::binary);
-  f.seekp(40);
-  f.write(reinterpret_cast<const char*>(dims.data()),
-          static_cast<std::streamsize>(dims.size() * 2));
-  ASSERT_TRUE(f.good()) << p;
+template <typename Fn>
+void expect_io_error(const fs::path& p, Fn&& call, const std::vector<std::string>& parts) {
+  try {
+    call();
+    ADD_FAILURE() << p << " accepted";
+  } catch (const IoError& e) {
+    const std::string msg = e.what();
+    EXPECT_EQ(msg.rfind(p.string() + ": ", 0), 0u) << msg;
+    for (const auto& part : parts) EXPECT_NE(msg.find(part), std::string::npos) << msg;
+  }
 }
 
-TEST(ImageIo, AcceptsFourDWithOneVolumeRejectsMore) {
+TEST(ImageIo, AcceptsFourDWithOneVolume) {
   TempDir dir;
   const Volume v = synthetic_image(synthetic_geometry(kIdentity));  // 7x5x4
   const fs::path one = dir / "one_volume.nii";
   write_float_image(one, v);
-  patch_dims(one, {4, 7, 5, 4, 1});
+  test::patch_nifti_dims(one, {4, 7, 5, 4, 1});
   const Volume r = read_image(one);
   EXPECT_EQ(r.geo.size, v.geo.size);
   ASSERT_EQ(r.data, v.data);
+  const Volume c = read_image_channels({one}, 1);
+  EXPECT_EQ(c.channels, 1);
+  EXPECT_EQ(c.data, v.data);
+}
 
-  const fs::path two = dir / "two_volumes.nii";
-  write_float_image(two, v);
-  patch_dims(two, {4, 7, 5, 2, 2});  // same voxel count, two volumes
-  for (int k = 0; k < 2; ++k) {
-    try {
-      if (k == 0)
-        read_image(two);
-      else
-        read_geometry(two);
-      ADD_FAILURE() << "4-D file with 2 volumes accepted";
-    } catch (const IoError& e) {
-      const std::string msg = e.what();
-      EXPECT_NE(msg.find(two.string()), std::string::npos) << msg;
-      EXPECT_NE(msg.find("7x5x2x2"), std::string::npos) << msg;
+// MSD's multi-modal layout: one 4-D NIfTI per case, a volume per channel. Only the readers that
+// are told to expect channels accept it; read_image, a one-channel read and the strict header
+// refuse it by name.
+TEST(ImageIo, FourDNiftiVolumesAreChannelsWhereChannelsAreExpected) {
+  TempDir dir;
+  Volume v = synthetic_image(synthetic_geometry(kFlipXY));  // 7x5x4: two volumes of 7x5x2
+  Geometry g3 = v.geo;
+  g3.size = {7, 5, 2};
+  const auto half = [&](int t) {
+    return std::vector<float>(v.data.begin() + t * g3.voxels(), v.data.begin() + (t + 1) * g3.voxels());
+  };
+  const fs::path nii = dir / "two.nii", gz = dir / "two_gz.nii.gz", nan_nii = dir / "nan.nii";
+  test::write_4d_nifti(nii, g3, {half(0), half(1)});
+  test::write_4d_nifti(gz, g3, {half(0), half(1)});
+  std::vector<float> with_nan = half(1);
+  with_nan[static_cast<size_t>((1 * 5 + 2) * 7 + 1)] = NAN;  // (1, 2, 1) of volume 1
+  test::write_4d_nifti(nan_nii, g3, {half(0), with_nan});
+  for (const fs::path& p : {nii, gz}) {
+    SCOPED_TRACE(p.filename().string());
+    for (const Volume& c : {read_image_channels({p}, 2), read_image_channels({p})}) {
+      ASSERT_EQ(c.channels, 2);
+      expect_geometry_near(c.geo, g3, 1e-6, "4-D channels");
+      ASSERT_EQ(c.data.size(), v.data.size());
+      for (int64_t z = 0; z < 2; ++z)
+        for (int64_t y = 0; y < 5; ++y)
+          for (int64_t x = 0; x < 7; ++x)
+            for (int t = 0; t < 2; ++t)
+              ASSERT_EQ(c.at(x, y, z, t), v.at(x, y, z + 2 * t)) << x << "," << y << "," << z;
     }
+    expect_geometry_near(read_geometry(p), g3, 1e-6, "read_geometry");
+    EXPECT_EQ(read_header(p, true).volumes, 2);
+    EXPECT_EQ(read_header(p, true).geo.size, g3.size);
+    EXPECT_EQ(count_nonfinite_voxels(p).count, 0);
+    expect_io_error(p, [&] { read_image(p); }, {"7x5x2x2", "one volume per channel"});
+    expect_io_error(p, [&] { read_header(p); }, {"7x5x2x2"});
+    expect_io_error(p, [&] { read_image_channels({p}, 1); }, {"7x5x2x2"});
+    expect_io_error(p, [&] { read_image_channels({p}, 3); }, {"2 volumes", "expected 3"});
   }
+  // A NaN in the second volume is placed in that volume.
+  const NonFiniteVoxels nf = count_nonfinite_voxels(nan_nii);
+  EXPECT_EQ(nf.count, 1);
+  EXPECT_EQ(voxel_string(g3, nf.first_index), "(1, 2, 1) of volume 1");
+  expect_io_error(nan_nii, [&] { read_image_channels({nan_nii}, 2); }, {"(1, 2, 1) of volume 1"});
+  // A 3-D file where two channels are expected.
+  const fs::path flat = dir / "flat.nii.gz";
+  write_float_image(flat, v);
+  expect_io_error(flat, [&] { read_image_channels({flat}, 2); }, {"1 volume ", "expected 2"});
+  // Any 3-D format reads as one channel.
+  const fs::path mha = dir / "flat.mha";
+  write_float_image(mha, v);
+  EXPECT_EQ(read_image_channels({mha}).channels, 1);
 }
 
 void expect_io_error_naming(const fs::path& p, const std::string& reason_part) {
@@ -336,7 +380,7 @@ TEST(ImageIo, MissingTruncatedAndNonImageFilesGiveOneLineIoErrors) {
   // A NIfTI header with an impossible dim[0].
   const fs::path bad_dims = dir / "bad_dims.nii";
   write_float_image(bad_dims, synthetic_image(synthetic_geometry(kIdentity)));
-  patch_dims(bad_dims, {9});
+  test::patch_nifti_dims(bad_dims, {9});
   expect_io_error_naming(bad_dims, "dim[0] = 9");
 
   // A real compressed scan cut in half: the header reads, the voxels do not.

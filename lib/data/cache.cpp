@@ -309,7 +309,7 @@ CaseView CachedCase::view() const {
 // ------------------------------------------------------------------------------ preparing
 
 PreprocessedCase preprocess_entry(const Plan& plan, const io::CaseEntry& entry) {
-  const Volume image = io::read_image_channels(entry.images);
+  const Volume image = io::read_image_channels(entry.images, plan.in_channels);
   if (entry.label.empty())
     return preprocess_case(plan, entry.id, image, nullptr, id_seed(entry.id));
   const LabelVolume labels = io::read_labels(entry.label);

@@ -27,7 +27,7 @@ Fingerprint fingerprint_dataset(const io::Dataset& ds, int max_cases, uint64_t s
   const Rng root(seed);
   for (size_t i = 0; i < labelled.size(); ++i) {
     const io::CaseEntry& e = *labelled[i];
-    const Volume image = io::read_image_channels(e.images);
+    const Volume image = io::read_image_channels(e.images, channels);
     const LabelVolume labels = io::read_labels(e.label);
     if (image.channels != channels)
       throw ArgumentError("case '" + e.id + "' (" + e.images.front().string() + ") has " +

@@ -201,9 +201,9 @@ void check_unique_ids(const std::vector<CaseEntry>& cases, const fs::path& where
       throw ArgumentError(where.string() + ": case id \"" + c.id + "\" appears twice");
 }
 
-// Plain image files of `images` (one channel), labels of the same file name in `labels` when that
-// folder exists.
-std::vector<CaseEntry> single_channel_cases(const fs::path& images, const fs::path& labels,
+// Plain image files of `images`, one case each (one channel, or MSD's 4-D file of all channels),
+// labels of the same file name in `labels` when that folder exists.
+std::vector<CaseEntry> one_file_cases(const fs::path& images, const fs::path& labels,
                                             bool label_required) {
   std::vector<CaseEntry> out;
   for (const auto& p : list_images(images)) {
@@ -265,10 +265,8 @@ Dataset discover_msd(const fs::path& root, const json& j, const fs::path& json_p
   ds.layout = "msd";
   ds.name = json_string(j, "name", json_path);
   ds.channel_names = channel_list(j, "modality", json_path);
-  if (ds.channel_names.size() > 1)
-    throw ArgumentError(json_path.string() + ": " + std::to_string(ds.channel_names.size()) +
-                        " modalities: MSD keeps them in one 4-D file per case, which medseg does "
-                        "not read; convert to the nnU-Net v2 layout (one file per channel)");
+  // Several modalities: MSD keeps them as the volumes of one 4-D file per case.
+  ds.channels_in_volumes = ds.channel_names.size() > 1;
   ds.labels = msd_labels(j, json_path);
   if (!j.contains("training") || !j["training"].is_array())
     throw ArgumentError(json_path.string() +
@@ -312,7 +310,7 @@ Dataset discover_msd(const fs::path& root, const json& j, const fs::path& json_p
       ds.test.push_back(std::move(c));
     }
   } else if (fs::is_directory(root / "imagesTs")) {
-    ds.test = single_channel_cases(root / "imagesTs", root / "labelsTs", false);
+    ds.test = one_file_cases(root / "imagesTs", root / "labelsTs", false);
   }
   if (j.contains("numTraining") && j["numTraining"].is_number_integer() &&
       j["numTraining"].get<size_t>() != ds.training.size())
@@ -405,9 +403,9 @@ Dataset discover_folder(const fs::path& root) {
     throw ArgumentError(root.string() +
                         ": not a dataset: expected dataset.json (MSD or nnU-Net "
                         "v2), or the folders images/ and labels/");
-  ds.training = single_channel_cases(images, labels, true);
+  ds.training = one_file_cases(images, labels, true);
   if (fs::is_directory(root / "imagesTs"))
-    ds.test = single_channel_cases(root / "imagesTs", root / "labelsTs", false);
+    ds.test = one_file_cases(root / "imagesTs", root / "labelsTs", false);
   infer_folder_labels(ds);
   return ds;
 }
@@ -509,12 +507,9 @@ std::vector<CaseEntry> discover_inputs(const fs::path& input, int channels) {
   std::error_code ec;
   if (!fs::exists(input, ec)) throw IoError(input.string() + ": input not found");
   if (!fs::is_directory(input, ec)) {
-    if (channels != 1)
-      throw ArgumentError(input.string() + ": the model takes " + std::to_string(channels) +
-                          " channels; give a folder of nnU-Net files {CASE}_0000 .. _" +
-                          std::to_string(10000 + channels - 1).substr(1) + " instead of one file");
     // A lone "case_0000.nii.gz" is a one-channel nnU-Net case: name the output after the case.
-    return {CaseEntry{case_id_from_path(input, true), {fs::absolute(input)}, {}}};
+    // With several channels one file is MSD's 4-D layout (its volumes are checked when read).
+    return {CaseEntry{case_id_from_path(input, channels == 1), {fs::absolute(input)}, {}}};
   }
   const fs::path folder = fs::absolute(input).lexically_normal();
   const std::vector<fs::path> files = list_images(folder);
@@ -526,15 +521,19 @@ std::vector<CaseEntry> discover_inputs(const fs::path& input, int channels) {
   if (all_channel_files) {
     out = grouped_cases(folder, fs::path(), channels, "", false, folder);
     for (auto& c : out) c.label.clear();
-  } else if (channels == 1) {
-    out = single_channel_cases(folder, fs::path(), false);
+  } else if (channels == 1 || std::none_of(files.begin(), files.end(), [](const fs::path& p) {
+               return channel_of(p) >= 0;
+             })) {
+    // One file per case: 3-D, or with several channels MSD's 4-D files (one volume per channel).
+    out = one_file_cases(folder, fs::path(), false);
     for (auto& c : out) c.label.clear();
   } else {
     const auto bad = std::find_if(files.begin(), files.end(),
                                   [](const fs::path& p) { return channel_of(p) < 0; });
     throw ArgumentError(bad->string() + ": the model takes " + std::to_string(channels) +
-                        " channels, so inputs must be nnU-Net channel files {CASE}_XXXX; this "
-                        "name has no _XXXX suffix");
+                        " channels, and this folder mixes nnU-Net channel files {CASE}_XXXX with "
+                        "files without that suffix (MSD's 4-D files, one volume per channel); "
+                        "give one kind per folder");
   }
   check_unique_ids(out, folder);
   return out;
@@ -563,14 +562,15 @@ struct CaseChecker {
   }
 
   // Header of one file, or nullopt after recording why it cannot be used.
-  std::optional<ImageHeader> header(const fs::path& file, const char* role) {
+  std::optional<ImageHeader> header(const fs::path& file, const char* role,
+                                    bool allow_volumes = false) {
     std::error_code ec;
     if (!fs::exists(file, ec) && !fs::is_symlink(fs::symlink_status(file, ec))) {
       add(file, std::string(role) + " file is missing");
       return std::nullopt;
     }
     try {
-      return read_header(file);
+      return read_header(file, allow_volumes);
     } catch (const Error& e) {
       add(file, strip_path(e.what(), file));
       return std::nullopt;
@@ -592,17 +592,28 @@ struct CaseChecker {
       add(ds.root, "case has no image file");
       return;
     }
-    if (static_cast<int>(c.images.size()) != ds.num_channels() && ds.num_channels() > 0)
+    if (ds.channels_in_volumes) {
+      if (c.images.size() != 1) {
+        add(c.images[0], "case has " + std::to_string(c.images.size()) +
+                             " image files, expected one 4-D file with a volume per modality");
+        return;
+      }
+    } else if (static_cast<int>(c.images.size()) != ds.num_channels() && ds.num_channels() > 0) {
       add(c.images[0], "case has " + std::to_string(c.images.size()) +
                            " channel files, the "
                            "dataset declares " +
                            std::to_string(ds.num_channels()));
+    }
     std::optional<Geometry> ref;
     fs::path ref_file;
     for (size_t ch = 0; ch < c.images.size(); ++ch) {
       const fs::path& file = c.images[ch];
-      const auto h = header(file, "image");
+      const auto h = header(file, "image", ds.channels_in_volumes);
       if (!h) continue;
+      if (ds.channels_in_volumes && h->volumes != ds.num_channels())
+        add(file, "has " + std::to_string(h->volumes) + " volume" + (h->volumes == 1 ? "" : "s") +
+                      " along its 4th axis, dataset.json declares " +
+                      std::to_string(ds.num_channels()) + " modalities (one volume each)");
       if (!ref) {
         ref = h->geo;
         ref_file = file;
@@ -634,7 +645,7 @@ struct CaseChecker {
         std::ostringstream os;
         os << nf.count << " NaN/Inf voxel" << (nf.count == 1 ? "" : "s")
            << " (first: " << nf.first_value << " at voxel "
-           << voxel_string(read_header(file).geo, nf.first_index) << ")";
+           << voxel_string(read_geometry(file), nf.first_index) << ")";
         os << " as 32-bit floats";
         add(file, os.str());
       }

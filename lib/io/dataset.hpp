@@ -32,13 +32,15 @@ struct Dataset {
   std::vector<LabelInfo> labels;           // background (0) first, sorted by value
   std::vector<CaseEntry> training;
   std::vector<CaseEntry> test;             // imagesTs when present (unlabelled, or with labelsTs)
+  // MSD with several modalities: each case's one image file is a 4-D NIfTI, one volume per channel.
+  bool channels_in_volumes = false;
   int num_channels() const { return static_cast<int>(channel_names.size()); }
 };
 
 // Throws ArgumentError (layout not recognised, malformed dataset.json, entries leaving the root...)
 // naming the file.
 // Layouts: "msd" (dataset.json with "modality", "labels" {"0": "background", ...}, "training"
-// [{image, label}], one 3-D file per case), "nnunet" (dataset.json with "channel_names", "labels"
+// [{image, label}], one file per case: 3-D, or 4-D with one volume per modality), "nnunet" (dataset.json with "channel_names", "labels"
 // name -> value, "file_ending"; cases found from imagesTr/{CASE}_{XXXX}{ending} with
 // labelsTr/{CASE}{ending}), "folder" (no dataset.json: images/ and labels/ with matching names, one
 // channel "unknown"; labels 0 .. the largest value in the readable training label files, named
@@ -49,7 +51,8 @@ struct Dataset {
 Dataset discover_dataset(const fs::path& root);
 
 // Inputs for prediction: one file, or a folder of MSD images, nnU-Net _XXXX channel files, or plain
-// files. `channels` is the model's channel count (checked).
+// files. `channels` is the model's channel count: with several, a case is either nnU-Net's channel
+// files or one MSD 4-D file (its volume count is checked when it is read).
 std::vector<CaseEntry> discover_inputs(const fs::path& input, int channels);
 
 // Strips .nii.gz / .nii / .nrrd / .mha / .mhd and an nnU-Net _XXXX suffix when strip_channel is set.

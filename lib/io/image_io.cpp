@@ -72,14 +72,18 @@ std::string itk_reason(const itk::ExceptionObject& e) {
   throw IoError(path.string() + ": " + what);
 }
 
-// Header of a file: checked to be one scalar component in 3-D (or 4-D with a single volume).
+// Header of a file: checked to be one scalar component in 3-D (or 4-D with a single volume; with
+// allow_volumes, a 4-D NIfTI with several volumes, MSD's multi-modal layout).
 struct OpenedIo {
   itk::ImageIOBase::Pointer io;
-  Geometry geo;
+  Geometry geo;    // the first three axes
+  int volumes = 1;  // size of the fourth axis
 };
 
 void check_nifti_header(const fs::path& path);  // below, with the other NIfTI-1 checks
 bool ends_with(const std::string& s, const std::string& suffix);  // below; case-insensitive
+enum class Format { Nifti, NiftiGz, Other };
+Format format_of(const fs::path& p);  // below
 
 bool is_analyze_pair(const fs::path& p) {
   const std::string name = p.filename().string();
@@ -88,7 +92,7 @@ bool is_analyze_pair(const fs::path& p) {
   return false;
 }
 
-OpenedIo open_header(const fs::path& path) {
+OpenedIo open_header(const fs::path& path, bool allow_volumes = false) {
   std::error_code ec;
   if (!fs::exists(path, ec)) {
     std::error_code lec;
@@ -149,13 +153,22 @@ OpenedIo open_header(const fs::path& path) {
                    itk::ImageIOBase::GetPixelTypeAsString(io.GetPixelType()) +
                    "); expected a scalar image (one file per channel)");
   const unsigned dims = io.GetNumberOfDimensions();
-  if (dims < 3 || dims > 4 || (dims == 4 && io.GetDimensions(3) != 1)) {
+  const bool several = dims == 4 && io.GetDimensions(3) != 1;
+  // Several volumes only from NIfTI, whose completeness and NaN checks here cover every volume.
+  const bool volumes_ok = allow_volumes && format_of(path) != Format::Other;
+  if (dims < 3 || dims > 4 || (several && !volumes_ok)) {
     std::ostringstream os;
     os << "is " << dims << "-D with size ";
     for (unsigned i = 0; i < dims; ++i) os << (i ? "x" : "") << io.GetDimensions(i);
-    os << "; expected a 3-D image (a 4-D file is accepted only with one volume)";
+    os << "; expected a 3-D image (a 4-D file is accepted only with one volume";
+    if (several)
+      os << (allow_volumes ? ", or as a NIfTI file with one volume per channel"
+                           : ", or with one volume per channel where a model or dataset.json "
+                             "declares that many channels: MSD's multi-modal layout");
+    os << ")";
     fail(path, os.str());
   }
+  if (dims == 4) out.volumes = static_cast<int>(io.GetDimensions(3));
   Geometry& g = out.geo;
   for (unsigned i = 0; i < 3; ++i) {
     g.size[i] = static_cast<int64_t>(io.GetDimensions(i));
@@ -173,8 +186,6 @@ OpenedIo open_header(const fs::path& path) {
   if (det == 0.0) g.direction = {1, 0, 0, 0, 1, 0, 0, 0, 1};
   return out;
 }
-
-enum class Format { Nifti, NiftiGz, Other };
 
 bool ends_with(const std::string& s, const std::string& suffix) {
   if (s.size() < suffix.size()) return false;
@@ -586,11 +597,12 @@ void set_geometry(ImageT& image, const Geometry& g) {
 }
 
 // Reads the voxels of an already checked file as PixelT (ITK converts from the stored type);
-// `verified`: scan_nifti_nonfinite has already checked the file complete.
-template <typename PixelT>
-typename itk::Image<PixelT, 3>::Pointer read_pixels(const fs::path& path, OpenedIo& opened,
-                                                    bool verified = false) {
-  using ImageT = itk::Image<PixelT, 3>;
+// `verified`: scan_nifti_nonfinite has already checked the file complete. Dim 4 for a file of
+// several volumes (volume after volume in the buffer).
+template <typename PixelT, unsigned Dim = 3>
+typename itk::Image<PixelT, Dim>::Pointer read_pixels(const fs::path& path, OpenedIo& opened,
+                                                      bool verified = false) {
+  using ImageT = itk::Image<PixelT, Dim>;
   auto reader = itk::ImageFileReader<ImageT>::New();
   reader->SetFileName(path.string());
   reader->SetImageIO(opened.io);
@@ -605,8 +617,26 @@ typename itk::Image<PixelT, 3>::Pointer read_pixels(const fs::path& path, Opened
   if (g.size != opened.geo.size)
     fail(path, "voxel data size " + std::to_string(g.size[0]) + "x" + std::to_string(g.size[1]) +
                    "x" + std::to_string(g.size[2]) + " differs from the header");
+  if constexpr (Dim == 4) {
+    if (static_cast<int>(image->GetLargestPossibleRegion().GetSize()[3]) != opened.volumes)
+      fail(path, "the voxel data holds another number of volumes than the header (" +
+                     std::to_string(opened.volumes) + ")");
+  }
   opened.geo = g;
   return image;
+}
+
+// Calls fn(voxels, count) with every voxel of a checked file as PixelT, all of its volumes
+// (volume after volume, x fastest within each).
+template <typename PixelT, typename Fn>
+void with_pixels(const fs::path& path, OpenedIo& opened, bool verified, Fn&& fn) {
+  if (opened.volumes == 1) {
+    auto image = read_pixels<PixelT, 3>(path, opened, verified);
+    fn(static_cast<const PixelT*>(image->GetBufferPointer()), opened.geo.voxels());
+  } else {
+    auto image = read_pixels<PixelT, 4>(path, opened, verified);
+    fn(static_cast<const PixelT*>(image->GetBufferPointer()), opened.geo.voxels() * opened.volumes);
+  }
 }
 
 void check_destination(const fs::path& dest) {
@@ -663,7 +693,7 @@ std::string image_extension(const std::string& name) {
 }
 
 NonFiniteVoxels count_nonfinite_voxels(const fs::path& path) {
-  OpenedIo opened = open_header(path);
+  OpenedIo opened = open_header(path, true);
   const auto raw = scan_nifti_nonfinite(path);
   if (raw && raw->count) return *raw;
   // The voxels as training reads them, decoded in full (this is the one voxel pass validation
@@ -671,46 +701,51 @@ NonFiniteVoxels count_nonfinite_voxels(const fs::path& path) {
   // finite as stored but not as a 32-bit float after the scale factor (an overflowing scl_slope,
   // a float64 beyond float range) counts as non-finite too, with its decoded value.
   NonFiniteVoxels out;
-  auto image = read_pixels<double>(path, opened, raw.has_value());
-  const double* p = image->GetBufferPointer();
   constexpr double kFloatMax = std::numeric_limits<float>::max();
-  for (int64_t i = 0; i < opened.geo.voxels(); ++i) {
-    if (std::isfinite(p[i]) && std::fabs(p[i]) <= kFloatMax) continue;
-    if (out.count++ == 0) {
-      out.first_index = i;
-      out.first_value = p[i];
+  with_pixels<double>(path, opened, raw.has_value(), [&](const double* p, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) {
+      if (std::isfinite(p[i]) && std::fabs(p[i]) <= kFloatMax) continue;
+      if (out.count++ == 0) {
+        out.first_index = i;
+        out.first_value = p[i];
+      }
     }
-  }
+  });
   return out;
 }
 
 std::string voxel_string(const Geometry& g, int64_t index) {
   const int64_t nx = g.size[0], ny = g.size[1];
+  const int64_t volume = g.voxels() > 0 ? index / g.voxels() : 0;
+  if (volume > 0) index %= g.voxels();
   // A stream, not string operator+: g++ 12 gives a false -Wrestrict on the concatenation.
   std::ostringstream os;
   os << "(" << index % nx << ", " << (index / nx) % ny << ", " << index / (nx * ny) << ")";
+  if (volume > 0) os << " of volume " << volume;
   return os.str();
 }
 
-ImageHeader read_header(const fs::path& path) {
-  OpenedIo opened = open_header(path);
+ImageHeader read_header(const fs::path& path, bool allow_volumes) {
+  OpenedIo opened = open_header(path, allow_volumes);
   ImageHeader h;
   h.geo = opened.geo;
+  h.volumes = opened.volumes;
   h.components = static_cast<int>(opened.io->GetNumberOfComponents());
   h.component_type = itk::ImageIOBase::GetComponentTypeAsString(opened.io->GetComponentType());
   return h;
 }
 
 Geometry read_geometry(const fs::path& path) {
-  return open_header(path).geo;
+  return open_header(path, true).geo;
 }
 
-Volume read_image(const fs::path& path) {
-  OpenedIo opened = open_header(path);
-  // NaN / Inf would go through the network and come out as a plausible-looking mask: refused here
-  // for every reader (training validation reports them earlier, with a count). The stored bytes
-  // are scanned because niftilib turns NaN into 0; the decoded values because a scale factor can
-  // overflow finite integers to Inf.
+namespace {
+// The voxels of a file as float32, channel-interleaved (one channel per volume).
+// NaN / Inf would go through the network and come out as a plausible-looking mask: refused here
+// for every reader (training validation reports them earlier, with a count). The stored bytes are
+// scanned because niftilib turns NaN into 0; the decoded values because a scale factor can
+// overflow finite integers to Inf.
+Volume read_volumes(const fs::path& path, OpenedIo& opened) {
   const auto nonfinite_error = [&](int64_t index, double value, int64_t count) {
     std::ostringstream os;
     os << "voxel " << voxel_string(opened.geo, index) << " is " << value << " (" << count
@@ -719,30 +754,58 @@ Volume read_image(const fs::path& path) {
   };
   const auto raw = scan_nifti_nonfinite(path);
   if (raw && raw->count) nonfinite_error(raw->first_index, raw->first_value, raw->count);
-  auto image = read_pixels<float>(path, opened, raw.has_value());
   Volume v;
-  v.geo = opened.geo;
-  v.channels = 1;
-  const float* p = image->GetBufferPointer();
-  v.data.assign(p, p + v.geo.voxels());
-  int64_t bad = 0, first = -1;
-  for (int64_t i = 0; i < v.geo.voxels(); ++i)
-    if (!std::isfinite(p[i]) && bad++ == 0) first = i;
-  if (bad) {
-    // The stored values were finite: the scale factor or the conversion to float32 overflowed.
-    std::ostringstream os;
-    os << "voxel " << voxel_string(opened.geo, first) << " becomes " << p[first]
-       << " as a 32-bit float (" << bad
-       << " voxels; a stored value beyond float range, or a scale factor overflowing); an image must "
-          "hold finite intensities";
-    fail(path, os.str());
-  }
+  with_pixels<float>(path, opened, raw.has_value(), [&](const float* p, int64_t n) {
+    v.geo = opened.geo;
+    v.channels = opened.volumes;
+    int64_t bad = 0, first = -1;
+    for (int64_t i = 0; i < n; ++i)
+      if (!std::isfinite(p[i]) && bad++ == 0) first = i;
+    if (bad) {
+      // The stored values were finite: the scale factor or the conversion to float32 overflowed.
+      std::ostringstream os;
+      os << "voxel " << voxel_string(opened.geo, first) << " becomes " << p[first]
+         << " as a 32-bit float (" << bad
+         << " voxels; a stored value beyond float range, or a scale factor overflowing); an image "
+            "must hold finite intensities";
+      fail(path, os.str());
+    }
+    if (v.channels == 1) {
+      v.data.assign(p, p + n);
+      return;
+    }
+    // Volume-major in the file, channels-last in a Volume.
+    const int64_t voxels = v.geo.voxels();
+    const int C = v.channels;
+    v.data.resize(static_cast<size_t>(n));
+    for (int c = 0; c < C; ++c) {
+      const float* src = p + static_cast<int64_t>(c) * voxels;
+      float* dst = v.data.data() + c;
+      for (int64_t i = 0; i < voxels; ++i) dst[i * C] = src[i];
+    }
+  });
   return v;
 }
+}  // namespace
 
-Volume read_image_channels(const std::vector<fs::path>& paths) {
+Volume read_image(const fs::path& path) {
+  OpenedIo opened = open_header(path);
+  return read_volumes(path, opened);
+}
+
+Volume read_image_channels(const std::vector<fs::path>& paths, int channels) {
   MEDSEG_CHECK(!paths.empty(), "read_image_channels needs at least one file");
-  if (paths.size() == 1) return read_image(paths[0]);
+  if (paths.size() == 1) {
+    OpenedIo opened = open_header(paths[0], channels != 1);
+    if (channels > 0 && opened.volumes != channels)
+      fail(paths[0], "has " + std::to_string(opened.volumes) + " volume" +
+                         (opened.volumes == 1 ? "" : "s") + " along its 4th axis, expected " +
+                         std::to_string(channels) + " (one per channel: MSD's multi-modal layout)");
+    return read_volumes(paths[0], opened);
+  }
+  if (channels > 0 && static_cast<int>(paths.size()) != channels)
+    throw IoError(paths[0].string() + ": a case of " + std::to_string(paths.size()) +
+                  " channel files, expected " + std::to_string(channels));
   Volume out;
   out.channels = static_cast<int>(paths.size());
   for (size_t c = 0; c < paths.size(); ++c) {

@@ -16,23 +16,29 @@ namespace fs = std::filesystem;
 // Any scalar pixel type (uint8, int16, int32, float32, float64, ...) of a 3-D NIfTI (.nii,
 // .nii.gz), NRRD or MHA file, converted to float; geometry in ITK's LPS convention.
 Volume read_image(const fs::path& path);
-// nnU-Net style multi-channel case: one file per channel, identical geometry required (else IoError
-// naming both files).
-Volume read_image_channels(const std::vector<fs::path>& paths);
+// The image of one case, `channels` channels (0: as many as found):
+// - several files: nnU-Net's layout, one 3-D file per channel, identical geometry required (else
+//   IoError naming both files);
+// - one file: a 3-D image (one channel), or MSD's multi-modal layout, a 4-D NIfTI with one volume
+//   per channel (IoError naming the file when its volumes are not `channels`).
+Volume read_image_channels(const std::vector<fs::path>& paths, int channels = 0);
 // Label files may be stored as any type, float32 included; every value must be a non-negative
 // integer below 65536 (else IoError naming the file and the first bad value).
 LabelVolume read_labels(const fs::path& path);
-// Reads only the header: geometry and number of components.
+// Reads only the header: the geometry of the first three axes (a 4-D NIfTI of several volumes is
+// accepted).
 Geometry read_geometry(const fs::path& path);
 
 // Header facts beyond the geometry (read_header applies the same checks as read_image: one scalar
-// component, 3-D or 4-D with a single volume; else IoError).
+// component, 3-D or 4-D with a single volume, else IoError; with allow_volumes a 4-D NIfTI may hold
+// several volumes, MSD's channels).
 struct ImageHeader {
-  Geometry geo;
+  Geometry geo;   // the first three axes
+  int volumes = 1;  // the 4th axis
   int components = 1;
   std::string component_type;  // ITK's name of the stored type: "unsigned_char", "float", ...
 };
-ImageHeader read_header(const fs::path& path);
+ImageHeader read_header(const fs::path& path, bool allow_volumes = false);
 
 // NaN/Inf voxels of an image file as stored. ITK's NIfTI reader replaces them by 0 on reading
 // (niftilib does), so read_image never returns them; for float NIfTI files this scans the stored
@@ -41,7 +47,7 @@ ImageHeader read_header(const fs::path& path);
 // read_labels runs the same scan on float NIfTI label files and rejects non-finite values.
 struct NonFiniteVoxels {
   int64_t count = 0;
-  int64_t first_index = -1;  // linear voxel index, x fastest
+  int64_t first_index = -1;  // linear voxel index, x fastest (all volumes of a 4-D file, in order)
   double first_value = 0;
 };
 NonFiniteVoxels count_nonfinite_voxels(const fs::path& path);
