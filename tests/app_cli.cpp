@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 #include <sys/stat.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
@@ -208,6 +209,51 @@ TEST(Cli, MsdFourDModalitiesTrainAndPredict) {
             std::string::npos)
       << r.output;
   EXPECT_FALSE(fs::exists(w / "no.nii.gz"));
+  fs::remove_all(w);
+}
+
+// Scans of a few thick slices (cardiac short-axis stacks, thick-slab MR) train and predict: the
+// plan's patch is padded beyond the thin axis. Only a scan that is not even a 4x4 slice is refused.
+TEST(Cli, ThinScansTrainAndPredictOnTheirGrid) {
+  const fs::path w = scratch("thin");
+  ASSERT_EQ(run("sample-data --out " + (w / "src").string() + " --cases 4 --seed 5").code, 0);
+  // Each case cut to 5 slices through the middle of its labels (origin moved with the cut).
+  for (const auto& e : fs::directory_iterator(w / "src/labelsTr")) {
+    const std::string name = e.path().filename().string();
+    const LabelVolume l = io::read_labels(e.path());
+    const Volume v = io::read_image(w / "src/imagesTr" / name);
+    int64_t lo = l.geo.size[2], hi = -1;
+    for (int64_t z = 0; z < l.geo.size[2]; ++z)
+      for (int64_t y = 0; y < l.geo.size[1]; ++y)
+        for (int64_t x = 0; x < l.geo.size[0]; ++x)
+          if (l.at(x, y, z)) lo = std::min(lo, z), hi = std::max(hi, z);
+    ASSERT_GE(hi, lo) << name;
+    const int64_t z0 = std::clamp<int64_t>((lo + hi) / 2 - 2, 0, l.geo.size[2] - 5);
+    Geometry g = l.geo;
+    g.size[2] = 5;
+    for (int r = 0; r < 3; ++r) g.origin[r] += g.direction[r * 3 + 2] * g.spacing[2] * z0;
+    const int64_t plane = g.size[0] * g.size[1];
+    LabelVolume tl{g, std::vector<uint16_t>(l.data.begin() + z0 * plane, l.data.begin() + (z0 + 5) * plane)};
+    Volume tv;
+    tv.geo = g;
+    tv.data.assign(v.data.begin() + z0 * plane, v.data.begin() + (z0 + 5) * plane);
+    fs::create_directories(w / "data/imagesTr");
+    fs::create_directories(w / "data/labelsTr");
+    io::write_float_image(w / "data/imagesTr" / name, tv);
+    io::write_labels(w / "data/labelsTr" / name, tl);
+  }
+  fs::copy_file(w / "src/dataset.json", w / "data/dataset.json");
+  auto r = run("train --data " + (w / "data").string() + " --out " + (w / "model").string() +
+               " --iterations 2 --base-filters 4 --device cpu --threads 2 --val-fraction 0.25");
+  ASSERT_EQ(r.code, 0) << r.output;
+  fs::path scan;
+  for (const auto& e : fs::directory_iterator(w / "data/imagesTr")) scan = e.path();
+  r = run("predict --model " + (w / "model").string() + " --input " + scan.string() + " --output " +
+          (w / "mask.nii.gz").string() + " --device cpu");
+  ASSERT_EQ(r.code, 0) << r.output;
+  const Geometry src = io::read_geometry(scan), got = io::read_geometry(w / "mask.nii.gz");
+  EXPECT_TRUE(got.same_grid(src)) << io::geometry_difference(got, src);
+  EXPECT_EQ(got.size[2], 5);
   fs::remove_all(w);
 }
 

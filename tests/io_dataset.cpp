@@ -449,11 +449,11 @@ TEST(Validation, EachProblemNamesTheFileAndTheValuesFound) {
        "2 NaN/Inf voxels (first: nan at voxel (2, 1, 0))", true, true},
       {"too_small",
        [&](const fs::path& r) {
-         write_image(img(r, "too_small"), tiny_geometry({10, 4, 8}));
-         write_label(lab(r, "too_small"), tiny_geometry({10, 4, 8}));
+         write_image(img(r, "too_small"), tiny_geometry({10, 3, 2}));
+         write_label(lab(r, "too_small"), tiny_geometry({10, 3, 2}));
          return img(r, "too_small");
        },
-       "image size 10x4x8 is smaller than the minimum 8x8x8"},
+       "image size 10x3x2 is not a volume or a slice: at least two axes need 4 voxels or more"},
       {"missing_image",
        [&](const fs::path& r) {
          write_label(lab(r, "missing_image"), g);
@@ -643,8 +643,7 @@ TEST(DatasetRealData, HippocampusDiscoversAndValidatesClean) {
   EXPECT_EQ(ds.labels[2].name, "Posterior");
   EXPECT_TRUE(ds.test.empty());
   const auto t0 = std::chrono::steady_clock::now();
-  ValidationOptions opt;
-  opt.min_size = {8, 8, 8};
+  const ValidationOptions opt;
   const ValidationReport r = validate_dataset(ds, opt);
   const double seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

@@ -618,9 +618,10 @@ struct CaseChecker {
         ref = h->geo;
         ref_file = file;
         const auto& s = h->geo.size;
-        if (s[0] < opt.min_size[0] || s[1] < opt.min_size[1] || s[2] < opt.min_size[2])
-          add(file, "image size " + size_string(s) + " is smaller than the minimum " +
-                        size_string(opt.min_size));
+        const int wide = (s[0] >= opt.min_slice) + (s[1] >= opt.min_slice) + (s[2] >= opt.min_slice);
+        if (wide < 2)
+          add(file, "image size " + size_string(s) + " is not a volume or a slice: at least two axes "
+                        "need " + std::to_string(opt.min_slice) + " voxels or more");
       } else if (!h->geo.same_grid(*ref)) {
         add(file, "channel " + std::to_string(ch) + " geometry differs from channel 0 (" +
                       ref_file.filename().string() + "): " + geometry_difference(h->geo, *ref));

@@ -69,7 +69,9 @@ struct ValidationProblem {
 };
 
 struct ValidationOptions {
-  std::array<int64_t, 3> min_size{8, 8, 8};  // smallest image the network's bottleneck allows
+  // A training scan must be at least a slice: two axes of min_slice voxels or more. Thinner axes
+  // (a few thick slices, or one) are fine: patches are padded beyond the scan.
+  int64_t min_slice = 4;
   bool check_voxels = true;                  // read voxels (NaN/Inf, label values), not just headers
 };
 
@@ -82,7 +84,7 @@ struct ValidationReport {
 
 // Checks each training case: files present and readable, image/label geometry equal (within
 // tolerance), channels' geometry equal, label values integral and in the declared set, no NaN/Inf,
-// image not smaller than min_size. Never throws for a bad case; records it.
+// image at least a min_slice x min_slice slice. Never throws for a bad case; records it.
 ValidationReport validate_dataset(const Dataset& ds, const ValidationOptions& opt);
 
 // What `plan` and `train` do with a report that has bad cases: without `exclude`, throw an
