@@ -7,12 +7,14 @@ namespace po = boost::program_options;
 
 int run_predict_cmd(const std::vector<std::string>& args) {
   po::options_description desc(
-      "medseg predict --model MODEL_DIR --input PATH --output PATH [options]\n"
+      "medseg predict --model MODEL_DIR [MODEL_DIR ...] --input PATH --output PATH [options]\n"
       "Segments one scan or a folder of scans (MSD imagesTs/, nnU-Net _0000 channel files, plain files); "
       "writes one uint8 mask per case on the input's own grid");
   pipelines::PredictConfig c;
   desc.add_options()
-      ("model", po::value<std::string>()->required(), "model bundle folder (from medseg train)")
+      ("model", po::value<std::vector<std::string>>()->required()->multitoken(),
+       "model bundle folder (from medseg train); several (--model A B C) are an ensemble, "
+       "their probabilities averaged: e.g. the folds of one plan")
       ("input", po::value<std::string>()->required(), "a scan file or a folder of scans")
       ("output", po::value<std::string>()->required(), "mask file (single input) or folder")
       ("tta", "mirroring test-time augmentation (default when the model was trained with mirroring)")
@@ -29,7 +31,7 @@ int run_predict_cmd(const std::vector<std::string>& args) {
   auto vm = parse(desc, args, "predict");
   if (!vm) return 0;
   apply_common(*vm);
-  c.model = (*vm)["model"].as<std::string>();
+  for (const auto& m : (*vm)["model"].as<std::vector<std::string>>()) c.models.emplace_back(m);
   c.input = (*vm)["input"].as<std::string>();
   c.output = (*vm)["output"].as<std::string>();
   c.device = (*vm)["device"].as<std::string>();

@@ -66,8 +66,26 @@ int run_predict(const PredictConfig& cfg) {
   if (cfg.keep_largest < -1 || cfg.keep_largest > 1)
     throw ArgumentError("--keep-largest must be 1 (on), 0 (off) or -1 (as the model records), got " +
                         std::to_string(cfg.keep_largest));
-  LoadedModel m = load_model_bundle(cfg.model);
-  const data::Plan& plan = m.plan;
+  if (cfg.models.empty()) throw ArgumentError("--model: give at least one model bundle");
+  // Several models are an ensemble (the folds of a cross-validation): their softmax probabilities
+  // are averaged on the preprocessed grid, so they must preprocess alike and share the labels.
+  std::vector<LoadedModel> models;
+  for (const auto& dir : cfg.models) models.push_back(load_model_bundle(dir));
+  const data::Plan& plan = models.front().plan;
+  for (size_t i = 1; i < models.size(); ++i) {
+    const data::Plan& other = models[i].plan;
+    const std::string pair = "--model " + cfg.models[i].string() + " and " + cfg.models[0].string();
+    bool same_labels = other.labels.size() == plan.labels.size();
+    for (size_t k = 0; same_labels && k < plan.labels.size(); ++k)
+      same_labels = other.labels[k].value == plan.labels[k].value && other.labels[k].name == plan.labels[k].name;
+    if (!same_labels || other.in_channels != plan.in_channels)
+      throw ArgumentError(pair + " segment different labels or channels: an ensemble needs models of one "
+                          "dataset");
+    if (other.preprocessing_hash() != plan.preprocessing_hash())
+      throw ArgumentError(pair + " preprocess differently (target spacing or intensity normalisation): "
+                          "an ensemble needs models planned on the same dataset, e.g. the folds of one "
+                          "plan");
+  }
   const auto cases = io::discover_inputs(cfg.input, plan.in_channels);
   if (cases.empty()) throw ArgumentError("no scans found in " + cfg.input.string());
   // A folder input (or several cases) writes a folder of masks; a single file input writes the file
@@ -133,18 +151,25 @@ int run_predict(const PredictConfig& cfg) {
     else if (!cfg.output.parent_path().empty()) fs::create_directories(cfg.output.parent_path());
     made_dirs = true;
   };
-  place_network(device, *m.net, cfg.tf32);
-  if (cfg.fold_norms) m.net->fold_norms();
-  const bool keep_largest = cfg.keep_largest < 0 ? m.keep_largest_component : cfg.keep_largest == 1;
-  const bool tta = cfg.tta < 0 ? m.trained_with_mirroring : cfg.tta == 1;
-  if (tta && !m.trained_with_mirroring)
-    log_warn("--tta on a model trained without mirroring: it averages flipped views its network never "
-             "saw, which can ruin the masks (hippocampus, session 9: mean Dice 0.888 without TTA, "
-             "0.014 with it)");
-  log_info("model ", cfg.model, ": ", plan.num_classes() - 1, " label(s), patch ", plan.patch[0], "x",
-           plan.patch[1], "x", plan.patch[2], ", TTA ", tta ? "on" : "off",
-           cfg.tta < 0 ? (tta ? " (trained with mirroring)" : " (trained without mirroring)") : "",
-           m.net->folded() ? ", norms folded" : "", keep_largest ? ", keep largest component" : "");
+  const bool keep_largest =
+      cfg.keep_largest < 0 ? models.front().keep_largest_component : cfg.keep_largest == 1;
+  std::vector<bool> tta;
+  for (size_t i = 0; i < models.size(); ++i) {
+    LoadedModel& m = models[i];
+    place_network(device, *m.net, cfg.tf32);
+    if (cfg.fold_norms) m.net->fold_norms();
+    tta.push_back(cfg.tta < 0 ? m.trained_with_mirroring : cfg.tta == 1);
+    if (tta.back() && !m.trained_with_mirroring)
+      log_warn("--tta on a model trained without mirroring (", cfg.models[i].string(),
+               "): it averages flipped views its network never saw, which can ruin the masks "
+               "(hippocampus, session 9: mean Dice 0.888 without TTA, 0.014 with it)");
+    log_info("model ", cfg.models[i], ": ", m.plan.num_classes() - 1, " label(s), patch ",
+             m.plan.patch[0], "x", m.plan.patch[1], "x", m.plan.patch[2], ", TTA ",
+             tta.back() ? "on" : "off",
+             cfg.tta < 0 ? (tta.back() ? " (trained with mirroring)" : " (trained without mirroring)") : "",
+             m.net->folded() ? ", norms folded" : "", keep_largest ? ", keep largest component" : "");
+  }
+  if (models.size() > 1) log_info("ensemble of ", models.size(), " models: probabilities averaged");
 
   // Probability map names: the label names as file-name parts, made unique with the label value
   // where two would collide (empty, repeated, or names that differ only in replaced characters).
@@ -157,8 +182,6 @@ int run_predict(const PredictConfig& cfg) {
       prob_names.push_back(uses[n] > 1 || l.name.empty() ? n + "_" + std::to_string(l.value) : n);
     }
   }
-  nn::UNet& net = *m.net;
-  auto forward = [&](const Tensor& x, Tensor& logits) { net.forward_infer(x, logits); };
   const int K = plan.num_classes();
   for (size_t ci = 0; ci < cases.size(); ++ci) {
     const auto& c = cases[ci];
@@ -167,19 +190,35 @@ int run_predict(const PredictConfig& cfg) {
     data::PreprocessedCase pc = data::preprocess_case(plan, c.id, read_scan(), nullptr, 0);
     // The source scan is not held during inference (one float copy of the volume less at the peak);
     // the review export reads it again.
-    Progress progress(15.0);
-    infer::SlidingWindowOptions opt;
-    opt.patch = plan.patch;
-    opt.step = cfg.step;
-    opt.tta = tta;
-    opt.max_batch = std::max(1, cfg.tiles_per_batch);
-    opt.progress = [&](int64_t done, int64_t total) {
-      progress.update("case " + std::to_string(ci + 1) + "/" + std::to_string(cases.size()) + " " + c.id +
-                      ": tile " + std::to_string(done) + "/" + std::to_string(total));
-    };
-    std::vector<float> probs =
-        infer::sliding_window_probabilities(pc.image.data(), pc.shape, pc.channels, K, forward, opt);
-    progress.finish();
+    std::vector<float> probs;
+    for (size_t mi = 0; mi < models.size(); ++mi) {
+      Progress progress(15.0);
+      infer::SlidingWindowOptions opt;
+      opt.patch = models[mi].plan.patch;
+      opt.step = cfg.step;
+      opt.tta = tta[mi];
+      opt.max_batch = std::max(1, cfg.tiles_per_batch);
+      const std::string which =
+          models.size() > 1 ? " model " + std::to_string(mi + 1) + "/" + std::to_string(models.size()) : "";
+      opt.progress = [&](int64_t done, int64_t total) {
+        progress.update("case " + std::to_string(ci + 1) + "/" + std::to_string(cases.size()) + " " +
+                        c.id + which + ": tile " + std::to_string(done) + "/" + std::to_string(total));
+      };
+      nn::UNet& net = *models[mi].net;
+      auto forward = [&](const Tensor& x, Tensor& logits) { net.forward_infer(x, logits); };
+      std::vector<float> p =
+          infer::sliding_window_probabilities(pc.image.data(), pc.shape, pc.channels, K, forward, opt);
+      progress.finish();
+      if (mi == 0) {
+        probs = std::move(p);
+      } else {
+        for (size_t q = 0; q < probs.size(); ++q) probs[q] += p[q];
+      }
+    }
+    if (models.size() > 1) {
+      const float inv = 1.0f / static_cast<float>(models.size());
+      for (float& v : probs) v *= inv;
+    }
     pc.image = {};  // free the preprocessed copy before going back to the source grid
     const data::CaseGeometryMap map = pc.map;
     LabelVolume mask;

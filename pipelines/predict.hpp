@@ -2,13 +2,17 @@
 #pragma once
 #include <filesystem>
 #include <string>
+#include <vector>
 
 namespace medseg::pipelines {
 
 namespace fs = std::filesystem;
 
 struct PredictConfig {
-  fs::path model, input, output;
+  // One model bundle, or several for an ensemble (their probabilities averaged; they must share the
+  // labels, the channels and the preprocessing, as the folds of one plan do).
+  std::vector<fs::path> models;
+  fs::path input, output;
   // Mirroring test-time augmentation. -1: as the model was trained (on when its training mirrored
   // the patches, off for `--augment none`: flips it never saw would only add out-of-distribution
   // votes), 0: off, 1: on.

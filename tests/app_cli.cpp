@@ -257,6 +257,55 @@ TEST(Cli, ThinScansTrainAndPredictOnTheirGrid) {
   fs::remove_all(w);
 }
 
+// Ensembles: several --model bundles average their probabilities. A model ensembled with itself gives
+// the single model's bits (masks and probability maps); models that segment other labels or
+// preprocess differently are refused by name before anything is written.
+TEST(Cli, PredictEnsemblesModelsOfOnePlan) {
+  const fs::path w = scratch("ensemble");
+  tiny_model(w);
+  if (HasFatalFailure()) return;
+  fs::path scan;
+  for (const auto& e : fs::directory_iterator(w / "data/imagesTs")) scan = e.path();
+  const std::string model = (w / "model").string();
+  auto r = run("predict --model " + model + " --input " + scan.string() + " --output " +
+               (w / "one/mask.nii.gz").string() + " --probabilities --device cpu");
+  ASSERT_EQ(r.code, 0) << r.output;
+  r = run("predict --model " + model + " " + model + " --input " + scan.string() + " --output " +
+          (w / "two/mask.nii.gz").string() + " --probabilities --device cpu");
+  ASSERT_EQ(r.code, 0) << r.output;
+  EXPECT_NE(r.output.find("ensemble of 2 models"), std::string::npos) << r.output;
+  size_t compared = 0;
+  for (const auto& e : fs::directory_iterator(w / "one")) {
+    const auto a = test::read_file_bytes(e.path());
+    const auto b = test::read_file_bytes(w / "two" / e.path().filename());
+    EXPECT_TRUE(a == b) << e.path().filename() << " differs between one model and the model twice";
+    ++compared;
+  }
+  EXPECT_GE(compared, 4u);  // the mask and a probability map per class
+
+  const auto edited = [&](const std::string& name, const std::function<void(nlohmann::json&)>& edit) {
+    fs::copy(w / "model", w / name, fs::copy_options::recursive);
+    nlohmann::json j = nlohmann::json::parse(std::ifstream(w / name / "plan.json"));
+    edit(j);
+    std::ofstream(w / name / "plan.json") << j.dump(2);
+    return (w / name).string();
+  };
+  const std::string renamed = edited("renamed", [](nlohmann::json& j) { j["plan"]["labels"][1]["name"] = "other"; });
+  const std::string respaced = edited("respaced", [](nlohmann::json& j) {
+    j["plan"]["target_spacing"][2] = j["plan"]["target_spacing"][2].get<double>() * 2;
+  });
+  for (const auto& [other, why] : {std::pair{renamed, "segment different labels"},
+                                   std::pair{respaced, "preprocess differently"}}) {
+    r = run("predict --model " + model + " " + other + " --input " + scan.string() + " --output " +
+            (w / "bad/mask.nii.gz").string() + " --device cpu");
+    EXPECT_EQ(r.code, 2) << r.output;
+    EXPECT_NE(r.output.find(other), std::string::npos) << r.output;
+    EXPECT_NE(r.output.find(why), std::string::npos) << r.output;
+    EXPECT_FALSE(fs::exists(w / "bad")) << r.output;
+  }
+  fs::remove_all(w);
+}
+
 // predict never writes over its inputs, reads every scan of a folder before the first mask (a bad
 // one later in the folder used to leave the earlier masks behind), and refuses options that would
 // run for ages or mean nothing; a dry run leaves no model folder; evaluate's --out is a .json.
