@@ -29,7 +29,9 @@ int run_export_cmd(const std::vector<std::string>& args) {
   c.image = (*vm)["image"].as<std::string>();
   c.mask = (*vm)["mask"].as<std::string>();
   c.out = (*vm)["out"].as<std::string>();
-  c.labels = pipelines::read_bundle_plan((*vm)["model"].as<std::string>()).labels;
+  const auto plan = pipelines::read_bundle_plan((*vm)["model"].as<std::string>());
+  c.labels = plan.labels;
+  c.channels = plan.in_channels;
   return pipelines::run_export(c);
 }
 

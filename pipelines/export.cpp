@@ -10,8 +10,10 @@
 namespace medseg::pipelines {
 
 int run_export(const ExportConfig& cfg) {
-  // A 4-D NIfTI (MSD's multi-modal scans) is accepted: the overlays show its first volume.
-  const Volume image = io::read_image_channels({cfg.image});
+  // A 4-D NIfTI (MSD's multi-modal scans) of the model's channels is accepted: the overlays show its
+  // first volume. A 3-D image is one channel file (nnU-Net's layout), shown as it is.
+  const int volumes = io::read_header(cfg.image, true).volumes;
+  const Volume image = io::read_image_channels({cfg.image}, volumes > 1 ? cfg.channels : 0);
   const LabelVolume mask = io::read_labels(cfg.mask);
   if (!image.geo.same_grid(mask.geo))
     throw IoError("mask " + cfg.mask.string() + " is not on the grid of image " +

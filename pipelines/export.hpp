@@ -14,6 +14,9 @@ struct ExportConfig {
   // The model's labels. Entries with value > 0 and colour (0,0,0) get the default palette colour (a
   // black outline would be invisible); empty: the values found in the mask, named label_N.
   std::vector<io::LabelInfo> labels;
+  // The model's channels: a 4-D image must hold that many volumes (a 3-D image, one channel file of
+  // a case, is always accepted as the backdrop); 0: any.
+  int channels = 0;
 };
 
 // The case name comes from the image file name (nnU-Net _XXXX channel suffix stripped). The mask

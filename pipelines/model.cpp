@@ -9,7 +9,11 @@ namespace medseg::pipelines {
 namespace {
 nlohmann::json read_bundle_json(const std::filesystem::path& dir) {
   namespace fs = std::filesystem;
-  if (!fs::is_directory(dir)) throw IoError("model folder " + dir.string() + " does not exist");
+  std::error_code ec;
+  if (fs::exists(dir, ec) && !fs::is_directory(dir, ec))
+    throw IoError("model folder " + dir.string() + " is a file; give the bundle's folder (the one "
+                  "holding plan.json)");
+  if (!fs::is_directory(dir, ec)) throw IoError("model folder " + dir.string() + " does not exist");
   const fs::path plan_path = dir / "plan.json";
   if (!fs::exists(plan_path))
     throw IoError(plan_path.string() + " is missing: " + dir.string() + " is not a medseg model bundle");

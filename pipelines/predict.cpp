@@ -81,6 +81,16 @@ int run_predict(const PredictConfig& cfg) {
     if (!same_labels || other.in_channels != plan.in_channels)
       throw ArgumentError(pair + " segment different labels or channels: an ensemble needs models of one "
                           "dataset");
+    if (other.channel_names != plan.channel_names) {
+      const auto list = [](const std::vector<std::string>& v) {
+        std::string s;
+        for (const auto& n : v) s += (s.empty() ? "" : ", ") + n;
+        return "{" + s + "}";
+      };
+      throw ArgumentError(pair + " read their channels as " + list(other.channel_names) + " and " +
+                          list(plan.channel_names) + ": an ensemble needs the same channels in the "
+                          "same order");
+    }
     if (other.preprocessing_hash() != plan.preprocessing_hash())
       throw ArgumentError(pair + " preprocess differently (target spacing or intensity normalisation): "
                           "an ensemble needs models planned on the same dataset, e.g. the folds of one "

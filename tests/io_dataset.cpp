@@ -379,6 +379,8 @@ TEST(Dataset, MalformedJsonNamesTheFileAndTheError) {
   };
   expect_error(R"({"description": "neither layout"})", "layout not recognised");
   expect_error(R"([1, 2])", "expected a JSON object");
+  expect_error(R"({"modality": {"0": "T1", "00": "T2"}, "labels": {"0": "background"}, "training": []})",
+               "two entries for index 0");
   expect_error(
       R"({"modality": {"0": "CT"}, "labels": {"0": "background"}, "training": [{"x": 1}]})",
       "training[0] must be {\"image\"");

@@ -111,7 +111,9 @@ std::vector<std::string> channel_list(const json& j, const char* key, const fs::
     if (!idx || !v.is_string())
       throw ArgumentError(json_path.string() + ": \"" + key + "\" entry \"" + k +
                           "\": " + v.dump() + " is not \"<index>\": \"<name>\"");
-    by_index[*idx] = v.get<std::string>();
+    if (!by_index.emplace(*idx, v.get<std::string>()).second)
+      throw ArgumentError(json_path.string() + ": \"" + key + "\" has two entries for index " +
+                          std::to_string(*idx) + " (\"" + k + "\" repeats it)");
   }
   std::vector<std::string> out;
   for (const auto& [idx, name] : by_index) {
