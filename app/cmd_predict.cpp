@@ -12,7 +12,7 @@ int run_predict_cmd(const std::vector<std::string>& args) {
       "writes one uint8 mask per case on the input's own grid");
   pipelines::PredictConfig c;
   desc.add_options()
-      ("model", po::value<std::vector<std::string>>()->required()->multitoken(),
+      ("model", po::value<std::vector<std::string>>()->required()->multitoken()->composing(),
        "model bundle folder (from medseg train); several (--model A B C) are an ensemble, "
        "their probabilities averaged: e.g. the folds of one plan")
       ("input", po::value<std::string>()->required(), "a scan file or a folder of scans")

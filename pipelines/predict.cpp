@@ -177,9 +177,13 @@ int run_predict(const PredictConfig& cfg) {
              m.plan.patch[0], "x", m.plan.patch[1], "x", m.plan.patch[2], ", TTA ",
              tta.back() ? "on" : "off",
              cfg.tta < 0 ? (tta.back() ? " (trained with mirroring)" : " (trained without mirroring)") : "",
-             m.net->folded() ? ", norms folded" : "", keep_largest ? ", keep largest component" : "");
+             m.net->folded() ? ", norms folded" : "");
   }
   if (models.size() > 1) log_info("ensemble of ", models.size(), " models: probabilities averaged");
+  if (keep_largest)
+    log_info("keep the largest connected component per label",
+             cfg.keep_largest < 0 ? (models.size() > 1 ? " (as the first model records)" : " (as the model records)")
+                                  : "");
 
   // Probability map names: the label names as file-name parts, made unique with the label value
   // where two would collide (empty, repeated, or names that differ only in replaced characters).

@@ -226,12 +226,16 @@ TEST(Cli, MsdFourDModalitiesTrainAndPredict) {
   fs::remove_all(w);
 }
 
-// Scans of a few thick slices (cardiac short-axis stacks, thick-slab MR) train and predict: the
-// plan's patch is padded beyond the thin axis. Only a scan that is not even a 4x4 slice is refused.
-TEST(Cli, ThinScansTrainAndPredictOnTheirGrid) {
-  const fs::path w = scratch("thin");
+// Scans of a few thick slices (cardiac short-axis stacks, thick-slab MR), or of one slice, train and
+// predict: the plan's patch is padded beyond the thin axis. Only a scan that is not even a 4x4 slice
+// is refused.
+class ThinScans : public ::testing::TestWithParam<int> {};
+INSTANTIATE_TEST_SUITE_P(Cli, ThinScans, ::testing::Values(5, 1));
+TEST_P(ThinScans, TrainAndPredictOnTheirGrid) {
+  const int slices = GetParam();
+  const fs::path w = scratch("thin" + std::to_string(slices));
   ASSERT_EQ(run("sample-data --out " + (w / "src").string() + " --cases 4 --seed 5").code, 0);
-  // Each case cut to 5 slices through the middle of its labels (origin moved with the cut).
+  // Each case cut to `slices` slices through the middle of its labels (origin moved with the cut).
   for (const auto& e : fs::directory_iterator(w / "src/labelsTr")) {
     const std::string name = e.path().filename().string();
     const LabelVolume l = io::read_labels(e.path());
@@ -242,15 +246,15 @@ TEST(Cli, ThinScansTrainAndPredictOnTheirGrid) {
         for (int64_t x = 0; x < l.geo.size[0]; ++x)
           if (l.at(x, y, z)) lo = std::min(lo, z), hi = std::max(hi, z);
     ASSERT_GE(hi, lo) << name;
-    const int64_t z0 = std::clamp<int64_t>((lo + hi) / 2 - 2, 0, l.geo.size[2] - 5);
+    const int64_t z0 = std::clamp<int64_t>((lo + hi) / 2 - slices / 2, 0, l.geo.size[2] - slices);
     Geometry g = l.geo;
-    g.size[2] = 5;
+    g.size[2] = slices;
     for (int r = 0; r < 3; ++r) g.origin[r] += g.direction[r * 3 + 2] * g.spacing[2] * z0;
     const int64_t plane = g.size[0] * g.size[1];
-    LabelVolume tl{g, std::vector<uint16_t>(l.data.begin() + z0 * plane, l.data.begin() + (z0 + 5) * plane)};
+    LabelVolume tl{g, std::vector<uint16_t>(l.data.begin() + z0 * plane, l.data.begin() + (z0 + slices) * plane)};
     Volume tv;
     tv.geo = g;
-    tv.data.assign(v.data.begin() + z0 * plane, v.data.begin() + (z0 + 5) * plane);
+    tv.data.assign(v.data.begin() + z0 * plane, v.data.begin() + (z0 + slices) * plane);
     fs::create_directories(w / "data/imagesTr");
     fs::create_directories(w / "data/labelsTr");
     io::write_float_image(w / "data/imagesTr" / name, tv);
@@ -267,7 +271,7 @@ TEST(Cli, ThinScansTrainAndPredictOnTheirGrid) {
   ASSERT_EQ(r.code, 0) << r.output;
   const Geometry src = io::read_geometry(scan), got = io::read_geometry(w / "mask.nii.gz");
   EXPECT_TRUE(got.same_grid(src)) << io::geometry_difference(got, src);
-  EXPECT_EQ(got.size[2], 5);
+  EXPECT_EQ(got.size[2], slices);
   fs::remove_all(w);
 }
 
@@ -296,6 +300,36 @@ TEST(Cli, PredictEnsemblesModelsOfOnePlan) {
     ++compared;
   }
   EXPECT_GE(compared, 4u);  // the mask and a probability map per class
+
+  // Two different models (another seed): the ensemble's probability maps are the mean of the
+  // single models' maps (--model given twice, as boost's composing option allows).
+  r = run("train --data " + (w / "data").string() + " --out " + (w / "model_b").string() +
+          " --iterations 2 --patch 32,64,64 --base-filters 4 --device cpu --threads 2"
+          " --val-fraction 0.34 --seed 7 --log-level warning");
+  ASSERT_EQ(r.code, 0) << r.output;
+  r = run("predict --model " + (w / "model_b").string() + " --input " + scan.string() + " --output " +
+          (w / "b/mask.nii.gz").string() + " --probabilities --device cpu");
+  ASSERT_EQ(r.code, 0) << r.output;
+  r = run("predict --model " + model + " --model " + (w / "model_b").string() + " --input " +
+          scan.string() + " --output " + (w / "ab/mask.nii.gz").string() + " --probabilities --device cpu");
+  ASSERT_EQ(r.code, 0) << r.output;
+  double members_differ = 0;
+  size_t maps = 0;
+  for (const auto& e : fs::directory_iterator(w / "ab")) {
+    const std::string name = e.path().filename().string();
+    if (name.find("_prob_") == std::string::npos) continue;
+    const Volume ab = io::read_image(e.path()), a = io::read_image(w / "one" / name),
+                 b = io::read_image(w / "b" / name);
+    ASSERT_EQ(ab.data.size(), a.data.size());
+    ASSERT_EQ(ab.data.size(), b.data.size());
+    for (size_t i = 0; i < ab.data.size(); ++i) {
+      members_differ = std::max(members_differ, std::fabs(double(a.data[i]) - b.data[i]));
+      ASSERT_NEAR(ab.data[i], 0.5 * (double(a.data[i]) + b.data[i]), 1e-5) << name << " voxel " << i;
+    }
+    ++maps;
+  }
+  EXPECT_EQ(maps, 3u);
+  EXPECT_GT(members_differ, 1e-3) << "the two models agree: the test would not see a wrong member";
 
   const auto edited = [&](const std::string& name, const std::function<void(nlohmann::json&)>& edit) {
     fs::copy(w / "model", w / name, fs::copy_options::recursive);

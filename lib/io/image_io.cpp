@@ -1,6 +1,7 @@
 // Scan IO through ITK: the only translation unit of medseg that includes ITK headers.
 // Reading goes through ImageIOBase first (header only), so that vector images, 2-D files and 4-D
-// files with more than one volume are rejected with a clear message before any voxel is read.
+// files with more than one volume (except NIfTI where channels are expected: MSD's multi-modal
+// layout) are rejected with a clear message before any voxel is read.
 // Writing goes to a temporary file in the destination folder, then rename(): a reader never sees a
 // half-written scan, and a failed write leaves nothing behind.
 #include "io/image_io.hpp"
